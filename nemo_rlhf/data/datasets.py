@@ -1,0 +1,283 @@
+"""Torch datasets for SFT, reward-model (preference) and PPO-rollout (prompt) data, and their
+collate functions. Items are dicts of tensors; token ids are int64. Padding is always on the
+right with ``pad_id``; ``lengths`` give the number of real tokens per row."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from nemo_rlhf.data.hh import PreferencePair
+from nemo_rlhf.data.tokenizer import Tokenizer
+
+_OVERLONG = ("truncate", "skip")
+
+
+def _check_lengths(max_prompt_len: int, max_seq_len: int | None, overlong: str) -> None:
+    if overlong not in _OVERLONG:
+        raise ValueError(f"overlong must be 'truncate' or 'skip', got {overlong!r}")
+    if max_prompt_len < 1:
+        raise ValueError(f"max_prompt_len must be >= 1, got {max_prompt_len}")
+    if max_seq_len is not None and max_seq_len < max_prompt_len:
+        raise ValueError(f"max_seq_len ({max_seq_len}) must be >= max_prompt_len ({max_prompt_len})")
+
+
+def _fit_prompt(
+    prompt: list[int], max_prompt_len: int, overlong: str, stats: collections.Counter[str]
+) -> list[int] | None:
+    """Left-truncate (keep the latest turns) or return None (skip) when too long."""
+    if len(prompt) <= max_prompt_len:
+        return prompt
+    if overlong == "skip":
+        stats["skipped_overlong"] += 1
+        return None
+    stats["prompt_truncated"] += 1
+    return prompt[-max_prompt_len:]
+
+
+def _fit_response(
+    response: list[int], eos_id: int, budget: int, stats: collections.Counter[str]
+) -> list[int] | None:
+    """``response + [eos]`` right-truncated to ``budget`` tokens; None if < 1 response token fits."""
+    if budget < 1:
+        return None
+    if len(response) + 1 <= budget:
+        return response + [eos_id]
+    stats["response_truncated"] += 1
+    return response[:budget]
+
+
+class SFTDataset(Dataset):
+    """Supervised fine-tuning samples: ``prompt + chosen response + eos``.
+
+    Truncation: a prompt longer than ``max_prompt_len`` tokens is left-truncated (keeps the latest
+    turns; ``overlong="truncate"``) or the sample is skipped (``overlong="skip"``). Then, whatever
+    ``overlong`` is, the response is right-truncated so the total fits ``max_seq_len`` (eos
+    dropped first); a sample keeping no response token (possible only when the prompt fills
+    ``max_seq_len``, i.e. ``max_prompt_len == max_seq_len``) is skipped. Counters in ``self.stats``:
+    ``prompt_truncated``, ``response_truncated``, ``skipped_overlong``. Tokenized eagerly.
+
+    Item (``S_i`` = sample length <= max_seq_len):
+        ``tokens``: ``[S_i]`` int64 token ids.
+        ``loss_mask``: ``[S_i]`` float32, 1.0 on response tokens and eos, 0.0 on prompt tokens
+            (a mask over the *target* tokens; the trainer shifts it with the labels).
+        ``length``: ``[]`` int64, ``S_i``.
+
+    Raises:
+        ValueError: ``overlong`` not in {"truncate", "skip"}, ``max_prompt_len < 1`` or
+            ``max_seq_len < max_prompt_len``.
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[PreferencePair],
+        tokenizer: Tokenizer,
+        max_seq_len: int,
+        max_prompt_len: int,
+        overlong: str = "truncate",
+    ):
+        _check_lengths(max_prompt_len, max_seq_len, overlong)
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.samples: list[tuple[list[int], int]] = []  # (tokens, prompt length)
+        prompts = tokenizer.encode_batch([p.prompt for p in pairs])
+        responses = tokenizer.encode_batch([p.chosen for p in pairs])
+        for prompt, response in zip(prompts, responses):
+            prompt = _fit_prompt(prompt, max_prompt_len, overlong, self.stats)
+            if prompt is None:
+                continue
+            response = _fit_response(response, tokenizer.eos_id, max_seq_len - len(prompt), self.stats)
+            if response is None:
+                self.stats["skipped_overlong"] += 1
+                continue
+            self.samples.append((prompt + response, len(prompt)))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        tokens, prompt_len = self.samples[idx]
+        loss_mask = torch.ones(len(tokens), dtype=torch.float32)
+        loss_mask[:prompt_len] = 0.0
+        return {
+            "tokens": torch.tensor(tokens, dtype=torch.int64),
+            "loss_mask": loss_mask,
+            "length": torch.tensor(len(tokens), dtype=torch.int64),
+        }
+
+
+class PreferenceDataset(Dataset):
+    """Reward-model pairs: ``prompt + chosen + eos`` and ``prompt + rejected + eos``.
+
+    Same truncation rules as :class:`SFTDataset` (the prompt is fitted once and shared; each
+    response is fitted independently; the pair is skipped if either keeps no response token).
+    ``self.stats["response_truncated"]`` counts sequences (up to 2 per pair); the other counters
+    count pairs.
+
+    Item:
+        ``chosen``: ``[Sc]`` int64; ``rejected``: ``[Sr]`` int64;
+        ``chosen_length``, ``rejected_length``: ``[]`` int64.
+
+    Raises:
+        ValueError: as :class:`SFTDataset`.
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[PreferencePair],
+        tokenizer: Tokenizer,
+        max_seq_len: int,
+        max_prompt_len: int,
+        overlong: str = "truncate",
+    ):
+        _check_lengths(max_prompt_len, max_seq_len, overlong)
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.samples: list[tuple[list[int], list[int]]] = []
+        prompts = tokenizer.encode_batch([p.prompt for p in pairs])
+        chosens = tokenizer.encode_batch([p.chosen for p in pairs])
+        rejecteds = tokenizer.encode_batch([p.rejected for p in pairs])
+        for prompt, chosen, rejected in zip(prompts, chosens, rejecteds):
+            prompt = _fit_prompt(prompt, max_prompt_len, overlong, self.stats)
+            if prompt is None:
+                continue
+            budget = max_seq_len - len(prompt)
+            chosen = _fit_response(chosen, tokenizer.eos_id, budget, self.stats)
+            rejected = _fit_response(rejected, tokenizer.eos_id, budget, self.stats)
+            if chosen is None or rejected is None:
+                self.stats["skipped_overlong"] += 1
+                continue
+            self.samples.append((prompt + chosen, prompt + rejected))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        chosen, rejected = self.samples[idx]
+        return {
+            "chosen": torch.tensor(chosen, dtype=torch.int64),
+            "rejected": torch.tensor(rejected, dtype=torch.int64),
+            "chosen_length": torch.tensor(len(chosen), dtype=torch.int64),
+            "rejected_length": torch.tensor(len(rejected), dtype=torch.int64),
+        }
+
+
+class PromptDataset(Dataset):
+    """Prompts for PPO rollouts.
+
+    Prompts longer than ``max_prompt_len`` tokens are left-truncated (``overlong="truncate"``,
+    counted in ``self.stats["prompt_truncated"]``) or skipped (``"skip"``,
+    ``self.stats["skipped_overlong"]``). ``self.texts`` holds the kept prompt strings (untruncated),
+    aligned with the items.
+
+    Item: ``prompt``: ``[P_i]`` int64; ``prompt_length``: ``[]`` int64.
+
+    Raises:
+        ValueError: bad ``overlong``/``max_prompt_len``, or a prompt that encodes to no token
+            (message names its index).
+    """
+
+    def __init__(
+        self,
+        prompts: Sequence[str],
+        tokenizer: Tokenizer,
+        max_prompt_len: int,
+        overlong: str = "truncate",
+    ):
+        _check_lengths(max_prompt_len, None, overlong)
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.texts: list[str] = []
+        self.samples: list[list[int]] = []
+        for i, (text, ids) in enumerate(zip(prompts, tokenizer.encode_batch(prompts))):
+            if not ids:
+                raise ValueError(f"PromptDataset: prompts[{i}] is empty (encodes to no token)")
+            ids = _fit_prompt(ids, max_prompt_len, overlong, self.stats)
+            if ids is None:
+                continue
+            self.texts.append(text)
+            self.samples.append(ids)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        ids = self.samples[idx]
+        return {
+            "prompt": torch.tensor(ids, dtype=torch.int64),
+            "prompt_length": torch.tensor(len(ids), dtype=torch.int64),
+        }
+
+
+def _pad_right(seqs: Sequence[torch.Tensor], pad_value: float | int, pad_to_multiple_of: int) -> torch.Tensor:
+    """Stack 1-D tensors ``[S_i]`` into ``[N, S]``, ``S = max S_i`` rounded up to the multiple."""
+    if not seqs:
+        raise ValueError("cannot collate an empty batch")
+    if pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+    longest = max(len(s) for s in seqs)
+    width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    out = torch.full((len(seqs), width), pad_value, dtype=seqs[0].dtype)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = s
+    return out
+
+
+def collate_sft(
+    batch: Sequence[dict[str, torch.Tensor]], pad_id: int, pad_to_multiple_of: int = 1
+) -> dict[str, torch.Tensor]:
+    """Collate :class:`SFTDataset` items.
+
+    Returns:
+        ``tokens``: ``[B, S]`` int64, right-padded with ``pad_id``;
+        ``loss_mask``: ``[B, S]`` float32, 0.0 on padding;
+        ``lengths``: ``[B]`` int64.
+        ``S`` = longest sample rounded up to a multiple of ``pad_to_multiple_of``.
+
+    Raises:
+        ValueError: empty batch or ``pad_to_multiple_of < 1``.
+    """
+    return {
+        "tokens": _pad_right([b["tokens"] for b in batch], pad_id, pad_to_multiple_of),
+        "loss_mask": _pad_right([b["loss_mask"] for b in batch], 0.0, pad_to_multiple_of),
+        "lengths": torch.stack([b["length"] for b in batch]).to(torch.int64),
+    }
+
+
+def collate_preference(
+    batch: Sequence[dict[str, torch.Tensor]], pad_id: int, pad_to_multiple_of: int = 1
+) -> dict[str, torch.Tensor]:
+    """Collate :class:`PreferenceDataset` items into one reward-model forward batch.
+
+    Returns:
+        ``tokens``: ``[2B, S]`` int64, rows ``0..B-1`` chosen, rows ``B..2B-1`` the matching
+            rejected sequences, right-padded with ``pad_id``;
+        ``lengths``: ``[2B]`` int64, same order.
+
+    Raises:
+        ValueError: empty batch or ``pad_to_multiple_of < 1``.
+    """
+    seqs = [b["chosen"] for b in batch] + [b["rejected"] for b in batch]
+    lengths = [b["chosen_length"] for b in batch] + [b["rejected_length"] for b in batch]
+    return {
+        "tokens": _pad_right(seqs, pad_id, pad_to_multiple_of),
+        "lengths": torch.stack(lengths).to(torch.int64),
+    }
+
+
+def collate_prompts(
+    batch: Sequence[dict[str, torch.Tensor]], pad_id: int, pad_to_multiple_of: int = 1
+) -> dict[str, torch.Tensor]:
+    """Collate :class:`PromptDataset` items.
+
+    Returns:
+        ``prompts``: ``[B, P]`` int64, right-padded with ``pad_id``;
+        ``prompt_lengths``: ``[B]`` int64.
+
+    Raises:
+        ValueError: empty batch or ``pad_to_multiple_of < 1``.
+    """
+    return {
+        "prompts": _pad_right([b["prompt"] for b in batch], pad_id, pad_to_multiple_of),
+        "prompt_lengths": torch.stack([b["prompt_length"] for b in batch]).to(torch.int64),
+    }
