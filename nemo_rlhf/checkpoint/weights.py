@@ -1,0 +1,109 @@
+"""Model-weight checkpoints with megatron-core ``dist_checkpointing`` (torch_dist format).
+
+A checkpoint written under one TP/PP layout loads under any other (megatron reshards).
+Writes are atomic: every rank writes into ``<path>.tmp``; after a barrier rank 0 renames it to
+``<path>`` and writes ``<path>/COMPLETE``. A directory without ``COMPLETE`` is never loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+COMPLETE_MARKER = "COMPLETE"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or unreadable (the message names the path)."""
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def save_model_weights(gpt, path: str | os.PathLike) -> Path:
+    """Save a megatron ``GPTModel``'s weights (all TP/PP shards, collectively) to ``path``.
+
+    Must be called on every rank. An existing checkpoint at ``path`` is replaced atomically.
+    """
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save(gpt.sharded_state_dict(), str(tmp))
+    _barrier()
+    if _rank() == 0:
+        (tmp / COMPLETE_MARKER).write_text("ok\n")
+        old = path.with_name(path.name + ".old")
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return path
+
+
+def load_model_weights(gpt, path: str | os.PathLike, skip_prefixes: tuple[str, ...] = ()) -> list[str]:
+    """Load weights saved by :func:`save_model_weights` into ``gpt`` (any TP/PP layout).
+
+    Args:
+        gpt: the megatron ``GPTModel`` of this rank.
+        path: checkpoint directory.
+        skip_prefixes: parameter-name prefixes that are not loaded and keep their current
+            (freshly initialised) values, e.g. ``("output_layer.",)`` when a reward model or
+            critic starts from an SFT checkpoint (its head replaces the vocabulary projection).
+
+    Returns:
+        names of the parameters that were skipped.
+
+    Raises:
+        CheckpointError: the directory is missing or incomplete, or lacks required weights.
+    """
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    if not (path / COMPLETE_MARKER).exists():
+        raise CheckpointError(f"no complete checkpoint at {path} (missing {COMPLETE_MARKER} marker)")
+    try:
+        available = set(dist_checkpointing.load_tensors_metadata(str(path)).keys())
+    except Exception as exc:  # noqa: BLE001 - re-raised with the path
+        raise CheckpointError(f"cannot read checkpoint metadata at {path}: {exc}") from exc
+    sharded = gpt.sharded_state_dict()
+    missing = []
+    for name in list(sharded.keys()):
+        item = sharded[name]
+        key = getattr(item, "key", name)
+        if any(name.startswith(p) for p in skip_prefixes):
+            missing.append(name)
+            del sharded[name]
+            continue
+        if key in available:
+            continue
+        if name.endswith("_extra_state"):
+            del sharded[name]
+            continue
+        raise CheckpointError(f"checkpoint {path} has no tensor {key!r} (parameter {name!r})")
+    try:
+        state = dist_checkpointing.load(sharded, str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"failed to load checkpoint {path}: {exc}") from exc
+    result = gpt.load_state_dict(state, strict=False)
+    unexpected = [k for k in result.missing_keys
+                  if not k.endswith("_extra_state") and k not in missing
+                  and not any(k.startswith(p) for p in skip_prefixes)]
+    if unexpected:
+        raise CheckpointError(f"checkpoint {path} did not provide {unexpected}")
+    return missing

@@ -1,0 +1,286 @@
+"""The LightningModule base every role shares: one megatron GPT chunk, megatron DDP, optimizer, schedule.
+
+Lightning drives the loop (epochs, validation, logging, callbacks); megatron-core does everything
+parallel: the model is this rank's TP shard / PP stage, wrapped in megatron's
+``DistributedDataParallel`` (grads in ``param.main_grad``, reduced over DP, SP norm grads reduced
+over TP by ``finalize_model_grads``), stepped by megatron's optimizer, and every forward/backward
+goes through ``get_forward_backward_func()`` so PP schedules and micro-batching are the same code
+path for every role. Optimization is manual (``automatic_optimization = False``): one call of
+:meth:`train_global_batch` is one optimizer step over ``num_microbatches`` micro-batches.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Iterable, Mapping
+
+import lightning.pytorch as pl
+import torch
+
+from nemo_rlhf.models.builder import build_gpt_model, model_cfg_with_defaults
+from nemo_rlhf.models.heads import attach_scalar_head
+
+OPTIM_DEFAULTS: dict[str, Any] = dict(
+    lr=1e-4,
+    min_lr=None,  # None: lr / 10
+    weight_decay=0.0,
+    betas=(0.9, 0.95),
+    eps=1e-8,
+    clip_grad=1.0,
+    warmup_steps=0,
+    decay_steps=None,  # None: no decay (constant after warm-up)
+    decay_style="cosine",
+    distributed_optimizer=False,
+)
+
+# (micro-batch dict, model output on the last stage) -> (loss scalar, metrics dict)
+LossFn = Callable[[Mapping[str, torch.Tensor], torch.Tensor], tuple[torch.Tensor, dict]]
+
+
+def position_ids_like(tokens: torch.Tensor) -> torch.Tensor:
+    """``[B, S]`` int64 positions 0..S-1 for right-padded ``tokens [B, S]``."""
+    b, s = tokens.shape
+    return torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
+
+
+def split_microbatches(batch: Mapping[str, torch.Tensor], micro_batch_size: int) -> list[dict]:
+    """Split every ``[N, ...]`` tensor of a batch into ``N / micro_batch_size`` micro-batches.
+
+    Raises:
+        ValueError: if ``micro_batch_size`` does not divide the batch size N.
+    """
+    n = next(iter(batch.values())).shape[0]
+    if micro_batch_size < 1 or n % micro_batch_size:
+        raise ValueError(f"batch of {n} samples is not divisible by micro_batch_size={micro_batch_size}")
+    return [{k: v[i : i + micro_batch_size] for k, v in batch.items()}
+            for i in range(0, n, micro_batch_size)]
+
+
+class MegatronGPTModule(pl.LightningModule):
+    """Base LightningModule: a megatron ``GPTModel`` chunk (+ optional scalar head) and its optimizer.
+
+    Args:
+        model_cfg: the ``model:`` config (see :data:`nemo_rlhf.models.builder.MODEL_DEFAULTS`).
+        optim_cfg: the ``optim:`` config (see :data:`OPTIM_DEFAULTS`); None builds no optimizer
+            (frozen or inference-only models such as the reference policy).
+        vocab_size: tokenizer vocabulary size (unpadded).
+        scalar_head: replace the vocabulary projection by a ``[B, S, 1]`` head (reward, value).
+    """
+
+    def __init__(self, model_cfg: Mapping[str, Any], optim_cfg: Mapping[str, Any] | None,
+                 vocab_size: int, scalar_head: bool = False):
+        super().__init__()
+        self.automatic_optimization = False
+        self.model_cfg = model_cfg_with_defaults(model_cfg)
+        self.optim_cfg = {**OPTIM_DEFAULTS, **dict(optim_cfg or {})}
+        self.vocab_size = int(vocab_size)
+        gpt = build_gpt_model(self.model_cfg, vocab_size,
+                              share_embeddings_and_output_weights=False if scalar_head else None)
+        if scalar_head:
+            attach_scalar_head(gpt)
+        self.trainable = optim_cfg is not None
+        self.optimizer = None
+        self.lr_scheduler = None
+        if self.trainable:
+            self.model = self._wrap_ddp(gpt)
+            self._build_optimizer()
+        else:
+            gpt.requires_grad_(False)
+            self.model = gpt
+
+    # ------------------------------------------------------------------ construction
+    def _wrap_ddp(self, gpt):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import finalize_model_grads
+
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=bool(self.optim_cfg["distributed_optimizer"]),
+        )
+        model = DistributedDataParallel(config=gpt.config, ddp_config=ddp_config, module=gpt)
+        gpt.config.no_sync_func = model.no_sync
+        gpt.config.finalize_model_grads_func = finalize_model_grads
+        return model
+
+    def _build_optimizer(self) -> None:
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        o = self.optim_cfg
+        cfg = self.gpt.config
+        lr = float(o["lr"])
+        min_lr = float(o["min_lr"]) if o["min_lr"] is not None else lr / 10
+        betas = tuple(o["betas"])
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam", lr=lr, min_lr=min_lr, weight_decay=float(o["weight_decay"]),
+                adam_beta1=float(betas[0]), adam_beta2=float(betas[1]), adam_eps=float(o["eps"]),
+                clip_grad=float(o["clip_grad"]), bf16=cfg.bf16, fp16=cfg.fp16,
+                params_dtype=cfg.params_dtype,
+                use_distributed_optimizer=bool(o["distributed_optimizer"]),
+            ),
+            [self.model],
+        )
+        warmup = int(o["warmup_steps"])
+        decay = o["decay_steps"]
+        self.lr_scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if warmup else lr, max_lr=lr, min_lr=min_lr,
+            lr_warmup_steps=warmup,
+            lr_decay_steps=int(decay) if decay else 10**12,
+            lr_decay_style=o["decay_style"] if decay else "constant",
+            start_wd=float(o["weight_decay"]), end_wd=float(o["weight_decay"]),
+            wd_incr_steps=1, wd_incr_style="constant",
+        )
+        if warmup:
+            self.lr_scheduler.step(0)
+
+    def configure_optimizers(self):
+        # The megatron optimizer is stepped by hand in train_global_batch(); Lightning gets none.
+        return None
+
+    # ------------------------------------------------------------------ accessors
+    @property
+    def gpt(self):
+        """The unwrapped megatron ``GPTModel`` of this rank."""
+        return self.model.module if hasattr(self.model, "module") else self.model
+
+    @property
+    def is_last_stage(self) -> bool:
+        from megatron.core import parallel_state
+
+        return parallel_state.is_pipeline_last_stage()
+
+    def unwrapped_state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's ``GPTModel`` weights (TP shard / PP stage), keys as in ``GPTModel``."""
+        return self.gpt.state_dict()
+
+    # ------------------------------------------------------------------ schedules
+    def forward_backward(
+        self,
+        microbatches: list[dict],
+        forward_fn: Callable[[Any, dict], torch.Tensor],
+        loss_fn: LossFn,
+        forward_only: bool,
+    ) -> list[dict]:
+        """Run megatron's pipeline schedule over ``microbatches``.
+
+        Args:
+            microbatches: list of dicts of ``[b, ...]`` tensors; every micro-batch must have the
+                same batch size b and sequence length S (``tokens [b, S]``).
+            forward_fn: ``(gpt_or_ddp_model, micro_batch) -> output`` (logits ``[b, S, V/TP]``,
+                head outputs ``[b, S, 1]``, or hidden states on non-last stages).
+            loss_fn: ``(micro_batch, output) -> (loss, metrics)`` evaluated on the last stage;
+                ``loss`` is a per-micro-batch mean (the schedule divides by the micro-batch count).
+            forward_only: no backward (evaluation, log-prob computation).
+
+        Returns:
+            the metrics dicts of every micro-batch on the last PP stage; ``[]`` on other stages.
+        """
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        if not microbatches:
+            return []
+        tokens = microbatches[0]["tokens"]
+        mbs, seq = tokens.shape
+
+        def loss_and_metrics(mb, out):
+            loss, metrics = loss_fn(mb, out)
+            # Copies: the schedule divides the returned loss in place by the micro-batch count.
+            return loss, {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in metrics.items()}
+
+        def step(data_iterator, model):
+            mb = next(data_iterator)
+            out = forward_fn(model, mb)
+            return out, functools.partial(loss_and_metrics, mb)
+
+        if not forward_only:
+            self.model.zero_grad_buffer()
+            self.optimizer.zero_grad()
+        fb = get_forward_backward_func()
+        context = torch.no_grad() if forward_only else torch.enable_grad()
+        with context:
+            return fb(
+                forward_step_func=step,
+                data_iterator=iter(microbatches),
+                model=[self.model],
+                num_microbatches=len(microbatches),
+                seq_length=seq,
+                micro_batch_size=mbs,
+                forward_only=forward_only,
+            )
+
+    def optimizer_step_(self) -> dict[str, float]:
+        """One megatron optimizer step + LR schedule step; returns ``grad_norm`` and ``lr``.
+
+        A step whose gradients are not finite is skipped by the megatron optimizer
+        (``update_successful=False``) and reported as ``skipped=1``.
+        """
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.lr_scheduler.step(increment=1)
+        lr = self.optimizer.param_groups[0]["lr"]
+        return {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "lr": float(lr), "skipped": 0.0 if ok else 1.0}
+
+    def train_global_batch(self, batch: Mapping[str, torch.Tensor], micro_batch_size: int,
+                           forward_fn, loss_fn) -> dict[str, float]:
+        """Forward/backward over the micro-batches of ``batch`` then one optimizer step.
+
+        Returns:
+            metrics averaged over micro-batches (broadcast from the last PP stage) plus
+            ``grad_norm``, ``lr`` and ``skipped``.
+        """
+        self.model.train()
+        outs = self.forward_backward(split_microbatches(batch, micro_batch_size), forward_fn,
+                                     loss_fn, forward_only=False)
+        metrics = average_metrics(outs)
+        metrics.update(self.optimizer_step_())
+        return metrics
+
+
+def average_metrics(outs: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, float]:
+    """Average per-micro-batch scalar metrics over micro-batches, DP ranks and PP stages.
+
+    Keys ending in ``_sum`` / ``_count`` pairs are combined as sum/sum (token-weighted means).
+    Every rank returns the same dict (the last PP stage's values are all-reduced over the PP
+    group, the only stage that has them, and averaged over DP).
+    """
+    from megatron.core import parallel_state
+
+    outs = list(outs)
+    keys = sorted(outs[0].keys()) if outs else []
+    # Agree on the keys across PP: only the last stage has them.
+    if torch.distributed.is_initialized() and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        obj = [keys]
+        src = parallel_state.get_pipeline_model_parallel_last_rank()
+        torch.distributed.broadcast_object_list(obj, src=src,
+                                                group=parallel_state.get_pipeline_model_parallel_group())
+        keys = obj[0]
+    if not keys:
+        return {}
+    vec = torch.zeros(len(keys), dtype=torch.float64)
+    for o in outs:
+        for i, k in enumerate(keys):
+            vec[i] += float(o[k])
+    n = torch.tensor([float(len(outs))], dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            torch.distributed.all_reduce(vec, group=parallel_state.get_pipeline_model_parallel_group())
+            torch.distributed.all_reduce(n, group=parallel_state.get_pipeline_model_parallel_group())
+        dp = parallel_state.get_data_parallel_group()
+        torch.distributed.all_reduce(vec, group=dp)
+        torch.distributed.all_reduce(n, group=dp)
+    result: dict[str, float] = {}
+    values = dict(zip(keys, vec.tolist()))
+    for k in keys:
+        if k.endswith("_sum"):
+            base = k[: -len("_sum")]
+            count = values.get(base + "_count")
+            if count:
+                result[base] = values[k] / count
+            continue
+        if k.endswith("_count"):
+            continue
+        result[k] = values[k] / float(n.item())
+    return result

@@ -1,0 +1,61 @@
+"""Token log-probs and entropy on vocabulary-parallel logits, without gathering the vocabulary.
+
+Logits arrive as ``[B, T, V/TP]``: each TP rank holds a contiguous slice of the (padded)
+vocabulary. Log-softmax needs the partition function over the whole vocabulary, which is an
+all-reduce of per-shard sums (the maths of megatron's ``vocab_parallel_cross_entropy``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """log p(target) for each position.
+
+    Args:
+        logits: ``[B, T, V/TP]`` vocab-parallel logits (any float dtype; computed in fp32).
+        targets: ``[B, T]`` int64 token ids in the padded vocabulary.
+        inplace: allow overwriting ``logits`` (megatron's kernel writes into its input).
+
+    Returns:
+        ``[B, T]`` float32 log-probabilities, differentiable w.r.t. ``logits``.
+    """
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    x = logits.float()
+    if x is logits and not inplace:
+        x = x.clone()
+    return -vocab_parallel_cross_entropy(x, targets)
+
+
+def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy H = log Z - sum_v p_v * z_v of the softmax over the full (TP-sharded) vocabulary.
+
+    Args:
+        logits: ``[B, T, V/TP]`` vocab-parallel logits.
+
+    Returns:
+        ``[B, T]`` float32 entropy in nats, differentiable. The cross-rank sums use
+        ``torch.distributed.nn.functional.all_reduce`` (whose backward is also an all-reduce;
+        megatron's ``reduce_from_tensor_model_parallel_region`` has an identity backward, which
+        would be wrong here).
+    """
+    from megatron.core import parallel_state
+
+    x = logits.float()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
+    z_max = x.detach().amax(dim=-1, keepdim=True)
+    if group is not None:
+        torch.distributed.all_reduce(z_max, op=torch.distributed.ReduceOp.MAX, group=group)
+    z = x - z_max
+    e = torch.exp(z)
+    sum_e = e.sum(dim=-1)
+    sum_ez = (e * z).sum(dim=-1)
+    if group is not None:
+        from torch.distributed.nn.functional import all_reduce
+
+        sum_e = all_reduce(sum_e, group=group)
+        sum_ez = all_reduce(sum_ez, group=group)
+    return torch.log(sum_e) - sum_ez / sum_e

@@ -1,0 +1,381 @@
+"""PyTriton server that exposes a :class:`~nemo_rlhf.servers.protocol.CriticBackend`.
+
+Three Triton models are bound (names in :mod:`nemo_rlhf.servers.protocol`):
+
+``critic_infer`` (batching on, dynamic batcher)
+    per-sample inputs ``tokens`` ``(-1,)`` int64 and ``sequence_lengths`` ``(1,)`` int64, so a
+    batched request is ``tokens [B, S]`` and ``sequence_lengths [B, 1]``; outputs ``values``
+    ``[B, S]`` float32 and ``rewards`` ``[B, 1]`` float32. Concurrent requests are merged by
+    Triton's dynamic batcher (up to ``max_batch_size`` rows, waiting at most
+    ``max_queue_delay_us``); Triton only merges requests whose per-sample shapes are equal, so
+    a merged batch has one ``S``.
+``critic_train`` (batching off)
+    inputs ``tokens`` ``[B, S]`` int64, ``returns``/``prev_values``/``mask`` ``[B, S]`` float32;
+    outputs ``loss`` ``[1]`` float32 and ``metrics`` ``[1]`` bytes (JSON of the backend's
+    metrics dict). Batching is disabled for this model (``ModelConfig(batching=False)``:
+    ``max_batch_size: 0`` and no dynamic batcher in the Triton config), so Triton never merges
+    two training requests; the callable also loops over the requests it is handed, so one request
+    is always exactly one ``backend.train`` call (one optimizer step).
+``critic_save`` (batching off)
+    input ``path`` ``[1]`` bytes (UTF-8); output ``ok`` ``[1]`` bool.
+
+Every request is validated before the backend sees it; a bad request raises
+``ValueError``/``TypeError`` inside the inference callable, which PyTriton 0.7 turns into an
+error reply carrying the traceback text (``proxy/inference.py``: any exception except
+``PyTritonUnrecoverableError`` is sent back with the ERROR flag and the server keeps serving;
+``PyTritonUnrecoverableError`` would shut Triton down, so it is never raised here). The client
+recovers the message from the marker ``CRITIC_REQUEST_ERROR`` (see :func:`request_error`).
+
+Backend calls are serialized with one lock: the backend is one model, so an inference must not
+run during an optimizer step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sysconfig
+import signal
+import threading
+from typing import Any, MutableMapping
+
+import numpy as np
+
+from nemo_rlhf.servers.protocol import INFER_MODEL, SAVE_MODEL, TRAIN_MODEL, CriticBackend
+
+LOGGER = logging.getLogger(__name__)
+
+# Prefix of every validation error message sent back to the client; the client extracts the text
+# after it from PyTriton's traceback reply.
+ERROR_MARKER = "CRITIC_REQUEST_ERROR"
+
+
+def triton_env_fix(env: MutableMapping[str, str] | None = None) -> str:
+    """Prefix ``LD_LIBRARY_PATH`` with the running interpreter's libpython directory.
+
+    PyTriton's python-backend stub otherwise links the system libpython (a different patch
+    release than this interpreter) and model loading fails with ``AttributeError: '_thread.RLock'
+    object has no attribute '_recursion_count'`` (measured, see
+    ``/work/shared/notes/pytriton-and-nemo.md``). PyTriton starts ``tritonserver`` with a copy
+    of ``os.environ`` taken when the server starts (``TritonServer._get_env``), so setting it in
+    this process before :meth:`CriticServer.start` is enough (verified by the server tests).
+    Idempotent.
+
+    Args:
+        env: environment to modify in place (e.g. a subprocess env); default ``os.environ``.
+
+    Returns:
+        The new value of ``LD_LIBRARY_PATH``.
+    """
+    env = os.environ if env is None else env
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    parts = [p for p in env.get("LD_LIBRARY_PATH", "").split(":") if p]
+    if libdir and (not parts or parts[0] != libdir):
+        parts.insert(0, libdir)
+    env["LD_LIBRARY_PATH"] = ":".join(parts)
+    return env["LD_LIBRARY_PATH"]
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def request_error(message: str) -> ValueError:
+    """A ``ValueError`` whose text the client can find in PyTriton's error reply."""
+    return ValueError(f"{ERROR_MARKER}: {message}")
+
+
+def _check_array(name: str, array: Any, dtype: type, ndim: int) -> np.ndarray:
+    if not isinstance(array, np.ndarray):
+        raise request_error(f"input '{name}' must be a numpy array, got {type(array).__name__}")
+    if array.dtype != dtype:
+        raise request_error(f"input '{name}' must have dtype {np.dtype(dtype).name}, got {array.dtype}")
+    if array.ndim != ndim:
+        raise request_error(f"input '{name}' must have rank {ndim}, got shape {tuple(array.shape)}")
+    return array
+
+
+def _check_tokens(tokens: Any, max_seq_len: int, max_batch_size: int) -> tuple[int, int]:
+    tokens = _check_array("tokens", tokens, np.int64, 2)
+    batch_size, seq_len = tokens.shape
+    if batch_size < 1:
+        raise request_error("input 'tokens' has an empty batch (B = 0); expected B >= 1")
+    if batch_size > max_batch_size:
+        raise request_error(f"input 'tokens' has batch size B = {batch_size}; expected B <= {max_batch_size}")
+    if seq_len < 1 or seq_len > max_seq_len:
+        raise request_error(f"input 'tokens' has sequence length S = {seq_len}; expected 1 <= S <= {max_seq_len}")
+    return batch_size, seq_len
+
+
+def validate_infer_request(tokens: Any, lengths: Any, max_seq_len: int, max_batch_size: int) -> None:
+    """Check an inference request before it reaches the backend.
+
+    Args:
+        tokens: ``[B, S]`` int64.
+        lengths: ``[B]`` int64 with ``1 <= lengths[b] <= S``.
+        max_seq_len: the backend's largest ``S``.
+        max_batch_size: the largest ``B``.
+
+    Raises:
+        ValueError: naming the input and what was expected (message starts with
+            ``CRITIC_REQUEST_ERROR``).
+    """
+    batch_size, seq_len = _check_tokens(tokens, max_seq_len, max_batch_size)
+    lengths = _check_array("sequence_lengths", lengths, np.int64, 1)
+    if lengths.shape[0] != batch_size:
+        raise request_error(
+            f"input 'sequence_lengths' has {lengths.shape[0]} rows but 'tokens' has B = {batch_size}; expected equal"
+        )
+    bad = np.flatnonzero((lengths < 1) | (lengths > seq_len))
+    if bad.size:
+        row = int(bad[0])
+        raise request_error(
+            f"input 'sequence_lengths' row {row} is {int(lengths[row])}; expected 1 <= length <= S = {seq_len}"
+        )
+
+
+def validate_train_request(
+    tokens: Any, returns: Any, prev_values: Any, mask: Any, max_seq_len: int, max_batch_size: int
+) -> None:
+    """Check a training request before it reaches the backend.
+
+    Args:
+        tokens: ``[B, S]`` int64.
+        returns, prev_values, mask: ``[B, S]`` float32, all finite.
+        max_seq_len: the backend's largest ``S``.
+        max_batch_size: the largest ``B``.
+
+    Raises:
+        ValueError: naming the input and what was expected (message starts with
+            ``CRITIC_REQUEST_ERROR``).
+    """
+    _check_tokens(tokens, max_seq_len, max_batch_size)
+    for name, array in (("returns", returns), ("prev_values", prev_values), ("mask", mask)):
+        array = _check_array(name, array, np.float32, 2)
+        if array.shape != tokens.shape:
+            raise request_error(
+                f"input '{name}' has shape {tuple(array.shape)}; expected the shape of 'tokens' {tuple(tokens.shape)}"
+            )
+        if not np.isfinite(array).all():
+            row, col = (int(i) for i in np.argwhere(~np.isfinite(array))[0])
+            raise request_error(f"input '{name}' has a non-finite value {array[row, col]} at [{row}, {col}]")
+
+
+class CriticServer:
+    """Serve a :class:`CriticBackend` over PyTriton (HTTP and gRPC on ``host``).
+
+    Use ``run()`` to serve until interrupted (blocking), or ``start()``/``stop()`` (or ``with
+    CriticServer(...) as server:``) to serve from background threads of this process.
+
+    Args:
+        backend: the critic model; ``backend.max_seq_len`` bounds ``S``.
+        host: address the HTTP/gRPC/metrics endpoints bind to.
+        http_port, grpc_port, metrics_port: TCP ports (Triton defaults 8000/8001/8002).
+        max_batch_size: largest number of rows ``B`` in one ``critic_infer``/``critic_train``
+            call (Triton rejects larger inference requests itself).
+        max_queue_delay_us: how long (microseconds) Triton's dynamic batcher may hold an
+            inference request to merge it with others.
+        log_verbose: Triton's verbose log level (0 = off).
+
+    Raises:
+        ValueError: for a non-positive ``max_batch_size``/``backend.max_seq_len``.
+    """
+
+    def __init__(
+        self,
+        backend: CriticBackend,
+        host: str = "127.0.0.1",
+        http_port: int = 8000,
+        grpc_port: int = 8001,
+        metrics_port: int = 8002,
+        max_batch_size: int = 64,
+        max_queue_delay_us: int = 2000,
+        log_verbose: int = 0,
+    ):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if int(backend.max_seq_len) < 1:
+            raise ValueError(f"backend.max_seq_len must be >= 1, got {backend.max_seq_len}")
+        self.backend = backend
+        self.host = host
+        self.http_port = http_port
+        self.grpc_port = grpc_port
+        self.metrics_port = metrics_port
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_us = max_queue_delay_us
+        self.log_verbose = log_verbose
+        self._lock = threading.Lock()
+        self._triton = None
+
+    @property
+    def url(self) -> str:
+        """HTTP endpoint, e.g. ``http://127.0.0.1:8000``."""
+        return f"http://{self.host}:{self.http_port}"
+
+    # ---- inference callables (run in PyTriton's handler threads of this process) ----
+
+    def _infer_fn(self, tokens: np.ndarray, sequence_lengths: np.ndarray) -> dict[str, np.ndarray]:
+        lengths = sequence_lengths.reshape(-1) if sequence_lengths.ndim == 2 else sequence_lengths
+        validate_infer_request(tokens, lengths, self.backend.max_seq_len, self.max_batch_size)
+        with self._lock:
+            values, rewards = self.backend.infer(tokens, lengths)
+        values = np.asarray(values, dtype=np.float32)
+        rewards = np.asarray(rewards, dtype=np.float32).reshape(-1)
+        if values.shape != tokens.shape or rewards.shape != (tokens.shape[0],):
+            # A backend bug, not the client's: plain RuntimeError (still an error reply).
+            raise RuntimeError(
+                f"backend.infer returned values {values.shape} and rewards {rewards.shape}; "
+                f"expected {tokens.shape} and ({tokens.shape[0]},)"
+            )
+        return {"values": values, "rewards": rewards.reshape(-1, 1)}
+
+    def _train_fn(self, requests: list) -> list[dict[str, np.ndarray]]:
+        # Validate every request first so that a bad one cannot leave earlier ones half-applied.
+        for request in requests:
+            validate_train_request(
+                request["tokens"],
+                request["returns"],
+                request["prev_values"],
+                request["mask"],
+                self.backend.max_seq_len,
+                self.max_batch_size,
+            )
+        responses = []
+        for request in requests:  # one request = one optimizer step
+            with self._lock:
+                metrics = self.backend.train(
+                    request["tokens"], request["returns"], request["prev_values"], request["mask"]
+                )
+            if "loss" not in metrics:
+                raise RuntimeError(f"backend.train returned metrics without 'loss': {sorted(metrics)}")
+            metrics = {str(k): float(v) for k, v in metrics.items()}
+            responses.append(
+                {
+                    "loss": np.array([metrics["loss"]], dtype=np.float32),
+                    "metrics": np.array([json.dumps(metrics).encode()], dtype=np.object_),
+                }
+            )
+        return responses
+
+    def _save_fn(self, requests: list) -> list[dict[str, np.ndarray]]:
+        responses = []
+        for request in requests:
+            path = request["path"]
+            if path.shape != (1,) or not isinstance(path[0], bytes):
+                raise request_error(f"input 'path' must be one UTF-8 encoded string of shape (1,), got {path!r}")
+            text = path[0].decode("utf-8")
+            if not text:
+                raise request_error("input 'path' is empty; expected a file path")
+            with self._lock:
+                self.backend.save(text)
+            responses.append({"ok": np.array([True])})
+        return responses
+
+    # ---- lifecycle ----
+
+    def _make_triton(self):
+        from pytriton.decorators import batch
+        from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+        from pytriton.triton import Triton, TritonConfig
+
+        triton_env_fix()
+        config = TritonConfig(
+            http_address=self.host,
+            http_port=self.http_port,
+            grpc_address=self.host,
+            grpc_port=self.grpc_port,
+            metrics_address=self.host,
+            metrics_port=self.metrics_port,
+            log_verbose=self.log_verbose,
+            exit_on_error=True,
+            strict_readiness=True,
+        )
+        triton = Triton(config=config)
+        triton.bind(
+            model_name=INFER_MODEL,
+            infer_func=batch(self._infer_fn),
+            inputs=[
+                Tensor(name="tokens", dtype=np.int64, shape=(-1,)),
+                Tensor(name="sequence_lengths", dtype=np.int64, shape=(1,)),
+            ],
+            outputs=[
+                Tensor(name="values", dtype=np.float32, shape=(-1,)),
+                Tensor(name="rewards", dtype=np.float32, shape=(1,)),
+            ],
+            config=ModelConfig(
+                batching=True,
+                max_batch_size=self.max_batch_size,
+                batcher=DynamicBatcher(max_queue_delay_microseconds=self.max_queue_delay_us),
+            ),
+        )
+        float_2d = dict(dtype=np.float32, shape=(-1, -1))
+        triton.bind(
+            model_name=TRAIN_MODEL,
+            infer_func=self._train_fn,
+            inputs=[
+                Tensor(name="tokens", dtype=np.int64, shape=(-1, -1)),
+                Tensor(name="returns", **float_2d),
+                Tensor(name="prev_values", **float_2d),
+                Tensor(name="mask", **float_2d),
+            ],
+            outputs=[
+                Tensor(name="loss", dtype=np.float32, shape=(1,)),
+                Tensor(name="metrics", dtype=np.bytes_, shape=(1,)),
+            ],
+            config=ModelConfig(batching=False),
+        )
+        triton.bind(
+            model_name=SAVE_MODEL,
+            infer_func=self._save_fn,
+            inputs=[Tensor(name="path", dtype=np.bytes_, shape=(1,))],
+            outputs=[Tensor(name="ok", dtype=np.bool_, shape=(1,))],
+            config=ModelConfig(batching=False),
+        )
+        return triton
+
+    def start(self) -> CriticServer:
+        """Start Triton and load the three models; returns once they are ready.
+
+        Raises:
+            RuntimeError: if already started.
+        """
+        if self._triton is not None:
+            raise RuntimeError("CriticServer is already started")
+        triton = self._make_triton()
+        try:
+            triton.run()
+        except BaseException:
+            triton.stop()
+            raise
+        self._triton = triton
+        LOGGER.info("critic server ready at %s", self.url)
+        return self
+
+    def stop(self) -> None:
+        """Stop Triton (idempotent)."""
+        if self._triton is not None:
+            triton, self._triton = self._triton, None
+            triton.stop()
+
+    def run(self) -> None:
+        """Serve until SIGINT/SIGTERM or until Triton dies (blocking), then stop Triton.
+
+        When called from the main thread, SIGTERM is turned into ``KeyboardInterrupt`` so that
+        Triton and its workspace are cleaned up as for Ctrl-C.
+        """
+        if self._triton is not None:
+            raise RuntimeError("CriticServer is already started")
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        self._triton = self._make_triton()
+        try:
+            self._triton.serve()
+        finally:
+            self.stop()
+
+    def __enter__(self) -> CriticServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

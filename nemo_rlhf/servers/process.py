@@ -1,0 +1,200 @@
+"""Run the critic server as a subprocess: start, wait for readiness, stop without orphans."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from pathlib import Path
+
+from nemo_rlhf.servers.critic_server import triton_env_fix
+from nemo_rlhf.servers.protocol import INFER_MODEL, CriticServerUnavailable
+
+_LOG_TAIL_LINES = 30
+
+
+def find_free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct TCP ports that were free on ``host`` a moment ago (the OS picks them).
+
+    All ``n`` sockets are held open together so the ports are distinct; another process may
+    still take one before the server binds it.
+
+    Raises:
+        ValueError: if ``n < 1``.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _log_tail(path: Path, n: int = _LOG_TAIL_LINES) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(deque(f, maxlen=n))
+    except OSError as e:
+        return f"<could not read {path}: {e}>"
+
+
+def _http_ok(url: str, timeout_s: float) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _descendants(pid: int) -> list[int]:
+    """PIDs of all live descendants of ``pid`` (Linux ``/proc``)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # fields after "(comm)": state, ppid, ...
+        children.setdefault(ppid, []).append(int(entry))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+class ServerProcess:
+    """A critic server subprocess in its own process group (see :func:`start_server_process`).
+
+    Attributes:
+        popen: the ``subprocess.Popen`` of the server command.
+        url: ``http://host:http_port``.
+        log_path: file receiving the server's stdout and stderr.
+    """
+
+    def __init__(self, popen: subprocess.Popen, url: str, log_path: Path):
+        self.popen = popen
+        self.url = url
+        self.log_path = log_path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def is_alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, n: int = _LOG_TAIL_LINES) -> str:
+        """Last ``n`` lines of the server log."""
+        return _log_tail(self.log_path, n)
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        """SIGTERM the process group, wait up to ``timeout_s`` seconds, then SIGKILL.
+
+        Descendants that left the group (e.g. with ``setsid``) are found through ``/proc`` before
+        signalling and killed as well, so no ``tritonserver`` or backend stub outlives the server.
+
+        Returns:
+            The server's exit code (negative: killed by that signal), or None if it could not be
+            reaped.
+        """
+        pgid = self.popen.pid  # start_new_session=True: the server leads its own group
+        strays = _descendants(self.popen.pid)
+        if self.popen.poll() is None:
+            _signal_group(pgid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        # Whatever is left in the group or among the descendants gets SIGKILL.
+        _signal_group(pgid, signal.SIGKILL)
+        for pid in strays:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        try:
+            return self.popen.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def start_server_process(
+    cmd: list[str],
+    host: str,
+    http_port: int,
+    ready_timeout_s: float,
+    log_path: str | os.PathLike,
+) -> ServerProcess:
+    """Start ``cmd`` (a critic server) and wait until it serves ``critic_infer``.
+
+    The command runs in a new session/process group, with this process's environment plus the
+    ``LD_LIBRARY_PATH`` fix of :func:`~nemo_rlhf.servers.critic_server.triton_env_fix`, and
+    stdout and stderr appended to ``log_path``. Readiness means ``GET /v2/health/ready`` and
+    ``GET /v2/models/critic_infer/ready`` both answer 200.
+
+    Args:
+        cmd: argv of the server, e.g. ``[sys.executable, "-m", "...", "--http-port", "8000"]``.
+        host, http_port: where the server's HTTP endpoint will listen.
+        ready_timeout_s: seconds to wait for readiness.
+        log_path: file for the server's output (parent directories are created).
+
+    Returns:
+        The running :class:`ServerProcess`.
+
+    Raises:
+        CriticServerUnavailable: if the process exits early or is not ready in time (the
+            process group is then stopped); the message includes the last 30 log lines.
+    """
+    url = f"http://{host}:{http_port}"
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    triton_env_fix(env)
+    with open(log_path, "ab") as log:
+        popen = subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+    server = ServerProcess(popen, url, log_path)
+    deadline = time.monotonic() + ready_timeout_s
+    while True:
+        code = popen.poll()
+        if code is not None:
+            server.stop()  # reap anything it left behind in its group
+            cause = f"server process exited with code {code}; last lines of {log_path}:\n{server.log_tail()}"
+            raise CriticServerUnavailable(url, INFER_MODEL, ready_timeout_s, cause)
+        if _http_ok(f"{url}/v2/health/ready", 1.0) and _http_ok(f"{url}/v2/models/{INFER_MODEL}/ready", 1.0):
+            return server
+        if time.monotonic() >= deadline:
+            server.stop()
+            cause = f"server not ready in time (process stopped); last lines of {log_path}:\n{server.log_tail()}"
+            raise CriticServerUnavailable(url, INFER_MODEL, ready_timeout_s, cause)
+        time.sleep(0.25)

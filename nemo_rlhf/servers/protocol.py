@@ -1,0 +1,94 @@
+"""Contract between the PyTriton critic server and the model that serves it.
+
+The critic server (``critic_server.py``) is model-agnostic: it validates requests, serializes
+them, and calls a :class:`CriticBackend`. The real backend (a Megatron GPT critic with a value
+head) implements this protocol elsewhere; the tests use a tiny pure-torch backend.
+
+Names of the Triton models and their tensors are defined here so that server and client agree.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+# Triton model names bound by CriticServer.
+INFER_MODEL = "critic_infer"
+TRAIN_MODEL = "critic_train"
+SAVE_MODEL = "critic_save"
+
+
+@runtime_checkable
+class CriticBackend(Protocol):
+    """What :class:`~nemo_rlhf.servers.critic_server.CriticServer` calls.
+
+    The server guarantees that the arrays it passes were validated (dtype, rank, shapes,
+    ``1 <= lengths <= S <= max_seq_len``, finite floats) and that calls never overlap
+    (one lock around every call), so implementations need not be thread-safe.
+
+    Attributes:
+        max_seq_len: largest sequence length ``S`` the backend accepts (tokens).
+    """
+
+    max_seq_len: int
+
+    def infer(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Value estimates of the critic and the sequence reward.
+
+        Args:
+            tokens: ``[B, S]`` int64 token ids, right-padded.
+            lengths: ``[B]`` int64 number of valid tokens per row, ``1 <= lengths[b] <= S``.
+
+        Returns:
+            ``(values, rewards)``: ``values`` ``[B, S]`` float32 value estimate V(s_t) per
+            position (positions ``>= lengths[b]`` are padding, any value); ``rewards`` ``[B]``
+            float32 reward-model score of each full sequence.
+        """
+        ...
+
+    def train(
+        self,
+        tokens: np.ndarray,
+        returns: np.ndarray,
+        prev_values: np.ndarray,
+        mask: np.ndarray,
+    ) -> dict[str, float]:
+        """One optimizer step of the critic (value) loss on one batch.
+
+        Args:
+            tokens: ``[B, S]`` int64 token ids.
+            returns: ``[B, S]`` float32 GAE returns (regression targets).
+            prev_values: ``[B, S]`` float32 values at rollout time (for value clipping).
+            mask: ``[B, S]`` float32, 1.0 on positions that enter the loss, else 0.0.
+
+        Returns:
+            Scalar metrics of the step; must contain ``"loss"``.
+        """
+        ...
+
+    def save(self, path: str) -> None:
+        """Write a checkpoint of the critic to ``path`` (a file or directory path)."""
+        ...
+
+
+class CriticServerError(RuntimeError):
+    """The critic server answered with an error (e.g. a request that failed validation).
+
+    The message carries the server's explanation.
+    """
+
+
+class CriticServerUnavailable(CriticServerError):
+    """The critic server could not be reached, or did not answer within the timeout.
+
+    The message names the URL (host and port), the Triton model, the timeout in seconds and the
+    underlying cause.
+    """
+
+    def __init__(self, url: str, model: str, timeout_s: float, cause: str):
+        self.url = url
+        self.model = model
+        self.timeout_s = timeout_s
+        self.cause = cause
+        super().__init__(f"critic server {url} (model {model!r}) did not answer within {timeout_s:.1f} s: {cause}")

@@ -1,0 +1,45 @@
+"""nemo-rlhf: RLHF (SFT, reward model, PPO, ...) for megatron-core GPT models.
+
+Install (CPU machine):   bash scripts/setup_env.sh   (creates .venv, installs torch 2.13.0 CPU + this)
+Install (CUDA container, torch already present, e.g. an NGC PyTorch image):
+    pip install -e ".[test]"        # torch is not reinstalled: any torch >= 2.4 satisfies the spec
+"""
+
+from setuptools import find_packages, setup
+
+# Pinned, tested together on CPU (Nov 2026). torch itself is left to the environment: on CPU
+# machines scripts/setup_env.sh installs torch==2.13.0 (the local CPU wheel) first; CUDA containers
+# ship their own build.
+INSTALL_REQUIRES = [
+    "torch>=2.4",
+    "megatron-core==0.16.1",
+    "nvidia-pytriton==0.7.0",
+    "nemo_toolkit[core]==3.0.0",
+    # imported by nemo_toolkit 3.0.0 (hydra_runner, exp_manager, logging) but not declared by it
+    "einops==0.8.2",
+    "sentencepiece==0.2.3",
+    "pandas==3.0.6",
+    "lightning==2.4.0",  # nemo_toolkit 3.0.0 pins lightning<=2.4.0
+    "hydra-core==1.3.2",
+    "omegaconf==2.3.0",
+    "tokenizers==0.23.3",
+    "numpy==1.26.4",  # nvidia-pytriton 0.7.0 requires numpy<2
+    "matplotlib==3.11.2",
+    "psutil==7.2.2",  # megatron-core dist_checkpointing
+    "safetensors==0.8.0",
+]
+EXTRAS = {
+    "test": ["pytest==9.2.0", "transformers==5.23.0"],
+    "hf": ["transformers==5.23.0"],
+    "bnb": ["bitsandbytes"],  # 8-bit Adam on GPU
+}
+
+setup(
+    name="nemo-rlhf",
+    version="0.1.0",
+    description="RLHF for megatron-core GPT models: SFT, reward models, PPO with a PyTriton critic server",
+    packages=find_packages(include=["nemo_rlhf", "nemo_rlhf.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
