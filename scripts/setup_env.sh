@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Create or update the project virtualenv; safe to run again (a re-run takes a few seconds).
+#
+#   bash scripts/setup_env.sh
+#
+# Steps:
+#   1. Create the venv ($NEMO_RLHF_VENV, default <repo>/.venv; a relative path is taken from the
+#      repo root) with $NEMO_RLHF_PYTHON (default python3, must be >= 3.10) if it does not exist.
+#      On a machine with nvidia-smi the venv gets --system-site-packages, so a CUDA torch that the
+#      system or container already has is reused.
+#   2. If torch is not importable in the venv: on a CPU machine (no nvidia-smi) install
+#      torch==2.13.0 (the CPU wheel); on a GPU machine stop (a CPU wheel would be wrong there, and
+#      a registry torch pulls GBs of CUDA packages).
+#   3. pip install -e ".[test]" with torch pinned to the version now in the venv (pip can never
+#      replace it). Skipped when the stamp file in the venv holds the current sha256 of setup.py
+#      and nemo_rlhf imports from this checkout.
+set -euo pipefail
+
+CPU_TORCH_SPEC="torch==2.13.0"
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO_ROOT"
+
+VENV="${NEMO_RLHF_VENV:-.venv}"
+case "$VENV" in /*) ;; *) VENV="$REPO_ROOT/$VENV" ;; esac
+PY="$VENV/bin/python"
+STAMP="$VENV/.nemo_rlhf_setup.sha256"
+
+log() { printf '[setup_env] %s\n' "$*"; }
+die() { printf '[setup_env] ERROR: %s\n' "$*" >&2; exit 1; }
+
+# One setup at a time per venv (parallel CI jobs or two shells).
+if command -v flock >/dev/null 2>&1; then
+    LOCK="${TMPDIR:-/tmp}/nemo_rlhf_setup_$(printf '%s' "$VENV" | sha256sum | cut -c1-16).lock"
+    exec 9>"$LOCK"
+    flock 9
+fi
+
+check_python() {  # $1: interpreter; dies unless it runs and is >= 3.10
+    "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' 2>/dev/null \
+        || die "$1 is missing, broken or older than Python 3.10 ($("$1" --version 2>&1 || true))"
+}
+
+have_gpu=0
+command -v nvidia-smi >/dev/null 2>&1 && have_gpu=1
+
+# 1. venv
+if [ -x "$PY" ]; then
+    check_python "$PY"
+    log "venv $VENV exists ($("$PY" --version 2>&1))"
+else
+    BASE_PY="${NEMO_RLHF_PYTHON:-python3}"
+    command -v "$BASE_PY" >/dev/null 2>&1 || die "interpreter '$BASE_PY' not found; set NEMO_RLHF_PYTHON"
+    check_python "$BASE_PY"
+    log "creating venv $VENV with $(command -v "$BASE_PY") ($("$BASE_PY" --version 2>&1))"
+    if [ "$have_gpu" = 1 ]; then
+        log "nvidia-smi found: --system-site-packages (reuse the system/container CUDA torch)"
+        "$BASE_PY" -m venv --system-site-packages "$VENV"
+    else
+        "$BASE_PY" -m venv "$VENV"
+    fi
+fi
+
+# 2. torch
+if TORCH_VERSION="$("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null)"; then
+    log "torch $TORCH_VERSION is importable"
+elif [ "$have_gpu" = 0 ]; then
+    log "no torch and no nvidia-smi (CPU machine): pip install $CPU_TORCH_SPEC"
+    "$PY" -m pip install "$CPU_TORCH_SPEC"
+    TORCH_VERSION="$("$PY" -c 'import torch; print(torch.__version__)')"
+    log "installed torch $TORCH_VERSION"
+else
+    die "nvidia-smi found but torch is not importable in $VENV. Use a CUDA container that ships
+torch (e.g. nvcr.io/nvidia/pytorch, see Dockerfile and docs/cluster.md; there run
+'pip install -e \".[test]\"' without a venv), or install a CUDA build of torch first:
+  $PY -m pip install torch --index-url https://download.pytorch.org/whl/<cuda tag>
+then run this script again."
+fi
+
+# 3. the package and its pinned dependencies
+SETUP_HASH="$(sha256sum setup.py | cut -d' ' -f1)"
+package_is_here() {  # nemo_rlhf resolves to this checkout (-I: cwd is not on sys.path)
+    "$PY" -I -c 'import importlib.util, sys
+spec = importlib.util.find_spec("nemo_rlhf")
+sys.exit(0 if spec and spec.origin and spec.origin.startswith(sys.argv[1] + "/") else 1)' "$REPO_ROOT"
+}
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$SETUP_HASH" ] && package_is_here; then
+    log "pip install -e .[test]: up to date (stamp $STAMP matches setup.py), skipped"
+else
+    CONSTRAINT="$VENV/.nemo_rlhf_torch_constraint.txt"
+    printf 'torch==%s\n' "$TORCH_VERSION" > "$CONSTRAINT"
+    log "pip install -e .[test] (torch held at $TORCH_VERSION via $CONSTRAINT)"
+    "$PY" -m pip install -c "$CONSTRAINT" -e ".[test]"
+    package_is_here || die "after pip install, nemo_rlhf does not import from $REPO_ROOT"
+    printf '%s\n' "$SETUP_HASH" > "$STAMP"
+    log "wrote stamp $STAMP"
+fi
+log "ready: $PY"

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Run the test suite in the project venv: bash scripts/test.sh [pytest args...]
+#   e.g. bash scripts/test.sh tests/rl -m "not slow"
+# Sets up the venv first (scripts/setup_env.sh; seconds when nothing changed). Exits with pytest's
+# status; "no tests collected" (pytest exit code 5) counts as a failure.
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO_ROOT"
+VENV="${NEMO_RLHF_VENV:-.venv}"
+case "$VENV" in /*) ;; *) VENV="$REPO_ROOT/$VENV" ;; esac
+
+bash scripts/setup_env.sh
+
+export PYTHONUNBUFFERED=1
+rc=0
+"$VENV/bin/python" -m pytest -q "$@" || rc=$?
+if [ "$rc" -eq 5 ]; then
+    echo "[test.sh] pytest collected no tests (exit code 5): treated as a failure" >&2
+fi
+exit "$rc"
