@@ -20,6 +20,7 @@ def validate_layout(
     global_batch_size: int | None = None,
     micro_batch_size: int | None = None,
     prefix: str = "model",
+    batch_prefix: str = "batch",
 ) -> int:
     """Check a parallel layout and return the data-parallel size DP = world / (TP * PP).
 
@@ -32,7 +33,8 @@ def validate_layout(
         world_size: number of processes that hold this model.
         global_batch_size: samples per optimizer step over all DP ranks (optional).
         micro_batch_size: samples per micro-batch per DP rank (optional).
-        prefix: config path used in messages (e.g. ``"model"`` or ``"critic.model"``).
+        prefix: config path of the model fields in messages (e.g. ``"model"``).
+        batch_prefix: config path of the batch-size fields in messages.
 
     Raises:
         LayoutError: naming every offending field and its value.
@@ -70,10 +72,10 @@ def validate_layout(
     dp = max(world_size // max(tp * pp, 1), 1)
     if global_batch_size is not None and micro_batch_size is not None:
         if micro_batch_size < 1:
-            errors.append(f"{prefix}.micro_batch_size={micro_batch_size} must be >= 1")
+            errors.append(f"{batch_prefix}.micro_batch_size={micro_batch_size} must be >= 1")
         elif global_batch_size % (micro_batch_size * dp):
-            errors.append(f"{prefix}.global_batch_size={global_batch_size} is not divisible by "
-                          f"{prefix}.micro_batch_size={micro_batch_size} * data-parallel size {dp}")
+            errors.append(f"{batch_prefix}.global_batch_size={global_batch_size} is not divisible by "
+                          f"{batch_prefix}.micro_batch_size={micro_batch_size} * data-parallel size {dp}")
     if errors:
         raise LayoutError("invalid parallel layout:\n  - " + "\n  - ".join(errors))
     return dp

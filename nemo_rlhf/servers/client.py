@@ -124,6 +124,11 @@ class CriticClient:
         from pytriton.client import ModelClient
         from pytriton.client.exceptions import PyTritonClientInferenceServerError
 
+        for name, array in inputs.items():
+            if np.asarray(array).size == 0:
+                # PyTriton's stub cannot serialize zero-size tensors ("memoryview: cannot cast view
+                # with zeros in shape"), so the server's reply would not name the input.
+                raise ValueError(f"input {name!r} of {model!r} is empty (shape {np.shape(array)}); expected B >= 1, S >= 1")
         config = self._model_config(model, self.init_timeout_s)
         client = ModelClient(
             self.url,
@@ -175,6 +180,7 @@ class CriticClient:
             ``(values [B, S] float32, rewards [B] float32)``.
 
         Raises:
+            ValueError: an input is empty (``B = 0`` or ``S = 0``), checked before sending.
             CriticServerError: the server rejected the request (message says why).
             CriticServerUnavailable: no answer within ``infer_timeout_s`` (or ``init_timeout_s``
                 while waiting for readiness).

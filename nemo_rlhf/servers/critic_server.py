@@ -8,7 +8,9 @@ Three Triton models are bound (names in :mod:`nemo_rlhf.servers.protocol`):
     ``[B, S]`` float32 and ``rewards`` ``[B, 1]`` float32. Concurrent requests are merged by
     Triton's dynamic batcher (up to ``max_batch_size`` rows, waiting at most
     ``max_queue_delay_us``); Triton only merges requests whose per-sample shapes are equal, so
-    a merged batch has one ``S``.
+    a merged batch has one ``S`` (observed: concurrent ``[1, 8]`` requests merge, ``[1, 8]`` and
+    ``[1, 16]`` do not). Validation runs on the merged batch, so an invalid request fails the
+    valid requests merged with it too (PyTriton has no per-request error reply).
 ``critic_train`` (batching off)
     inputs ``tokens`` ``[B, S]`` int64, ``returns``/``prev_values``/``mask`` ``[B, S]`` float32;
     outputs ``loss`` ``[1]`` float32 and ``metrics`` ``[1]`` bytes (JSON of the backend's
@@ -19,12 +21,15 @@ Three Triton models are bound (names in :mod:`nemo_rlhf.servers.protocol`):
 ``critic_save`` (batching off)
     input ``path`` ``[1]`` bytes (UTF-8); output ``ok`` ``[1]`` bool.
 
-Every request is validated before the backend sees it; a bad request raises
-``ValueError``/``TypeError`` inside the inference callable, which PyTriton 0.7 turns into an
-error reply carrying the traceback text (``proxy/inference.py``: any exception except
+Every request is validated before the backend sees it. Triton itself rejects a wrong dtype, a
+wrong rank and (for ``critic_infer``) ``B > max_batch_size`` with an error reply naming the
+input; everything else (shapes that disagree between inputs, lengths outside ``[1, S]``,
+``S > backend.max_seq_len``, empty or too large batches, NaN/Inf) raises ``ValueError`` inside the
+inference callable, which PyTriton 0.7 turns into an error reply carrying the traceback text (``proxy/inference.py``: any exception except
 ``PyTritonUnrecoverableError`` is sent back with the ERROR flag and the server keeps serving;
 ``PyTritonUnrecoverableError`` would shut Triton down, so it is never raised here). The client
 recovers the message from the marker ``CRITIC_REQUEST_ERROR`` (see :func:`request_error`).
+Exceptions raised by the backend itself become error replies the same way.
 
 Backend calls are serialized with one lock: the backend is one model, so an inference must not
 run during an optimizer step.
@@ -35,14 +40,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sysconfig
 import signal
+import sysconfig
 import threading
 from typing import Any, MutableMapping
 
 import numpy as np
 
-from nemo_rlhf.servers.protocol import INFER_MODEL, SAVE_MODEL, TRAIN_MODEL, CriticBackend
+from nemo_rlhf.servers.protocol import INFER_MODEL, SAVE_MODEL, TRAIN_MODEL, CriticBackend, CriticServerError
 
 LOGGER = logging.getLogger(__name__)
 
@@ -339,12 +344,17 @@ class CriticServer:
 
         Raises:
             RuntimeError: if already started.
+            CriticServerError: if Triton or a model failed to start (e.g. the python-backend stub
+                could not load); the message carries Triton's reason.
         """
         if self._triton is not None:
             raise RuntimeError("CriticServer is already started")
         triton = self._make_triton()
         try:
             triton.run()
+        except Exception as e:
+            triton.stop()
+            raise CriticServerError(f"critic server {self.url} failed to start: {e}") from e
         except BaseException:
             triton.stop()
             raise

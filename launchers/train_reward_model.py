@@ -1,0 +1,23 @@
+"""Entry point: `python launchers/train_reward_model.py [hydra overrides]` (config: conf/gpt_rm.yaml).
+
+Runs under a single process, `torchrun --nproc-per-node N` or SLURM `srun` (rank/world from the
+environment); set `model.tensor_model_parallel_size` / `model.pipeline_model_parallel_size` and
+`trainer.accelerator=gpu` on GPU clusters.
+"""
+
+from nemo_rlhf.utils.hydra import hydra_entry
+
+
+@hydra_entry("gpt_rm")
+def main(cfg) -> None:
+    from nemo_rlhf.algorithms.stages import run_reward_model
+    from nemo_rlhf.parallel.state import destroy_distributed
+
+    try:
+        run_reward_model(cfg)
+    finally:
+        destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""Entry point: `python launchers/train_sft.py [hydra overrides]` (config: conf/gpt_sft.yaml).
+
+Runs under a single process, `torchrun --nproc-per-node N` or SLURM `srun` (rank/world from the
+environment); set `model.tensor_model_parallel_size` / `model.pipeline_model_parallel_size` and
+`trainer.accelerator=gpu` on GPU clusters.
+"""
+
+from nemo_rlhf.utils.hydra import hydra_entry
+
+
+@hydra_entry("gpt_sft")
+def main(cfg) -> None:
+    from nemo_rlhf.algorithms.stages import run_sft
+    from nemo_rlhf.parallel.state import destroy_distributed
+
+    try:
+        run_sft(cfg)
+    finally:
+        destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()

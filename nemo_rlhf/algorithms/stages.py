@@ -1,0 +1,314 @@
+"""The pipeline stages (SFT, reward model, critic server, PPO actor) as functions of a Hydra config.
+
+Launchers in ``launchers/`` are thin wrappers around these; the demo chains them. Each stage
+writes into ``cfg.run_dir``: ``metrics.jsonl`` (all stages append), its checkpoint directory and a
+``result.json`` summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from nemo_rlhf.data import (
+    PreferenceDataset,
+    PromptDataset,
+    SFTDataset,
+    collate_preference,
+    collate_prompts,
+    collate_sft,
+    default_data_dir,
+    load_hh_pairs,
+    load_tokenizer,
+    split_heldout,
+    train_bpe_tokenizer,
+)
+from nemo_rlhf.parallel.layout import validate_layout
+from nemo_rlhf.parallel.state import initialize_distributed, is_rank_zero
+
+LOG = logging.getLogger("nemo_rlhf")
+
+
+# ---------------------------------------------------------------------------- config helpers
+def to_dict(cfg: Any) -> Any:
+    """OmegaConf node -> plain Python containers (resolved)."""
+    if isinstance(cfg, DictConfig) or OmegaConf.is_config(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def setup_parallel(cfg: DictConfig) -> int:
+    """Validate the layout, initialise torch.distributed + megatron groups; returns DP size."""
+    from nemo_rlhf.parallel.state import read_dist_env
+
+    world = read_dist_env().world_size
+    dp = validate_layout(to_dict(cfg.model), world, cfg.batch.global_batch_size, cfg.batch.micro_batch_size)
+    initialize_distributed(int(cfg.model.get("tensor_model_parallel_size", 1) or 1),
+                           int(cfg.model.get("pipeline_model_parallel_size", 1) or 1),
+                           accelerator=cfg.trainer.accelerator, seed=int(cfg.seed))
+    return dp
+
+
+def write_result(run_dir: str | os.PathLike, name: str, result: Mapping[str, Any]) -> None:
+    """Write ``<run_dir>/<name>`` (JSON) atomically on rank 0."""
+    if not is_rank_zero():
+        return
+    path = Path(run_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------- data
+def data_files(data_cfg) -> list[Path]:
+    """Absolute paths of ``data.files`` under ``data.data_dir`` (default: ``../shared/data``)."""
+    root = Path(data_cfg.data_dir) if data_cfg.get("data_dir") else default_data_dir()
+    return [Path(f) if os.path.isabs(f) else root / f for f in data_cfg.files]
+
+
+def load_split_pairs(data_cfg):
+    """Load HH pairs and split them into (train, held-out) by prompt hash."""
+    pairs, stats = load_hh_pairs(data_files(data_cfg), on_error=data_cfg.get("on_error", "skip"),
+                                 max_rows=data_cfg.get("max_rows"))
+    LOG.info("HH data: %s", stats.summary())
+    train, heldout = split_heldout(pairs, float(data_cfg.heldout_fraction), seed=int(data_cfg.get("split_seed", 1234)))
+    return train, heldout, stats
+
+
+def get_tokenizer(tok_cfg, train_pairs=None, save_dir: str | os.PathLike | None = None):
+    """Load the configured tokenizer, or train a byte-level BPE on the training split
+    (``tokenizer.type=train_bpe``; saved as ``<save_dir>/tokenizer.json``)."""
+    if tok_cfg.type == "train_bpe":
+        if train_pairs is None:
+            raise ValueError("tokenizer.type=train_bpe needs the training split to train on")
+        texts = [p.prompt + p.chosen for p in train_pairs] + [p.rejected for p in train_pairs]
+        path = Path(save_dir) / "tokenizer.json" if save_dir else None
+        tok = train_bpe_tokenizer(texts, int(tok_cfg.vocab_size), save_path=path if is_rank_zero() else None)
+        return tok
+    return load_tokenizer(to_dict(tok_cfg))
+
+
+def dp_loader(dataset, batch_size: int, collate, shuffle: bool, seed: int, drop_last: bool = True):
+    """DataLoader over this DP rank's shard (every TP/PP rank of a DP replica sees the same data)."""
+    from megatron.core import parallel_state
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = DistributedSampler(dataset, num_replicas=parallel_state.get_data_parallel_world_size(),
+                                 rank=parallel_state.get_data_parallel_rank(), shuffle=shuffle, seed=seed,
+                                 drop_last=drop_last)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
+                      drop_last=drop_last, num_workers=0)
+
+
+def make_trainer(cfg: DictConfig, stage: str, module):
+    """A Lightning Trainer for one stage: manual megatron optimization, JSONL metrics.
+
+    The module stops itself after ``trainer.max_steps`` optimizer steps (see
+    ``MegatronGPTModule.on_train_batch_end``)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    from nemo_rlhf.parallel.state import read_dist_env
+    from nemo_rlhf.utils.logging import JSONLLogger
+
+    if cfg.trainer.accelerator == "gpu":
+        device = torch.device("cuda", read_dist_env().local_rank)
+    else:
+        device = torch.device("cpu")
+    t = cfg.trainer
+    module.max_train_steps = int(t.max_steps)
+    return pl.Trainer(
+        strategy=SingleDeviceStrategy(device),
+        max_steps=-1,
+        logger=JSONLLogger(cfg.run_dir, stage),
+        log_every_n_steps=int(t.get("log_every_n_steps", 1)),
+        val_check_interval=t.get("val_check_interval"),
+        check_val_every_n_epoch=None if t.get("val_check_interval") else 1,
+        limit_val_batches=t.get("limit_val_batches", 1.0),
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        max_epochs=-1,
+    )
+
+
+# ---------------------------------------------------------------------------- SFT
+def run_sft(cfg: DictConfig) -> dict[str, Any]:
+    """Train the SFT policy on prompt + chosen response; returns validation losses and paths."""
+    from nemo_rlhf.checkpoint.weights import load_model_weights, save_model_weights
+    from nemo_rlhf.models.gpt_sft import GPTSFTModel
+
+    dp = setup_parallel(cfg)
+    run_dir = Path(cfg.run_dir)
+    train_pairs, heldout, stats = load_split_pairs(cfg.data)
+    tok = get_tokenizer(cfg.tokenizer, train_pairs, save_dir=run_dir)
+    d = cfg.data
+    train_ds = SFTDataset(train_pairs, tok, int(d.max_seq_len), int(d.max_prompt_len), d.overlong)
+    val_ds = SFTDataset(heldout, tok, int(d.max_seq_len), int(d.max_prompt_len), d.overlong)
+    LOG.info("SFT samples: train %d (%s), held-out %d", len(train_ds), dict(train_ds.stats), len(val_ds))
+    pad_multiple = int(cfg.model.get("tensor_model_parallel_size", 1) or 1) * 8
+    collate = lambda b: collate_sft(b, tok.pad_id, pad_to_multiple_of=pad_multiple)  # noqa: E731
+    per_dp = int(cfg.batch.global_batch_size) // dp
+    model = GPTSFTModel(to_dict(cfg.model), to_dict(cfg.optim), tok.vocab_size,
+                        int(cfg.batch.micro_batch_size), tok.pad_id)
+    if cfg.get("init_from"):
+        load_model_weights(model.gpt, cfg.init_from)
+    train_dl = dp_loader(train_ds, per_dp, collate, True, int(cfg.seed))
+    val_dl = dp_loader(val_ds, per_dp, collate, False, int(cfg.seed))
+
+    def val_loss() -> float:
+        vals = [model.evaluate_batch(b)["nll"] for i, b in zip(range(int(cfg.trainer.limit_val_batches)), val_dl)]
+        return float(sum(vals) / len(vals))
+
+    before = val_loss()
+    trainer = make_trainer(cfg, "sft", model)
+    trainer.fit(model, train_dataloaders=train_dl, val_dataloaders=val_dl)
+    after = val_loss()
+    ckpt = save_model_weights(model.gpt, run_dir / "sft_weights")
+    result = {"val_loss_before": before, "val_loss_after": after, "checkpoint": str(ckpt),
+              "tokenizer": str(run_dir / "tokenizer.json") if cfg.tokenizer.type == "train_bpe" else None,
+              "vocab_size": tok.vocab_size, "train_samples": len(train_ds), "heldout_samples": len(val_ds),
+              "data_skipped": dict(stats.skipped), "steps": model.completed_steps}
+    write_result(run_dir, "sft_result.json", result)
+    return result
+
+
+# ---------------------------------------------------------------------------- reward model
+def run_reward_model(cfg: DictConfig) -> dict[str, Any]:
+    """Train the Bradley-Terry reward model (initialised from ``init_from``, usually SFT)."""
+    from nemo_rlhf.checkpoint.weights import load_model_weights, save_model_weights
+    from nemo_rlhf.models.reward_model import GPTRewardModel
+
+    dp = setup_parallel(cfg)
+    run_dir = Path(cfg.run_dir)
+    train_pairs, heldout, _ = load_split_pairs(cfg.data)
+    tok = get_tokenizer(cfg.tokenizer, train_pairs, save_dir=run_dir)
+    d = cfg.data
+    train_ds = PreferenceDataset(train_pairs, tok, int(d.max_seq_len), int(d.max_prompt_len), d.overlong)
+    val_ds = PreferenceDataset(heldout, tok, int(d.max_seq_len), int(d.max_prompt_len), d.overlong)
+    pad_multiple = int(cfg.model.get("tensor_model_parallel_size", 1) or 1) * 8
+    collate = lambda b: collate_preference(b, tok.pad_id, pad_to_multiple_of=pad_multiple)  # noqa: E731
+    per_dp = int(cfg.batch.global_batch_size) // dp
+    model = GPTRewardModel(to_dict(cfg.model), to_dict(cfg.optim), tok.vocab_size, int(cfg.batch.micro_batch_size))
+    if cfg.get("init_from"):
+        load_model_weights(model.gpt, cfg.init_from, skip_prefixes=("output_layer.",))
+    train_dl = dp_loader(train_ds, per_dp, collate, True, int(cfg.seed))
+    val_dl = dp_loader(val_ds, per_dp, collate, False, int(cfg.seed))
+
+    def val_accuracy() -> dict[str, float]:
+        ms = [model.evaluate_batch(b) for b in val_dl]
+        return {"accuracy": sum(m["accuracy"] for m in ms) / len(ms), "loss": sum(m["loss"] for m in ms) / len(ms),
+                "pairs": len(ms) * per_dp * dp}
+
+    before = val_accuracy()
+    trainer = make_trainer(cfg, "rm", model)
+    trainer.fit(model, train_dataloaders=train_dl, val_dataloaders=val_dl)
+    after = val_accuracy()
+    ckpt = save_model_weights(model.gpt, run_dir / "rm_weights")
+    result = {"val_before": before, "val_after": after, "checkpoint": str(ckpt),
+              "train_pairs": len(train_ds), "heldout_pairs": len(val_ds), "steps": model.completed_steps}
+    write_result(run_dir, "rm_result.json", result)
+    return result
+
+
+# ---------------------------------------------------------------------------- critic server
+def build_critic_backend(cfg: DictConfig):
+    """The critic server's model pair: frozen reward model + critic initialised from it."""
+    from nemo_rlhf.checkpoint.weights import load_model_weights, save_model_weights
+    from nemo_rlhf.models.critic import GPTCriticModel, MegatronCriticBackend
+    from nemo_rlhf.models.reward_model import GPTRewardModel
+
+    setup_parallel(cfg)
+    tok = get_tokenizer(cfg.tokenizer)
+    rm = GPTRewardModel(to_dict(cfg.model), None, tok.vocab_size, int(cfg.batch.micro_batch_size))
+    load_model_weights(rm.gpt, cfg.reward_model_path)
+    critic = GPTCriticModel(to_dict(cfg.model), to_dict(cfg.optim), tok.vocab_size,
+                            int(cfg.batch.micro_batch_size), value_clip=cfg.get("value_clip", 0.2))
+    init = cfg.get("critic_init_path") or cfg.reward_model_path
+    load_model_weights(critic.gpt, init, skip_prefixes=() if init == cfg.reward_model_path else ("output_layer.",))
+    max_seq = int(cfg.model.get("max_position_embeddings", 256))
+    return MegatronCriticBackend(critic, rm, max_seq, save_fn=lambda path: save_model_weights(critic.gpt, path))
+
+
+def serve_critic(cfg: DictConfig) -> None:
+    """Serve the critic and reward model over PyTriton until SIGTERM/SIGINT."""
+    from nemo_rlhf.servers.critic_server import CriticServer, triton_env_fix
+
+    triton_env_fix()
+    backend = build_critic_backend(cfg)
+    s = cfg.server
+    port = int(s.port)
+    server = CriticServer(backend, host=s.host, http_port=port,
+                          grpc_port=int(s.get("grpc_port") or port + 1),
+                          metrics_port=int(s.get("metrics_port") or port + 2),
+                          max_batch_size=int(s.get("max_batch_size", 64)))
+    LOG.info("critic server starting at %s", server.url)
+    server.run()
+
+
+# ---------------------------------------------------------------------------- PPO actor
+def run_ppo(cfg: DictConfig, critic=None) -> dict[str, Any]:
+    """PPO actor training against a critic/reward server (``critic.host``/``critic.port``) or the
+    given client. Reports held-out reward and KL before and after training."""
+    from nemo_rlhf.algorithms.ppo import PPOActorModule, dp_mean
+    from nemo_rlhf.checkpoint.weights import load_model_weights, save_model_weights
+    from nemo_rlhf.models.actor import GPTActorModel
+    from nemo_rlhf.servers.client import CriticClient
+
+    dp = setup_parallel(cfg)
+    run_dir = Path(cfg.run_dir)
+    train_pairs, heldout, _ = load_split_pairs(cfg.data)
+    tok = get_tokenizer(cfg.tokenizer)
+    d = cfg.data
+    train_prompts = sorted({p.prompt for p in train_pairs})
+    heldout_prompts = sorted({p.prompt for p in heldout})
+    if cfg.data.get("max_heldout_prompts"):
+        heldout_prompts = heldout_prompts[: int(cfg.data.max_heldout_prompts)]
+    train_ds = PromptDataset(train_prompts, tok, int(d.max_prompt_len), d.overlong)
+    val_ds = PromptDataset(heldout_prompts, tok, int(d.max_prompt_len), d.overlong)
+    collate = lambda b: collate_prompts(b, tok.pad_id)  # noqa: E731
+    per_dp = int(cfg.batch.global_batch_size) // dp
+    if critic is None:
+        c = cfg.critic
+        critic = CriticClient(c.host, int(c.port), infer_timeout_s=float(c.infer_timeout_s),
+                              train_timeout_s=float(c.train_timeout_s), init_timeout_s=float(c.init_timeout_s))
+        critic.wait_until_ready(float(c.init_timeout_s))
+    model_cfg, mbs = to_dict(cfg.model), int(cfg.batch.micro_batch_size)
+    reference = GPTActorModel(model_cfg, None, tok.vocab_size, mbs, tok.eos_id, tok.pad_id)
+    load_model_weights(reference.gpt, cfg.init_from)
+    actor = PPOActorModule(model_cfg, to_dict(cfg.optim), tok.vocab_size, mbs, tok.eos_id, tok.pad_id,
+                           to_dict(cfg.ppo), critic, reference)
+    load_model_weights(actor.gpt, cfg.init_from)
+    train_dl = dp_loader(train_ds, per_dp, collate, True, int(cfg.seed))
+    val_dl = dp_loader(val_ds, per_dp, collate, False, int(cfg.seed), drop_last=True)
+
+    def evaluate() -> dict[str, float]:
+        ms = [actor.evaluate_prompts(b["prompts"], b["prompt_lengths"]) for b in val_dl]
+        agg = {k: sum(m[k] for m in ms) / len(ms) for k in ("reward", "kl", "response_length")}
+        return dp_mean(agg)
+
+    before = evaluate()
+    trainer = make_trainer(cfg, "ppo", actor)
+    trainer.fit(actor, train_dataloaders=train_dl, val_dataloaders=val_dl)
+    after = evaluate()
+    ckpt = save_model_weights(actor.gpt, run_dir / "ppo_actor_weights")
+    critic_ckpt = None
+    from nemo_rlhf.algorithms.ppo import _is_server_caller
+
+    if _is_server_caller() and is_rank_zero():
+        critic_ckpt = str((run_dir / "ppo_critic_weights").resolve())
+        critic.save(critic_ckpt)
+    result = {"heldout_before": before, "heldout_after": after, "checkpoint": str(ckpt),
+              "critic_checkpoint": critic_ckpt, "steps": actor.completed_steps,
+              "heldout_prompts": len(val_ds), "train_prompts": len(train_ds)}
+    write_result(run_dir, "ppo_result.json", result)
+    return result

@@ -1,0 +1,179 @@
+"""Autoregressive sampling with a KV cache on a megatron ``GPTModel`` (any TP/PP layout).
+
+Each step runs through megatron's pipeline schedule (``forward_only``, one micro-batch), so the
+same loop works for PP = 1 and PP > 1; the KV cache is megatron's ``StaticInferenceContext`` (each
+stage caches its own layers). Logits are gathered over TP (``runtime_gather_output=True``); every
+TP rank samples with the same seeded generator and the last stage broadcasts the new tokens to the
+other stages, so all ranks agree on the rollout.
+
+Batches of prompts of different lengths are right padded. Decoding starts at the shortest prompt;
+while a position is still inside a longer prompt, that prompt's own token is kept instead of the
+sample (the approach of megatron's ``TextGenerationController``), so no left padding or attention
+mask is needed and positions stay exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """Sampling configuration.
+
+    Attributes:
+        max_new_tokens: response budget in tokens (generation stops earlier at EOS).
+        temperature: softmax temperature; 0 (or ``greedy=True``) means argmax.
+        top_k: keep the k most likely tokens (0 = off).
+        top_p: nucleus sampling mass (1.0 = off).
+        greedy: argmax decoding.
+        seed: seed of the sampling generator (identical on every TP rank).
+    """
+
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+    seed: int = 0
+
+
+@dataclass
+class GenerationOutput:
+    """Result of :func:`generate`.
+
+    Attributes:
+        tokens: ``[B, L]`` int64 prompt + response, right padded with ``pad_id``.
+        lengths: ``[B]`` int64 length of prompt + response (including the EOS token if produced).
+        prompt_lengths: ``[B]`` int64.
+    """
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    prompt_lengths: torch.Tensor
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k then top-p (Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration")
+    filtering of ``logits [B, V]``: removed entries become ``-inf``. The most likely token is
+    always kept."""
+    if top_k and top_k > 0:
+        k = min(int(top_k), logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        cum = torch.cumsum(probs, dim=-1)
+        remove = cum - probs > top_p  # keep the token that crosses the threshold
+        remove[..., 0] = False
+        mask = torch.zeros_like(remove).scatter(-1, idx, remove)
+        logits = logits.masked_fill(mask, float("-inf"))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+    """``logits [B, V]`` float -> next tokens ``[B]`` int64."""
+    if params.greedy or params.temperature <= 0:
+        return torch.argmax(logits, dim=-1)
+    logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _last_token_logits(module, tokens: torch.Tensor, position_ids: torch.Tensor, ctx) -> torch.Tensor | None:
+    """One forward of ``tokens [B, s]`` through the schedule; ``[B, V]`` logits on the last stage."""
+
+    def forward_fn(model, mb):
+        return model(mb["tokens"], mb["position_ids"], None, inference_context=ctx,
+                     runtime_gather_output=True)
+
+    def loss_fn(mb, out):
+        return out.sum() * 0, {"logits": out[:, -1, :]}
+
+    outs = module.forward_backward([{"tokens": tokens, "position_ids": position_ids}],
+                                   forward_fn, loss_fn, forward_only=True)
+    return outs[0]["logits"] if outs else None
+
+
+@torch.no_grad()
+def generate(module, prompts: torch.Tensor, prompt_lengths: torch.Tensor, params: SamplingParams,
+             eos_id: int, pad_id: int, max_seq_len: int | None = None) -> GenerationOutput:
+    """Sample responses for a batch of right-padded prompts with a KV cache.
+
+    Args:
+        module: a :class:`~nemo_rlhf.models.megatron_module.MegatronGPTModule` holding a language
+            model (its ``gpt`` has a vocabulary projection).
+        prompts: ``[B, P]`` int64, right padded.
+        prompt_lengths: ``[B]`` int64, each in ``[1, P]``.
+        params: sampling configuration.
+        eos_id: end-of-sequence token id (stops a row; it is kept in the output).
+        pad_id: fill value after the end of each row.
+        max_seq_len: cap on prompt + response length (default: the model's max positions).
+
+    Returns:
+        :class:`GenerationOutput` identical on every rank.
+
+    Raises:
+        ValueError: bad prompt lengths, or prompts that leave no room to generate.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    b, p = prompts.shape
+    if bool((prompt_lengths < 1).any()) or bool((prompt_lengths > p).any()):
+        raise ValueError(f"prompt_lengths must be in [1, {p}], got {prompt_lengths.tolist()}")
+    limit = max_seq_len or module.gpt.max_sequence_length
+    total = min(p + int(params.max_new_tokens), int(limit))
+    if total <= int(prompt_lengths.max()):
+        raise ValueError(f"prompts of up to {int(prompt_lengths.max())} tokens leave no room to generate "
+                         f"within max_seq_len={limit}")
+    vocab = getattr(module.gpt, "unpadded_vocab_size", None)
+    was_training = module.model.training
+    module.model.eval()
+
+    tokens = torch.full((b, total), pad_id, dtype=torch.long)
+    tokens[:, :p] = prompts
+    positions = torch.arange(total).unsqueeze(0).expand(b, total)
+    lengths = torch.full((b,), total, dtype=torch.long)
+    done = torch.zeros(b, dtype=torch.bool)
+    ctx = StaticInferenceContext(b, total)
+    gen = torch.Generator().manual_seed(int(params.seed))
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    prev = int(prompt_lengths.min())
+    start = 0
+    try:
+        for cur in range(prev, total):
+            logits = _last_token_logits(module, tokens[:, start:cur], positions[:, start:cur], ctx)
+            if start == 0:
+                ctx.enable_decode_mode()
+            ctx.sequence_len_offset += cur - start
+            start = cur
+            if logits is not None:
+                if vocab is not None and logits.shape[-1] > vocab:
+                    logits[:, vocab:] = float("-inf")
+                sampled = sample_next(logits.float(), params, gen)
+            else:
+                sampled = torch.empty(b, dtype=torch.long)
+            if pp > 1:
+                torch.distributed.broadcast(sampled, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                            group=pp_group)
+            in_prompt = cur < prompt_lengths
+            new = torch.where(in_prompt, tokens[:, cur], sampled)
+            new = torch.where(done, torch.full_like(new, pad_id), new)
+            tokens[:, cur] = new
+            budget_spent = cur + 1 >= prompt_lengths + int(params.max_new_tokens)
+            ended = (~in_prompt) & (~done) & ((new == eos_id) | budget_spent)
+            lengths[ended] = cur + 1
+            done |= ended
+            if bool(done.all()):
+                break
+    finally:
+        module.model.train(was_training)
+    # Rows that never ended use the whole budget; clear anything written past each row's end.
+    cols = torch.arange(total).unsqueeze(0)
+    tokens = torch.where(cols < lengths.unsqueeze(1), tokens, torch.full_like(tokens, pad_id))
+    return GenerationOutput(tokens=tokens, lengths=lengths, prompt_lengths=prompt_lengths.clone())

@@ -1,0 +1,64 @@
+"""Run-directory metrics: a Lightning logger writing ``metrics.jsonl`` (one JSON object a line)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
+
+
+def append_jsonl(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
+    """Append one record to a JSONL file (flushed and fsync'ed, so a killed run keeps its lines).
+
+    Non-finite floats are written as strings (``"nan"``, ``"inf"``) to keep the file valid JSON.
+    """
+    clean = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(clean, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read a JSONL file written by :func:`append_jsonl`."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class JSONLLogger(Logger):
+    """Lightning logger appending ``{"stage", "step", "time", **metrics}`` to ``<run_dir>/metrics.jsonl``
+    on global rank 0."""
+
+    def __init__(self, run_dir: str | os.PathLike, stage: str):
+        super().__init__()
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.stage = stage
+
+    @property
+    def name(self) -> str:
+        return "jsonl"
+
+    @property
+    def version(self) -> str:
+        return self.stage
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> None:
+        return None
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        append_jsonl(self.path, {"stage": self.stage, "step": step, "time": time.time(),
+                                 **{k: float(v) for k, v in metrics.items()}})
