@@ -118,7 +118,9 @@ class CriticClient:
             self._configs[model] = config
         return config
 
-    def _call(self, model: str, timeout_s: float, batched: bool, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _call(
+        self, model: str, timeout_s: float, batched: bool, inputs: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
         if self._closed:
             raise CriticServerError(f"CriticClient for {self.url} is closed")
         from pytriton.client import ModelClient
@@ -128,7 +130,9 @@ class CriticClient:
             if np.asarray(array).size == 0:
                 # PyTriton's stub cannot serialize zero-size tensors ("memoryview: cannot cast view
                 # with zeros in shape"), so the server's reply would not name the input.
-                raise ValueError(f"input {name!r} of {model!r} is empty (shape {np.shape(array)}); expected B >= 1, S >= 1")
+                raise ValueError(
+                    f"input {name!r} of {model!r} is empty (shape {np.shape(array)}); expected B >= 1, S >= 1"
+                )
         config = self._model_config(model, self.init_timeout_s)
         client = ModelClient(
             self.url,

@@ -23,11 +23,14 @@ Three Triton models are bound (names in :mod:`nemo_rlhf.servers.protocol`):
 
 Every request is validated before the backend sees it. Triton itself rejects a wrong dtype, a
 wrong rank and (for ``critic_infer``) ``B > max_batch_size`` with an error reply naming the
-input; everything else (shapes that disagree between inputs, lengths outside ``[1, S]``,
-``S > backend.max_seq_len``, empty or too large batches, NaN/Inf) raises ``ValueError`` inside the
-inference callable, which PyTriton 0.7 turns into an error reply carrying the traceback text (``proxy/inference.py``: any exception except
+input; PyTriton's stub cannot carry zero-size tensors (the client refuses empty batches before
+sending). Everything else (rows of ``sequence_lengths`` vs ``B``, lengths outside ``[1, S]``,
+``S > backend.max_seq_len``, shapes that disagree between training inputs, ``B >
+max_batch_size`` for training, NaN/Inf) raises ``ValueError`` inside the inference callable.
+PyTriton 0.7 turns an exception raised there into an error reply carrying the traceback text
+(``pytriton/proxy/inference.py``, ``_handle_requests``): any exception except
 ``PyTritonUnrecoverableError`` is sent back with the ERROR flag and the server keeps serving;
-``PyTritonUnrecoverableError`` would shut Triton down, so it is never raised here). The client
+``PyTritonUnrecoverableError`` would shut Triton down, so it is never raised here. The client
 recovers the message from the marker ``CRITIC_REQUEST_ERROR`` (see :func:`request_error`).
 Exceptions raised by the backend itself become error replies the same way.
 
