@@ -43,7 +43,7 @@ PPO_DEFAULTS: dict[str, Any] = dict(
     whiten_advantages=True,
     reference_offload=False,  # keep the reference policy on the CPU between uses (GPU runs)
     sampling=dict(max_new_tokens=32, temperature=1.0, top_k=0, top_p=1.0),
-    val_sampling=dict(greedy=True),
+    val_sampling=dict(),  # overrides of `sampling` for held-out evaluation (seeded identically)
     seed=1234,
 )
 
@@ -136,8 +136,9 @@ class PPOActorModule(GPTActorModel):
         self.ppo_cfg = {**PPO_DEFAULTS, **dict(ppo_cfg)}
         self.sampling = SamplingParams(**{**PPO_DEFAULTS["sampling"], **dict(self.ppo_cfg["sampling"])},
                                        seed=int(self.ppo_cfg["seed"]))
-        self.val_sampling = SamplingParams(**{**dict(self.ppo_cfg["sampling"]),
-                                              **dict(self.ppo_cfg["val_sampling"])})
+        self.val_sampling = SamplingParams(**{**PPO_DEFAULTS["sampling"], **dict(self.ppo_cfg["sampling"]),
+                                              **dict(self.ppo_cfg["val_sampling"])},
+                                           seed=int(self.ppo_cfg["seed"]) + 1)
         self.kl_ctl = build_kl_controller(self.ppo_cfg["kl_controller"])
         self.critic = critic
         self.reference = reference
@@ -255,8 +256,8 @@ class PPOActorModule(GPTActorModel):
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate_prompts(self, prompts: torch.Tensor, prompt_lengths: torch.Tensor) -> dict[str, float]:
-        """Mean reward-model score and mean sequence KL(actor || reference) of responses to
-        held-out prompts (validation sampling params, greedy by default)."""
+        """Mean reward-model score and mean sequence KL(actor || reference) (k1 estimate, nats per
+        response) of responses sampled for held-out prompts with a fixed seed."""
         ro = self.make_rollout(prompts, prompt_lengths, self.val_sampling)
         kl = (kl_penalty(ro.logprobs, ro.ref_logprobs, estimator="k1") * ro.mask).sum(dim=1)
         return {"reward": ro.scores.mean().item(), "kl": kl.mean().item(),
