@@ -73,6 +73,7 @@ def load_model_weights(gpt, path: str | os.PathLike, skip_prefixes: tuple[str, .
         CheckpointError: the directory is missing or incomplete, or lacks required weights.
     """
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpointException
 
     path = Path(path)
     if not (path / COMPLETE_MARKER).exists():
@@ -98,7 +99,7 @@ def load_model_weights(gpt, path: str | os.PathLike, skip_prefixes: tuple[str, .
         raise CheckpointError(f"checkpoint {path} has no tensor {key!r} (parameter {name!r})")
     try:
         state = dist_checkpointing.load(sharded, str(path))
-    except Exception as exc:  # noqa: BLE001
+    except (Exception, TorchCheckpointException) as exc:  # noqa: BLE001 - torch's is a BaseException
         raise CheckpointError(f"failed to load checkpoint {path}: {exc}") from exc
     result = gpt.load_state_dict(state, strict=False)
     unexpected = [k for k in result.missing_keys
