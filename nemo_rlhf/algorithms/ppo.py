@@ -54,7 +54,7 @@ def response_mask(prompt_lengths: torch.Tensor, lengths: torch.Tensor, seq_len: 
     Position t scores token t+1, so a row with prompt length P and total length Lr has response
     positions ``P-1 <= t <= Lr-2``.
     """
-    t = torch.arange(seq_len - 1).unsqueeze(0)
+    t = torch.arange(seq_len - 1, device=lengths.device).unsqueeze(0)
     return ((t >= prompt_lengths.unsqueeze(1) - 1) & (t <= lengths.unsqueeze(1) - 2)).float()
 
 
@@ -99,9 +99,14 @@ def _is_server_caller() -> bool:
 
 
 def _broadcast_mp(tensor: torch.Tensor) -> torch.Tensor:
+    """Broadcast from the server-calling rank to its TP x PP group (on the collective device)."""
+    from nemo_rlhf.parallel.state import comm_device
+
     group, size, src = _mp_group_info()
     if size > 1:
-        torch.distributed.broadcast(tensor, src=src, group=group)
+        buf = tensor.to(comm_device()).contiguous()
+        torch.distributed.broadcast(buf, src=src, group=group)
+        return buf.to(tensor.device)
     return tensor
 
 
@@ -109,12 +114,14 @@ def dp_mean(metrics: Mapping[str, float]) -> dict[str, float]:
     """Average scalar metrics over the data-parallel group (identical dict on every rank)."""
     from megatron.core import parallel_state
 
+    from nemo_rlhf.parallel.state import comm_device
+
     keys = sorted(metrics)
-    vec = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    vec = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=comm_device())
     if torch.distributed.is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
         torch.distributed.all_reduce(vec, group=parallel_state.get_data_parallel_group())
         vec /= parallel_state.get_data_parallel_world_size()
-    return dict(zip(keys, vec.tolist()))
+    return dict(zip(keys, vec.cpu().tolist()))
 
 
 class PPOActorModule(GPTActorModel):
@@ -159,18 +166,19 @@ class PPOActorModule(GPTActorModel):
 
     def _critic_infer_async(self, tokens: torch.Tensor, lengths: torch.Tensor):
         if _is_server_caller():
-            return self.critic.infer_async(tokens.numpy(), lengths.numpy())
+            return self.critic.infer_async(tokens.cpu().numpy(), lengths.cpu().numpy())
         return None
 
     def _critic_results(self, future, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         b, length = shape
+        dev = self.model_device
         if future is not None:
             values_np, scores_np = future.result()
-            values = torch.from_numpy(np.asarray(values_np, dtype=np.float32))
-            scores = torch.from_numpy(np.asarray(scores_np, dtype=np.float32)).reshape(b)
+            values = torch.from_numpy(np.array(values_np, dtype=np.float32, copy=True)).to(dev)
+            scores = torch.from_numpy(np.array(scores_np, dtype=np.float32, copy=True)).reshape(b).to(dev)
         else:
-            values = torch.empty(b, length, dtype=torch.float32)
-            scores = torch.empty(b, dtype=torch.float32)
+            values = torch.empty(b, length, dtype=torch.float32, device=dev)
+            scores = torch.empty(b, dtype=torch.float32, device=dev)
         return _broadcast_mp(values), _broadcast_mp(scores)
 
     # ------------------------------------------------------------------ rollout
@@ -207,11 +215,11 @@ class PPOActorModule(GPTActorModel):
         if not _is_server_caller():
             return None
         b, length = ro.tokens.shape
-        pad = torch.zeros(len(index), 1)
-        returns = torch.cat([ro.returns[index], pad], dim=1).numpy()
-        mask = torch.cat([ro.mask[index], pad], dim=1).numpy()
-        return self._pool.submit(self.critic.train, ro.tokens[index].numpy(), returns,
-                                 ro.values[index].numpy(), mask)
+        pad = torch.zeros(len(index), 1, device=ro.returns.device)
+        returns = torch.cat([ro.returns[index], pad], dim=1).cpu().numpy()
+        mask = torch.cat([ro.mask[index], pad], dim=1).cpu().numpy()
+        return self._pool.submit(self.critic.train, ro.tokens[index].cpu().numpy(), returns,
+                                 ro.values[index].cpu().numpy(), mask)
 
     def training_step(self, batch, batch_idx):
         c = self.ppo_cfg
@@ -222,11 +230,11 @@ class PPOActorModule(GPTActorModel):
         n_mb = int(c["num_minibatches"])
         if b % n_mb:
             raise ValueError(f"ppo.num_minibatches={n_mb} does not divide the rollout batch {b}")
-        gen = torch.Generator().manual_seed(int(c["seed"]) + self.ppo_step_count)
+        gen = torch.Generator().manual_seed(int(c["seed"]) + self.ppo_step_count)  # CPU permutation
         actor_metrics: list[dict[str, float]] = []
         critic_futures = []
         for epoch in range(int(c["ppo_epochs"])):
-            order = torch.randperm(b, generator=gen)
+            order = torch.randperm(b, generator=gen).to(ro.tokens.device)
             for index in order.chunk(n_mb):
                 if epoch == 0:  # the critic sees each rollout once per PPO step
                     critic_futures.append(self._critic_train_async(ro, index))

@@ -144,7 +144,7 @@ def make_trainer(cfg: DictConfig, stage: str, module):
 # ---------------------------------------------------------------------------- SFT
 def run_sft(cfg: DictConfig) -> dict[str, Any]:
     """Train the SFT policy on prompt + chosen response; returns validation losses and paths."""
-    from nemo_rlhf.checkpoint.weights import load_model_weights, save_model_weights
+    from nemo_rlhf.checkpoint.weights import save_model_weights
     from nemo_rlhf.models.gpt_sft import GPTSFTModel
 
     dp = setup_parallel(cfg)
@@ -161,7 +161,7 @@ def run_sft(cfg: DictConfig) -> dict[str, Any]:
     model = GPTSFTModel(to_dict(cfg.model), to_dict(cfg.optim), tok.vocab_size,
                         int(cfg.batch.micro_batch_size), tok.pad_id)
     if cfg.get("init_from"):
-        load_model_weights(model.gpt, cfg.init_from)
+        model.load_weights(cfg.init_from)
     train_dl = dp_loader(train_ds, per_dp, collate, True, int(cfg.seed))
     val_dl = dp_loader(val_ds, per_dp, collate, False, int(cfg.seed))
 
@@ -185,7 +185,7 @@ def run_sft(cfg: DictConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- reward model
 def run_reward_model(cfg: DictConfig) -> dict[str, Any]:
     """Train the Bradley-Terry reward model (initialised from ``init_from``, usually SFT)."""
-    from nemo_rlhf.checkpoint.weights import load_model_weights, save_model_weights
+    from nemo_rlhf.checkpoint.weights import save_model_weights
     from nemo_rlhf.models.reward_model import GPTRewardModel
 
     dp = setup_parallel(cfg)
@@ -200,7 +200,7 @@ def run_reward_model(cfg: DictConfig) -> dict[str, Any]:
     per_dp = int(cfg.batch.global_batch_size) // dp
     model = GPTRewardModel(to_dict(cfg.model), to_dict(cfg.optim), tok.vocab_size, int(cfg.batch.micro_batch_size))
     if cfg.get("init_from"):
-        load_model_weights(model.gpt, cfg.init_from, skip_prefixes=("output_layer.",))
+        model.load_weights(cfg.init_from, skip_prefixes=("output_layer.",))
     train_dl = dp_loader(train_ds, per_dp, collate, True, int(cfg.seed))
     val_dl = dp_loader(val_ds, per_dp, collate, False, int(cfg.seed))
 
@@ -223,18 +223,18 @@ def run_reward_model(cfg: DictConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- critic server
 def build_critic_backend(cfg: DictConfig):
     """The critic server's model pair: frozen reward model + critic initialised from it."""
-    from nemo_rlhf.checkpoint.weights import load_model_weights, save_model_weights
+    from nemo_rlhf.checkpoint.weights import save_model_weights
     from nemo_rlhf.models.critic import GPTCriticModel, MegatronCriticBackend
     from nemo_rlhf.models.reward_model import GPTRewardModel
 
     setup_parallel(cfg)
     tok = get_tokenizer(cfg.tokenizer)
     rm = GPTRewardModel(to_dict(cfg.model), None, tok.vocab_size, int(cfg.batch.micro_batch_size))
-    load_model_weights(rm.gpt, cfg.reward_model_path)
+    rm.load_weights(cfg.reward_model_path)
     critic = GPTCriticModel(to_dict(cfg.model), to_dict(cfg.optim), tok.vocab_size,
                             int(cfg.batch.micro_batch_size), value_clip=cfg.get("value_clip", 0.2))
     init = cfg.get("critic_init_path") or cfg.reward_model_path
-    load_model_weights(critic.gpt, init, skip_prefixes=() if init == cfg.reward_model_path else ("output_layer.",))
+    critic.load_weights(init, skip_prefixes=() if init == cfg.reward_model_path else ("output_layer.",))
     max_seq = int(cfg.model.get("max_position_embeddings", 256))
     return MegatronCriticBackend(critic, rm, max_seq, save_fn=lambda path: save_model_weights(critic.gpt, path))
 
@@ -260,7 +260,7 @@ def run_ppo(cfg: DictConfig, critic=None) -> dict[str, Any]:
     """PPO actor training against a critic/reward server (``critic.host``/``critic.port``) or the
     given client. Reports held-out reward and KL before and after training."""
     from nemo_rlhf.algorithms.ppo import PPOActorModule, dp_mean
-    from nemo_rlhf.checkpoint.weights import load_model_weights, save_model_weights
+    from nemo_rlhf.checkpoint.weights import save_model_weights
     from nemo_rlhf.models.actor import GPTActorModel
     from nemo_rlhf.servers.client import CriticClient
 
@@ -284,10 +284,10 @@ def run_ppo(cfg: DictConfig, critic=None) -> dict[str, Any]:
         critic.wait_until_ready(float(c.init_timeout_s))
     model_cfg, mbs = to_dict(cfg.model), int(cfg.batch.micro_batch_size)
     reference = GPTActorModel(model_cfg, None, tok.vocab_size, mbs, tok.eos_id, tok.pad_id)
-    load_model_weights(reference.gpt, cfg.init_from)
+    reference.load_weights(cfg.init_from)
     actor = PPOActorModule(model_cfg, to_dict(cfg.optim), tok.vocab_size, mbs, tok.eos_id, tok.pad_id,
                            to_dict(cfg.ppo), critic, reference)
-    load_model_weights(actor.gpt, cfg.init_from)
+    actor.load_weights(cfg.init_from)
     train_dl = dp_loader(train_ds, per_dp, collate, True, int(cfg.seed))
     val_dl = dp_loader(val_ds, per_dp, collate, False, int(cfg.seed), drop_last=True)
 

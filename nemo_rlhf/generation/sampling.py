@@ -126,6 +126,8 @@ def generate(module, prompts: torch.Tensor, prompt_lengths: torch.Tensor, params
     if bool((prompt_lengths < 1).any()) or bool((prompt_lengths > p).any()):
         raise ValueError(f"prompt_lengths must be in [1, {p}], got {prompt_lengths.tolist()}")
     limit = max_seq_len or module.gpt.max_sequence_length
+    if p > int(limit):
+        raise ValueError(f"prompts tensor is {p} tokens wide, more than max_seq_len={limit}")
     total = min(p + int(params.max_new_tokens), int(limit))
     if total <= int(prompt_lengths.max()):
         raise ValueError(f"prompts of up to {int(prompt_lengths.max())} tokens leave no room to generate "
@@ -134,13 +136,17 @@ def generate(module, prompts: torch.Tensor, prompt_lengths: torch.Tensor, params
     was_training = module.model.training
     module.model.eval()
 
-    tokens = torch.full((b, total), pad_id, dtype=torch.long)
+    from nemo_rlhf.parallel.state import comm_device
+
+    dev = module.model_device
+    prompts, prompt_lengths = prompts.to(dev), prompt_lengths.to(dev)
+    tokens = torch.full((b, total), pad_id, dtype=torch.long, device=dev)
     tokens[:, :p] = prompts
-    positions = torch.arange(total).unsqueeze(0).expand(b, total)
-    lengths = torch.full((b,), total, dtype=torch.long)
-    done = torch.zeros(b, dtype=torch.bool)
+    positions = torch.arange(total, device=dev).unsqueeze(0).expand(b, total)
+    lengths = torch.full((b,), total, dtype=torch.long, device=dev)
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
     ctx = StaticInferenceContext(b, total)
-    gen = torch.Generator().manual_seed(int(params.seed))
+    gen = torch.Generator(device=dev).manual_seed(int(params.seed))
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     prev = int(prompt_lengths.min())
@@ -157,10 +163,12 @@ def generate(module, prompts: torch.Tensor, prompt_lengths: torch.Tensor, params
                     logits[:, vocab:] = float("-inf")
                 sampled = sample_next(logits.float(), params, gen)
             else:
-                sampled = torch.empty(b, dtype=torch.long)
+                sampled = torch.empty(b, dtype=torch.long, device=dev)
             if pp > 1:
-                torch.distributed.broadcast(sampled, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                buf = sampled.to(comm_device())
+                torch.distributed.broadcast(buf, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                                             group=pp_group)
+                sampled = buf.to(dev)
             in_prompt = cur < prompt_lengths
             new = torch.where(in_prompt, tokens[:, cur], sampled)
             new = torch.where(done, torch.full_like(new, pad_id), new)
@@ -174,6 +182,6 @@ def generate(module, prompts: torch.Tensor, prompt_lengths: torch.Tensor, params
     finally:
         module.model.train(was_training)
     # Rows that never ended use the whole budget; clear anything written past each row's end.
-    cols = torch.arange(total).unsqueeze(0)
+    cols = torch.arange(total, device=dev).unsqueeze(0)
     tokens = torch.where(cols < lengths.unsqueeze(1), tokens, torch.full_like(tokens, pad_id))
     return GenerationOutput(tokens=tokens, lengths=lengths, prompt_lengths=prompt_lengths.clone())

@@ -83,18 +83,22 @@ class MegatronCriticBackend:
         self.train_steps = 0
 
     def infer(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        t = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64))
-        lens = torch.from_numpy(np.ascontiguousarray(lengths, dtype=np.int64)).reshape(-1)
+        dev = self.critic.model_device
+        t = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).to(dev)
+        lens = torch.from_numpy(np.ascontiguousarray(lengths, dtype=np.int64)).reshape(-1).to(dev)
         values = self.critic.values(t)
         rewards = self.reward_model.score(t, lens)
-        return values.numpy().astype(np.float32), rewards.numpy().astype(np.float32)
+        return values.cpu().numpy().astype(np.float32), rewards.cpu().numpy().astype(np.float32)
 
     def train(self, tokens: np.ndarray, returns: np.ndarray, prev_values: np.ndarray,
               mask: np.ndarray) -> dict[str, float]:
-        m = self.critic.train_step(torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)),
-                                   torch.from_numpy(np.asarray(returns, dtype=np.float32)),
-                                   torch.from_numpy(np.asarray(prev_values, dtype=np.float32)),
-                                   torch.from_numpy(np.asarray(mask, dtype=np.float32)))
+        dev = self.critic.model_device
+
+        def tensor(a, dtype):
+            return torch.from_numpy(np.array(a, dtype=dtype, copy=True)).to(dev)
+
+        m = self.critic.train_step(tensor(tokens, np.int64), tensor(returns, np.float32),
+                                   tensor(prev_values, np.float32), tensor(mask, np.float32))
         self.train_steps += 1
         return m
 

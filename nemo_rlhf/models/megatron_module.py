@@ -155,10 +155,30 @@ class MegatronGPTModule(pl.LightningModule):
         return self.model.module if hasattr(self.model, "module") else self.model
 
     @property
+    def model_device(self) -> torch.device:
+        """Device of this rank's parameters."""
+        return next(self.gpt.parameters()).device
+
+    @property
     def is_last_stage(self) -> bool:
         from megatron.core import parallel_state
 
         return parallel_state.is_pipeline_last_stage()
+
+    def load_weights(self, path, skip_prefixes: tuple[str, ...] = ()) -> list[str]:
+        """Load a :func:`~nemo_rlhf.checkpoint.weights.save_model_weights` checkpoint into this
+        rank's model and refresh the optimizer's fp32 main copies (with bf16/fp16 parameters the
+        megatron optimizer would otherwise write its stale copies back at the first step).
+
+        Returns:
+            the skipped parameter names (see ``load_model_weights``).
+        """
+        from nemo_rlhf.checkpoint.weights import load_model_weights
+
+        skipped = load_model_weights(self.gpt, path, skip_prefixes=skip_prefixes)
+        if self.optimizer is not None:
+            self.optimizer.reload_model_params()
+        return skipped
 
     def unwrapped_state_dict(self) -> dict[str, torch.Tensor]:
         """This rank's ``GPTModel`` weights (TP shard / PP stage), keys as in ``GPTModel``."""
@@ -257,6 +277,8 @@ def average_metrics(outs: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, flo
     """
     from megatron.core import parallel_state
 
+    from nemo_rlhf.parallel.state import comm_device
+
     outs = list(outs)
     keys = sorted(outs[0].keys()) if outs else []
     # Agree on the keys across PP: only the last stage has them.
@@ -268,11 +290,11 @@ def average_metrics(outs: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, flo
         keys = obj[0]
     if not keys:
         return {}
-    vec = torch.zeros(len(keys), dtype=torch.float64)
+    vec = torch.zeros(len(keys), dtype=torch.float64, device=comm_device())
     for o in outs:
         for i, k in enumerate(keys):
             vec[i] += float(o[k])
-    n = torch.tensor([float(len(outs))], dtype=torch.float64)
+    n = torch.tensor([float(len(outs))], dtype=torch.float64, device=comm_device())
     if torch.distributed.is_initialized():
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             torch.distributed.all_reduce(vec, group=parallel_state.get_pipeline_model_parallel_group())
@@ -281,7 +303,7 @@ def average_metrics(outs: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, flo
         torch.distributed.all_reduce(vec, group=dp)
         torch.distributed.all_reduce(n, group=dp)
     result: dict[str, float] = {}
-    values = dict(zip(keys, vec.tolist()))
+    values = dict(zip(keys, vec.cpu().tolist()))
     for k in keys:
         if k.endswith("_sum"):
             base = k[: -len("_sum")]
@@ -291,5 +313,5 @@ def average_metrics(outs: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, flo
             continue
         if k.endswith("_count"):
             continue
-        result[k] = values[k] / float(n.item())
+        result[k] = values[k] / float(n.cpu().item())
     return result

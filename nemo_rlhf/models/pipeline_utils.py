@@ -18,12 +18,14 @@ def broadcast_from_last_stage(tensor: torch.Tensor | None, shape: tuple[int, ...
     """
     from megatron.core import parallel_state
 
+    from nemo_rlhf.parallel.state import comm_device
+
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return tensor
     if parallel_state.is_pipeline_last_stage():
-        buf = tensor.to(dtype).contiguous()
+        buf = tensor.to(device=comm_device(), dtype=dtype).contiguous()
     else:
-        buf = torch.empty(shape, dtype=dtype)
+        buf = torch.empty(shape, dtype=dtype, device=comm_device())
     torch.distributed.broadcast(buf, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                                 group=parallel_state.get_pipeline_model_parallel_group())
     return buf

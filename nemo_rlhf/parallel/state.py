@@ -150,6 +150,13 @@ def destroy_distributed() -> None:
         torch.distributed.destroy_process_group()
 
 
+def comm_device() -> torch.device:
+    """Device of tensors passed to collectives: the current CUDA device under NCCL, else CPU."""
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def is_rank_zero() -> bool:
     """True on global rank 0, or when torch.distributed is not initialised."""
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
