@@ -218,8 +218,12 @@ class PPOActorModule(GPTActorModel):
         pad = torch.zeros(len(index), 1, device=ro.returns.device)
         returns = torch.cat([ro.returns[index], pad], dim=1).cpu().numpy()
         mask = torch.cat([ro.mask[index], pad], dim=1).cpu().numpy()
-        return self._pool.submit(self.critic.train, ro.tokens[index].cpu().numpy(), returns,
-                                 ro.values[index].cpu().numpy(), mask)
+        args = (ro.tokens[index].cpu().numpy(), returns, ro.values[index].cpu().numpy(), mask)
+        if getattr(self.critic, "runs_concurrently", True):
+            return self._pool.submit(self.critic.train, *args)
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        done.set_result(self.critic.train(*args))  # in-process critic: no overlap
+        return done
 
     def training_step(self, batch, batch_idx):
         c = self.ppo_cfg

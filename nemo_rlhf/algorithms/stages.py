@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -195,6 +196,7 @@ def run_reward_model(cfg: DictConfig) -> dict[str, Any]:
     d = cfg.data
     train_ds = PreferenceDataset(train_pairs, tok, int(d.max_seq_len), int(d.max_prompt_len), d.overlong)
     val_ds = PreferenceDataset(heldout, tok, int(d.max_seq_len), int(d.max_prompt_len), d.overlong)
+    LOG.info("RM pairs: train %d (%s), held-out %d", len(train_ds), dict(train_ds.stats), len(val_ds))
     pad_multiple = int(cfg.model.get("tensor_model_parallel_size", 1) or 1) * 8
     collate = lambda b: collate_preference(b, tok.pad_id, pad_to_multiple_of=pad_multiple)  # noqa: E731
     per_dp = int(cfg.batch.global_batch_size) // dp
@@ -275,6 +277,8 @@ def run_ppo(cfg: DictConfig, critic=None) -> dict[str, Any]:
         heldout_prompts = heldout_prompts[: int(cfg.data.max_heldout_prompts)]
     train_ds = PromptDataset(train_prompts, tok, int(d.max_prompt_len), d.overlong)
     val_ds = PromptDataset(heldout_prompts, tok, int(d.max_prompt_len), d.overlong)
+    LOG.info("PPO prompts: train %d (%s), held-out %d (%s)", len(train_ds), dict(train_ds.stats),
+             len(val_ds), dict(val_ds.stats))
     collate = lambda b: collate_prompts(b, tok.pad_id)  # noqa: E731
     per_dp = int(cfg.batch.global_batch_size) // dp
     if critic is None:
@@ -296,10 +300,19 @@ def run_ppo(cfg: DictConfig, critic=None) -> dict[str, Any]:
         agg = {k: sum(m[k] for m in ms) / len(ms) for k in ("reward", "kl", "response_length")}
         return dp_mean(agg)
 
+    from nemo_rlhf.utils.logging import append_jsonl
+
+    def record(step: int, m: Mapping[str, float]) -> None:
+        if is_rank_zero():
+            append_jsonl(run_dir / "metrics.jsonl", {"stage": "ppo", "step": step, "time": time.time(),
+                                                     **{f"val/{k}": v for k, v in m.items()}})
+
     before = evaluate()
+    record(0, before)
     trainer = make_trainer(cfg, "ppo", actor)
     trainer.fit(actor, train_dataloaders=train_dl, val_dataloaders=val_dl)
     after = evaluate()
+    record(actor.completed_steps, after)
     ckpt = save_model_weights(actor.gpt, run_dir / "ppo_actor_weights")
     critic_ckpt = None
     from nemo_rlhf.algorithms.ppo import _is_server_caller

@@ -5,9 +5,17 @@ from nemo_rlhf.utils.hydra import quiet_warnings
 quiet_warnings()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def megatron_single_process():
-    """A one-process gloo world with megatron TP=PP=1 (idempotent across test modules)."""
-    from nemo_rlhf.parallel.state import initialize_distributed
+    """A one-process gloo world with megatron TP=PP=1 for one test module, torn down after it
+    (other tests check the "not initialized" errors)."""
+    import torch
 
-    return initialize_distributed(1, 1, "cpu", seed=1234)
+    from nemo_rlhf.parallel.state import destroy_distributed, initialize_distributed
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: intra-op threads only contend on 2 cores
+    env = initialize_distributed(1, 1, "cpu", seed=1234)
+    yield env
+    torch.set_num_threads(threads)
+    destroy_distributed()

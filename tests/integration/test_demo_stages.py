@@ -24,7 +24,7 @@ def test_demo_pipeline_small(tmp_path):
            "sft.trainer.max_steps=30", "sft.trainer.val_check_interval=15",
            "rm.trainer.max_steps=20", "rm.trainer.val_check_interval=10",
            "ppo.trainer.max_steps=6", "ppo.trainer.val_check_interval=3",
-           "ppo.data.max_heldout_prompts=32"]
+           "ppo.data.max_heldout_prompts=32", "+common.data.max_rows=3000"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
