@@ -34,7 +34,7 @@ def format_report(rep: dict) -> str:
         "=" * 72,
         "nemo-rlhf demo report",
         f"  run dir: {rep['run_dir']}",
-        f"  SFT   validation loss (nats/token, held-out HH): {s['val_loss_before']:.3f} -> {s['val_loss_after']:.3f}"
+        f"  SFT   validation loss (nats/token, held-out HH): {s['val_before']['nll']:.3f} -> {s['val_after']['nll']:.3f}"
         f"   [{s['steps']} steps, {rep['wall_s']['sft']:.0f} s]",
         f"  RM    accuracy on {r['val_after']['pairs']} held-out HH pairs: {r['val_before']['accuracy']:.3f} -> "
         f"{r['val_after']['accuracy']:.3f}   [{r['steps']} steps, {rep['wall_s']['rm']:.0f} s]",

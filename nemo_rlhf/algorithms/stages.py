@@ -142,84 +142,88 @@ def make_trainer(cfg: DictConfig, stage: str, module):
     )
 
 
-# ---------------------------------------------------------------------------- SFT
-def run_sft(cfg: DictConfig) -> dict[str, Any]:
-    """Train the SFT policy on prompt + chosen response; returns validation losses and paths."""
+# ---------------------------------------------------------------------------- SFT and reward model
+def _supervised_stage(cfg: DictConfig, name: str, dataset_cls, collate_fn, build_model, evaluate,
+                      skip_prefixes: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The shared body of the SFT and reward-model stages: data, tokenizer, model, fit, save.
+
+    Args:
+        name: stage name (metrics ``stage`` field, ``<name>_weights``, ``<name>_result.json``).
+        dataset_cls: ``SFTDataset`` or ``PreferenceDataset``.
+        collate_fn: its collate function ``(batch, pad_id, pad_to_multiple_of)``.
+        build_model: ``(tokenizer) -> MegatronGPTModule``.
+        evaluate: ``(model, val_loader) -> dict`` of held-out metrics (run before and after).
+        skip_prefixes: parameters not loaded from ``init_from`` (a new head).
+    """
     from nemo_rlhf.checkpoint.weights import save_model_weights
-    from nemo_rlhf.models.gpt_sft import GPTSFTModel
 
     dp = setup_parallel(cfg)
     run_dir = Path(cfg.run_dir)
     train_pairs, heldout, stats = load_split_pairs(cfg.data)
     tok = get_tokenizer(cfg.tokenizer, train_pairs, save_dir=run_dir)
     d = cfg.data
-    train_ds = SFTDataset(train_pairs, tok, int(d.max_seq_len), int(d.max_prompt_len), d.overlong)
-    val_ds = SFTDataset(heldout, tok, int(d.max_seq_len), int(d.max_prompt_len), d.overlong)
-    LOG.info("SFT samples: train %d (%s), held-out %d", len(train_ds), dict(train_ds.stats), len(val_ds))
+    train_ds = dataset_cls(train_pairs, tok, int(d.max_seq_len), int(d.max_prompt_len), d.overlong)
+    val_ds = dataset_cls(heldout, tok, int(d.max_seq_len), int(d.max_prompt_len), d.overlong)
+    LOG.info("%s samples: train %d (%s), held-out %d (%s)", name, len(train_ds), dict(train_ds.stats),
+             len(val_ds), dict(val_ds.stats))
+    # Equal-length micro-batches for the pipeline; S divisible by TP for sequence parallelism.
     pad_multiple = int(cfg.model.get("tensor_model_parallel_size", 1) or 1) * 8
-    collate = lambda b: collate_sft(b, tok.pad_id, pad_to_multiple_of=pad_multiple)  # noqa: E731
+    collate = lambda b: collate_fn(b, tok.pad_id, pad_to_multiple_of=pad_multiple)  # noqa: E731
     per_dp = int(cfg.batch.global_batch_size) // dp
-    model = GPTSFTModel(to_dict(cfg.model), to_dict(cfg.optim), tok.vocab_size,
-                        int(cfg.batch.micro_batch_size), tok.pad_id)
+    model = build_model(tok)
     if cfg.get("init_from"):
-        model.load_weights(cfg.init_from)
+        model.load_weights(cfg.init_from, skip_prefixes=skip_prefixes)
     train_dl = dp_loader(train_ds, per_dp, collate, True, int(cfg.seed))
     val_dl = dp_loader(val_ds, per_dp, collate, False, int(cfg.seed))
 
-    def val_loss() -> float:
-        vals = [model.evaluate_batch(b)["nll"] for i, b in zip(range(int(cfg.trainer.limit_val_batches)), val_dl)]
-        return float(sum(vals) / len(vals))
-
-    before = val_loss()
-    trainer = make_trainer(cfg, "sft", model)
+    before = evaluate(model, val_dl)
+    trainer = make_trainer(cfg, name, model)
     trainer.fit(model, train_dataloaders=train_dl, val_dataloaders=val_dl)
-    after = val_loss()
-    ckpt = save_model_weights(model.gpt, run_dir / "sft_weights")
-    result = {"val_loss_before": before, "val_loss_after": after, "checkpoint": str(ckpt),
+    after = evaluate(model, val_dl)
+    ckpt = save_model_weights(model.gpt, run_dir / f"{name}_weights")
+    result = {"val_before": before, "val_after": after, "checkpoint": str(ckpt),
               "tokenizer": str(run_dir / "tokenizer.json") if cfg.tokenizer.type == "train_bpe" else None,
               "vocab_size": tok.vocab_size, "train_samples": len(train_ds), "heldout_samples": len(val_ds),
               "data_skipped": dict(stats.skipped), "steps": model.completed_steps}
-    write_result(run_dir, "sft_result.json", result)
+    write_result(run_dir, f"{name}_result.json", result)
     return result
 
 
-# ---------------------------------------------------------------------------- reward model
+def run_sft(cfg: DictConfig) -> dict[str, Any]:
+    """Train the SFT policy on prompt + chosen response; held-out metric: ``nll`` (nats/token)
+    on up to ``trainer.limit_val_batches`` batches."""
+    from nemo_rlhf.models.gpt_sft import GPTSFTModel
+
+    def evaluate(model, val_dl) -> dict[str, float]:
+        vals = [model.evaluate_batch(b)["nll"] for _, b in zip(range(int(cfg.trainer.limit_val_batches)), val_dl)]
+        return {"nll": float(sum(vals) / len(vals))}
+
+    return _supervised_stage(
+        cfg, "sft", SFTDataset, collate_sft,
+        lambda tok: GPTSFTModel(to_dict(cfg.model), to_dict(cfg.optim), tok.vocab_size,
+                                int(cfg.batch.micro_batch_size), tok.pad_id),
+        evaluate)
+
+
 def run_reward_model(cfg: DictConfig) -> dict[str, Any]:
-    """Train the Bradley-Terry reward model (initialised from ``init_from``, usually SFT)."""
-    from nemo_rlhf.checkpoint.weights import save_model_weights
+    """Train the Bradley-Terry reward model (initialised from ``init_from``, usually SFT; the
+    head is new). Held-out metrics: pairwise ``accuracy`` and BT ``loss`` over every held-out pair
+    that fills a batch."""
     from nemo_rlhf.models.reward_model import GPTRewardModel
 
-    dp = setup_parallel(cfg)
-    run_dir = Path(cfg.run_dir)
-    train_pairs, heldout, _ = load_split_pairs(cfg.data)
-    tok = get_tokenizer(cfg.tokenizer, train_pairs, save_dir=run_dir)
-    d = cfg.data
-    train_ds = PreferenceDataset(train_pairs, tok, int(d.max_seq_len), int(d.max_prompt_len), d.overlong)
-    val_ds = PreferenceDataset(heldout, tok, int(d.max_seq_len), int(d.max_prompt_len), d.overlong)
-    LOG.info("RM pairs: train %d (%s), held-out %d", len(train_ds), dict(train_ds.stats), len(val_ds))
-    pad_multiple = int(cfg.model.get("tensor_model_parallel_size", 1) or 1) * 8
-    collate = lambda b: collate_preference(b, tok.pad_id, pad_to_multiple_of=pad_multiple)  # noqa: E731
-    per_dp = int(cfg.batch.global_batch_size) // dp
-    model = GPTRewardModel(to_dict(cfg.model), to_dict(cfg.optim), tok.vocab_size, int(cfg.batch.micro_batch_size))
-    if cfg.get("init_from"):
-        model.load_weights(cfg.init_from, skip_prefixes=("output_layer.",))
-    train_dl = dp_loader(train_ds, per_dp, collate, True, int(cfg.seed))
-    val_dl = dp_loader(val_ds, per_dp, collate, False, int(cfg.seed))
-
-    def val_accuracy() -> dict[str, float]:
+    def evaluate(model, val_dl) -> dict[str, float]:
         ms = [model.evaluate_batch(b) for b in val_dl]
-        return {"accuracy": sum(m["accuracy"] for m in ms) / len(ms), "loss": sum(m["loss"] for m in ms) / len(ms),
-                "pairs": len(ms) * per_dp * dp}
+        from megatron.core import parallel_state
 
-    before = val_accuracy()
-    trainer = make_trainer(cfg, "rm", model)
-    trainer.fit(model, train_dataloaders=train_dl, val_dataloaders=val_dl)
-    after = val_accuracy()
-    ckpt = save_model_weights(model.gpt, run_dir / "rm_weights")
-    result = {"val_before": before, "val_after": after, "checkpoint": str(ckpt),
-              "train_pairs": len(train_ds), "heldout_pairs": len(val_ds), "steps": model.completed_steps}
-    write_result(run_dir, "rm_result.json", result)
-    return result
+        pairs = sum(int(b["tokens"].shape[0]) // 2 for b in val_dl) * parallel_state.get_data_parallel_world_size()
+        return {"accuracy": sum(m["accuracy"] for m in ms) / len(ms),
+                "loss": sum(m["loss"] for m in ms) / len(ms), "pairs": pairs}
+
+    return _supervised_stage(
+        cfg, "rm", PreferenceDataset, collate_preference,
+        lambda tok: GPTRewardModel(to_dict(cfg.model), to_dict(cfg.optim), tok.vocab_size,
+                                   int(cfg.batch.micro_batch_size)),
+        evaluate, skip_prefixes=("output_layer.",))
 
 
 # ---------------------------------------------------------------------------- critic server

@@ -30,7 +30,8 @@ def test_demo_pipeline_small(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "nemo-rlhf demo report" in proc.stdout
     report = json.loads((run_dir / "report.json").read_text())
-    assert report["sft"]["val_loss_after"] < report["sft"]["val_loss_before"]
+    assert report["sft"]["val_after"]["nll"] < report["sft"]["val_before"]["nll"]
+    assert 0.0 <= report["rm"]["val_after"]["accuracy"] <= 1.0 and report["rm"]["val_after"]["pairs"] > 0
     assert report["sft"]["steps"] == 30 and report["rm"]["steps"] == 20 and report["ppo"]["steps"] == 6
     for key in ("sft_weights", "rm_weights", "ppo_actor_weights", "ppo_critic_weights"):
         assert (run_dir / key / "COMPLETE").exists(), key
