@@ -14,6 +14,7 @@ mask is needed and positions stay exact.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,42 @@ class GenerationOutput:
     tokens: torch.Tensor
     lengths: torch.Tensor
     prompt_lengths: torch.Tensor
+
+
+@contextlib.contextmanager
+def sequence_parallel_disabled(gpt):
+    """Run ``gpt`` as plain TP (no sequence parallelism) inside the block.
+
+    Decode steps feed one token, which cannot be split over TP ranks. Sequence parallelism only
+    changes where activations are split and which collectives move them (all-gather /
+    reduce-scatter instead of all-reduce), not the weights or the maths, so turning it off for
+    generation gives the same logits. Flips ``config.sequence_parallel`` (read by the embedding,
+    the transformer block and the pipeline schedule) and every module's ``sequence_parallel``
+    flag (the TP linear layers), and restores them on exit.
+    """
+    config = gpt.config
+    if not config.sequence_parallel:
+        yield
+        return
+    # Per-module flags fixed at construction: the TP linear layers' `sequence_parallel` and the
+    # embeddings' `reduce_scatter_embeddings` (scatter of the embedding output along the sequence).
+    flags = [(m, name) for m in gpt.modules() for name in _SP_FLAGS if getattr(m, name, None) is True]
+    configs = {id(c): c for c in [config] + [getattr(m, "config", None) for m in gpt.modules()]
+               if c is not None and getattr(c, "sequence_parallel", False)}
+    try:
+        for m, name in flags:
+            setattr(m, name, False)
+        for c in configs.values():
+            c.sequence_parallel = False
+        yield
+    finally:
+        for m, name in flags:
+            setattr(m, name, True)
+        for c in configs.values():
+            c.sequence_parallel = True
+
+
+_SP_FLAGS = ("sequence_parallel", "reduce_scatter_embeddings")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -119,9 +156,6 @@ def generate(module, prompts: torch.Tensor, prompt_lengths: torch.Tensor, params
     Raises:
         ValueError: bad prompt lengths, or prompts that leave no room to generate.
     """
-    from megatron.core import parallel_state
-    from megatron.core.inference.contexts import StaticInferenceContext
-
     b, p = prompts.shape
     if bool((prompt_lengths < 1).any()) or bool((prompt_lengths > p).any()):
         raise ValueError(f"prompt_lengths must be in [1, {p}], got {prompt_lengths.tolist()}")
@@ -132,56 +166,67 @@ def generate(module, prompts: torch.Tensor, prompt_lengths: torch.Tensor, params
     if total <= int(prompt_lengths.max()):
         raise ValueError(f"prompts of up to {int(prompt_lengths.max())} tokens leave no room to generate "
                          f"within max_seq_len={limit}")
-    vocab = getattr(module.gpt, "unpadded_vocab_size", None)
+    dev = module.model_device
+    prompt_lengths = prompt_lengths.to(dev)
+    tokens = torch.full((b, total), pad_id, dtype=torch.long, device=dev)
+    tokens[:, :p] = prompts.to(dev)
     was_training = module.model.training
     module.model.eval()
-
-    from nemo_rlhf.parallel.state import comm_device
-
-    dev = module.model_device
-    prompts, prompt_lengths = prompts.to(dev), prompt_lengths.to(dev)
-    tokens = torch.full((b, total), pad_id, dtype=torch.long, device=dev)
-    tokens[:, :p] = prompts
-    positions = torch.arange(total, device=dev).unsqueeze(0).expand(b, total)
-    lengths = torch.full((b,), total, dtype=torch.long, device=dev)
-    done = torch.zeros(b, dtype=torch.bool, device=dev)
-    ctx = StaticInferenceContext(b, total)
-    gen = torch.Generator(device=dev).manual_seed(int(params.seed))
-    pp_group = parallel_state.get_pipeline_model_parallel_group()
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    prev = int(prompt_lengths.min())
-    start = 0
     try:
-        for cur in range(prev, total):
-            logits = _last_token_logits(module, tokens[:, start:cur], positions[:, start:cur], ctx)
-            if start == 0:
-                ctx.enable_decode_mode()
-            ctx.sequence_len_offset += cur - start
-            start = cur
-            if logits is not None:
-                if vocab is not None and logits.shape[-1] > vocab:
-                    logits[:, vocab:] = float("-inf")
-                sampled = sample_next(logits.float(), params, gen)
-            else:
-                sampled = torch.empty(b, dtype=torch.long, device=dev)
-            if pp > 1:
-                buf = sampled.to(comm_device())
-                torch.distributed.broadcast(buf, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                                            group=pp_group)
-                sampled = buf.to(dev)
-            in_prompt = cur < prompt_lengths
-            new = torch.where(in_prompt, tokens[:, cur], sampled)
-            new = torch.where(done, torch.full_like(new, pad_id), new)
-            tokens[:, cur] = new
-            budget_spent = cur + 1 >= prompt_lengths + int(params.max_new_tokens)
-            ended = (~in_prompt) & (~done) & ((new == eos_id) | budget_spent)
-            lengths[ended] = cur + 1
-            done |= ended
-            if bool(done.all()):
-                break
+        with sequence_parallel_disabled(module.gpt):
+            lengths = _decode(module, tokens, prompt_lengths, params, eos_id, pad_id)
     finally:
         module.model.train(was_training)
     # Rows that never ended use the whole budget; clear anything written past each row's end.
     cols = torch.arange(total, device=dev).unsqueeze(0)
     tokens = torch.where(cols < lengths.unsqueeze(1), tokens, torch.full_like(tokens, pad_id))
     return GenerationOutput(tokens=tokens, lengths=lengths, prompt_lengths=prompt_lengths.clone())
+
+
+def _decode(module, tokens: torch.Tensor, prompt_lengths: torch.Tensor, params: SamplingParams,
+            eos_id: int, pad_id: int) -> torch.Tensor:
+    """The KV-cache loop of :func:`generate`: prefill up to the shortest prompt, then one token
+    per step. Writes the sampled tokens into ``tokens [B, L]`` in place; returns ``lengths [B]``."""
+    from megatron.core import parallel_state
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    from nemo_rlhf.parallel.state import comm_device
+
+    b, total = tokens.shape
+    dev = tokens.device
+    vocab = getattr(module.gpt, "unpadded_vocab_size", None)
+    positions = torch.arange(total, device=dev).unsqueeze(0).expand(b, total)
+    lengths = torch.full((b,), total, dtype=torch.long, device=dev)
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    ctx = StaticInferenceContext(b, total)
+    gen = torch.Generator(device=dev).manual_seed(int(params.seed))
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    start = 0
+    for cur in range(int(prompt_lengths.min()), total):
+        logits = _last_token_logits(module, tokens[:, start:cur], positions[:, start:cur], ctx)
+        if start == 0:
+            ctx.enable_decode_mode()
+        ctx.sequence_len_offset += cur - start
+        start = cur
+        if logits is not None:
+            if vocab is not None and logits.shape[-1] > vocab:
+                logits[:, vocab:] = float("-inf")
+            sampled = sample_next(logits.float(), params, gen)
+        else:
+            sampled = torch.empty(b, dtype=torch.long, device=dev)
+        if pp > 1:  # the last stage sampled: every stage needs the token for the next step
+            buf = sampled.to(comm_device())
+            torch.distributed.broadcast(buf, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                        group=parallel_state.get_pipeline_model_parallel_group())
+            sampled = buf.to(dev)
+        in_prompt = cur < prompt_lengths
+        new = torch.where(in_prompt, tokens[:, cur], sampled)
+        new = torch.where(done, torch.full_like(new, pad_id), new)
+        tokens[:, cur] = new
+        budget_spent = cur + 1 >= prompt_lengths + int(params.max_new_tokens)
+        ended = (~in_prompt) & (~done) & ((new == eos_id) | budget_spent)
+        lengths[ended] = cur + 1
+        done |= ended
+        if bool(done.all()):
+            break
+    return lengths

@@ -21,6 +21,8 @@ from nemo_rlhf.models.builder import build_gpt_model, model_cfg_with_defaults
 from nemo_rlhf.models.heads import attach_scalar_head
 
 OPTIM_DEFAULTS: dict[str, Any] = dict(
+    optimizer="adam",  # adam (AdamW: decoupled weight decay) | sgd
+    sgd_momentum=0.0,
     lr=1e-4,
     min_lr=None,  # None: lr / 10
     weight_decay=0.0,
@@ -116,7 +118,7 @@ class MegatronGPTModule(pl.LightningModule):
         betas = tuple(o["betas"])
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
-                optimizer="adam", lr=lr, min_lr=min_lr, weight_decay=float(o["weight_decay"]),
+                optimizer=str(o["optimizer"]), sgd_momentum=float(o["sgd_momentum"]), lr=lr, min_lr=min_lr, weight_decay=float(o["weight_decay"]),
                 adam_beta1=float(betas[0]), adam_beta2=float(betas[1]), adam_eps=float(o["eps"]),
                 clip_grad=float(o["clip_grad"]), bf16=cfg.bf16, fp16=cfg.fp16,
                 params_dtype=cfg.params_dtype,

@@ -79,12 +79,17 @@ class GPTRewardModel(MegatronGPTModule):
         return loss, {"loss": loss.detach(), "accuracy": acc.detach(),
                       "reward_chosen": r[:m].mean().detach(), "reward_rejected": r[m:].mean().detach()}
 
-    def training_step(self, batch, batch_idx):
+    def train_batch(self, batch) -> dict[str, float]:
+        """One optimizer step on a ``collate_preference`` batch; returns averaged metrics."""
         self.model.train()
         mbs = pair_microbatches(split_preference_batch(batch), self.micro_batch_size)
         outs = self.forward_backward(mbs, self._forward, self._loss, forward_only=False)
         metrics = average_metrics(outs)
         metrics.update(self.optimizer_step_())
+        return metrics
+
+    def training_step(self, batch, batch_idx):
+        metrics = self.train_batch(batch)
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, on_step=True, batch_size=1)
 
     @torch.no_grad()

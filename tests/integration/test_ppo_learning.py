@@ -32,7 +32,7 @@ def train_reward_model(steps: int = 60):
     lengths = torch.full((16,), 12)
     for _ in range(steps):
         c, r = synthetic_pairs(16, 12, gen)
-        rm.training_step({"tokens": torch.cat([c, r]), "lengths": torch.cat([lengths, lengths])}, 0)
+        rm.train_batch({"tokens": torch.cat([c, r]), "lengths": torch.cat([lengths, lengths])})
     c, r = synthetic_pairs(64, 12, gen)
     lengths = torch.full((128,), 12)
     acc = rm.evaluate_batch({"tokens": torch.cat([c, r]), "lengths": lengths})["accuracy"]

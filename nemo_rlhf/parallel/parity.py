@@ -1,0 +1,181 @@
+"""Layout-parity runner: every model role on a fixed batch, in whatever TP x PP x DP layout it runs.
+
+Run it once in the reference layout (one process) with ``--save-init`` and then under
+``torchrun`` in any other layout; compare the ``result.pt`` files and the ``after`` checkpoints::
+
+    python -m nemo_rlhf.parallel.parity --out ref --init init --save-init
+    python -m torch.distributed.run --nproc-per-node 4 -m nemo_rlhf.parallel.parity \\
+        --tp 2 --pp 2 --sp --out tp2pp2 --init init
+
+For each role (``sft``, ``rm``, ``critic``, ``actor``) it loads the same initial weights (a
+dist-checkpoint, resharded to this layout), records forward outputs on the full fixed batch
+(SFT per-token NLL, reward-model scores, critic values, actor log-probs and entropy), takes one
+optimizer step on this DP rank's share of the global batch (several micro-batches), records the
+averaged loss, saves the updated weights (``<out>/<role>/after``) and, for the actor, greedy
+generation from prompts of different lengths. Global rank 0 writes ``<out>/<role>/result.pt``.
+It is the tool behind ``tests/parallel`` and a quick check of a new cluster layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROLES = ("sft", "rm", "critic", "actor")
+VOCAB = 100
+# Llama-like (RMSNorm, SwiGLU, RoPE, GQA) with tied embeddings, 4 layers: divisible by TP 2 and
+# PP 2 and 4. make_vocab_size_divisible_by=64 pads vocab 100 to 128 for TP 1 and TP 2 alike.
+MODEL = dict(num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+             ffn_hidden_size=64, max_position_embeddings=64, make_vocab_size_divisible_by=64,
+             normalization="RMSNorm", activation="swiglu", add_bias_linear=False,
+             init_method_std=0.2, share_embeddings_and_output_weights=True)
+# Plain SGD with clipping: the weights after one step then differ exactly as the gradients do.
+# (Adam's first step is ~lr * sign(g): near-zero gradients whose sign flips with 1e-9 of
+# reduction-order noise move a weight by 2 * lr, which says nothing about the layout.)
+OPTIM = dict(optimizer="sgd", lr=1.0, clip_grad=1.0, weight_decay=0.0)
+GLOBAL_BATCH, SEQ, MICRO_BATCH = 8, 16, 2
+
+
+def fixed_data(seed: int = 0) -> dict[str, torch.Tensor]:
+    """The fixed inputs, identical in every layout (CPU tensors from a seeded generator)."""
+    g = torch.Generator().manual_seed(seed)
+    b, s = GLOBAL_BATCH, SEQ
+    tokens = torch.randint(2, VOCAB, (b, s), generator=g)
+    prompt = torch.randint(2, 8, (b,), generator=g)
+    cols = torch.arange(s).unsqueeze(0)
+    loss_mask = (cols >= prompt.unsqueeze(1)).float()
+    lengths = torch.randint(s // 2, s + 1, (b,), generator=g)
+    rejected = torch.randint(2, VOCAB, (b, s), generator=g)
+    mask = ((cols >= prompt.unsqueeze(1) - 1) & (cols < s - 1)).float()
+    return {
+        "tokens": tokens, "loss_mask": loss_mask, "lengths": lengths, "rejected": rejected,
+        "returns": torch.randn(b, s, generator=g), "prev_values": 0.1 * torch.randn(b, s, generator=g),
+        "mask": mask, "advantages": torch.randn(b, s - 1, generator=g),
+        "logprob_noise": 0.05 * torch.randn(b, s - 1, generator=g),
+        "prompts": torch.randint(2, VOCAB, (4, 6), generator=g), "prompt_lengths": torch.tensor([6, 3, 5, 4]),
+    }
+
+
+def _dp_slice(x: torch.Tensor) -> torch.Tensor:
+    from megatron.core import parallel_state
+
+    dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    n = x.shape[0] // dp
+    return x[rank * n : (rank + 1) * n]
+
+
+def build_role(role: str, model_cfg: dict[str, Any], optim_cfg: dict[str, Any] | None):
+    """A trainable model of ``role`` with the parity model and vocabulary."""
+    from nemo_rlhf.models.actor import GPTActorModel
+    from nemo_rlhf.models.critic import GPTCriticModel
+    from nemo_rlhf.models.gpt_sft import GPTSFTModel
+    from nemo_rlhf.models.reward_model import GPTRewardModel
+
+    if role == "sft":
+        return GPTSFTModel(model_cfg, optim_cfg, VOCAB, MICRO_BATCH, pad_id=0)
+    if role == "rm":
+        return GPTRewardModel(model_cfg, optim_cfg, VOCAB, MICRO_BATCH)
+    if role == "critic":
+        return GPTCriticModel(model_cfg, optim_cfg, VOCAB, MICRO_BATCH, value_clip=0.2)
+    if role == "actor":
+        return GPTActorModel(model_cfg, optim_cfg, VOCAB, MICRO_BATCH, eos_id=1, pad_id=0)
+    raise ValueError(f"unknown role {role!r}; roles: {ROLES}")
+
+
+def run_role(role: str, model, data: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Forward outputs on the full batch, then one optimizer step on this DP rank's share."""
+    from nemo_rlhf.generation.sampling import SamplingParams
+    from nemo_rlhf.models.megatron_module import split_microbatches
+    from nemo_rlhf.models.pipeline_utils import broadcast_from_last_stage
+    from nemo_rlhf.models.vocab_parallel import vocab_parallel_entropy
+
+    out: dict[str, Any] = {}
+    tokens = data["tokens"]
+    if role == "sft":
+        batch = model._prepare({"tokens": tokens, "loss_mask": data["loss_mask"]})
+        nll = model.forward_backward(split_microbatches(batch, MICRO_BATCH), model._forward,
+                                     lambda mb, o: (o.sum() * 0, {"nll": o.float()}), forward_only=True)
+        out["outputs"] = broadcast_from_last_stage(torch.cat([o["nll"] for o in nll]) if nll else None,
+                                                   tuple(tokens.shape), torch.float32)
+        shard = {k: _dp_slice(v) for k, v in batch.items()}
+        out["metrics"] = model.train_global_batch(shard, MICRO_BATCH, model._forward, model._loss)
+    elif role == "rm":
+        both = torch.cat([tokens, data["rejected"]])
+        out["outputs"] = model.score(both, torch.cat([data["lengths"], data["lengths"]]), MICRO_BATCH)
+        pairs = {"tokens": torch.cat([_dp_slice(tokens), _dp_slice(data["rejected"])]),
+                 "lengths": torch.cat([_dp_slice(data["lengths"])] * 2)}
+        out["metrics"] = model.train_batch(pairs)
+    elif role == "critic":
+        out["outputs"] = model.values(tokens)
+        out["metrics"] = model.train_step(*(_dp_slice(data[k]) for k in ("tokens", "returns", "prev_values", "mask")))
+    elif role == "actor":
+        lp = model.logprobs(tokens)
+        ent = model.forward_backward(
+            split_microbatches({"tokens": tokens}, MICRO_BATCH), model._forward,
+            lambda mb, o: (o.sum() * 0, {"entropy": vocab_parallel_entropy(o[:, :-1])}), forward_only=True)
+        out["outputs"] = lp
+        out["entropy"] = broadcast_from_last_stage(torch.cat([o["entropy"] for o in ent]) if ent else None,
+                                                   (tokens.shape[0], tokens.shape[1] - 1), torch.float32)
+        greedy = SamplingParams(greedy=True, max_new_tokens=8)
+        gen = model.generate(data["prompts"], data["prompt_lengths"], greedy)
+        out["generation"] = gen.tokens
+        out["generation_lengths"] = gen.lengths
+        old = lp + data["logprob_noise"]
+        shard = {"tokens": _dp_slice(tokens), "old_logprobs": _dp_slice(old),
+                 "advantages": _dp_slice(data["advantages"]), "mask": _dp_slice(data["mask"][:, :-1])}
+        out["metrics"] = model.ppo_step(shard, clip_eps=0.2, entropy_coef=0.01)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--sp", action="store_true")
+    p.add_argument("--distributed-optimizer", action="store_true")
+    p.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"),
+                   help="megatron's distributed optimizer supports only adam")
+    p.add_argument("--roles", default=",".join(ROLES))
+    p.add_argument("--init", required=True, help="initial-weights directory (one sub-directory per role)")
+    p.add_argument("--save-init", action="store_true", help="write the initial weights (reference run)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=1234)
+    args = p.parse_args(argv)
+
+    from nemo_rlhf.utils.hydra import quiet_warnings
+
+    quiet_warnings()
+    from nemo_rlhf.checkpoint.weights import save_model_weights
+    from nemo_rlhf.parallel.layout import validate_layout
+    from nemo_rlhf.parallel.state import destroy_distributed, initialize_distributed, is_rank_zero, read_dist_env
+    from nemo_rlhf.parallel.state import seed_everything
+
+    model_cfg = dict(MODEL, tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+                     sequence_parallel=args.sp)
+    validate_layout(model_cfg, read_dist_env().world_size, GLOBAL_BATCH, MICRO_BATCH)
+    initialize_distributed(args.tp, args.pp, "cpu", seed=args.seed)
+    data = fixed_data()
+    optim = dict(OPTIM, optimizer=args.optimizer, distributed_optimizer=args.distributed_optimizer)
+    if args.optimizer == "adam":
+        optim.update(lr=1e-3, eps=1e-3)  # eps >> |g| noise: no sign(g) amplification (see OPTIM)
+    try:
+        for role in args.roles.split(","):
+            seed_everything(args.seed)
+            model = build_role(role, model_cfg, optim)
+            init = Path(args.init) / role
+            if args.save_init:
+                save_model_weights(model.gpt, init)
+            model.load_weights(init)
+            result = run_role(role, model, data)
+            save_model_weights(model.gpt, Path(args.out) / role / "after")
+            if is_rank_zero():
+                torch.save({k: v for k, v in result.items()}, Path(args.out) / role / "result.pt")
+    finally:
+        destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()

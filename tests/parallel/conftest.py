@@ -1,0 +1,24 @@
+"""Helpers for the multi-process layout tests: run `nemo_rlhf.parallel.parity` under torchrun."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from nemo_rlhf.servers.process import find_free_ports
+from nemo_rlhf.utils.hydra import quiet_warnings
+
+quiet_warnings()
+
+
+def torchrun(nproc: int, module_args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --nproc-per-node N ...` on loopback, one thread per rank."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--master-port={find_free_ports(1)[0]}", "--master-addr=127.0.0.1", *module_args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
