@@ -246,19 +246,48 @@ def build_critic_backend(cfg: DictConfig):
 
 
 def serve_critic(cfg: DictConfig) -> None:
-    """Serve the critic and reward model over PyTriton until SIGTERM/SIGINT."""
-    from nemo_rlhf.servers.critic_server import CriticServer, triton_env_fix
+    """Serve the critic and reward model over PyTriton until SIGTERM/SIGINT.
 
+    With several processes (``torchrun``/``srun``, world = TP x PP of ``model``), global rank 0
+    runs the server and broadcasts each request to the other ranks, which run the same collective
+    model calls (:mod:`nemo_rlhf.servers.distributed`). The server has no data parallelism: a
+    world that is not exactly TP x PP is refused.
+
+    Raises:
+        LayoutError: the server's layout does not match its world size.
+    """
+    from nemo_rlhf.parallel.layout import LayoutError
+    from nemo_rlhf.parallel.state import read_dist_env
+    from nemo_rlhf.servers.critic_server import CriticServer, triton_env_fix
+    from nemo_rlhf.servers.distributed import LeaderBackend, command_group, follow
+
+    world = read_dist_env().world_size
+    tp = int(cfg.model.get("tensor_model_parallel_size", 1) or 1)
+    pp = int(cfg.model.get("pipeline_model_parallel_size", 1) or 1)
+    if world != tp * pp:
+        raise LayoutError(
+            f"invalid critic-server layout: world size {world} != model.tensor_model_parallel_size={tp} "
+            f"* model.pipeline_model_parallel_size={pp}; the critic server runs one model replica "
+            f"(no data parallelism): launch it with {tp * pp} processes")
     triton_env_fix()
     backend = build_critic_backend(cfg)
+    group = command_group() if world > 1 else None
+    if group is not None and torch.distributed.get_rank() != 0:
+        follow(backend, group)
+        return
     s = cfg.server
     port = int(s.port)
-    server = CriticServer(backend, host=s.host, http_port=port,
+    server = CriticServer(LeaderBackend(backend, group) if group is not None else backend,
+                          host=s.host, http_port=port,
                           grpc_port=int(s.get("grpc_port") or port + 1),
                           metrics_port=int(s.get("metrics_port") or port + 2),
                           max_batch_size=int(s.get("max_batch_size", 64)))
-    LOG.info("critic server starting at %s", server.url)
-    server.run()
+    LOG.info("critic server starting at %s (world size %d, TP=%d, PP=%d)", server.url, world, tp, pp)
+    try:
+        server.run()
+    finally:
+        if group is not None:
+            server.backend.stop_followers()
 
 
 # ---------------------------------------------------------------------------- PPO actor
