@@ -148,6 +148,9 @@ class PPOActorModule(GPTActorModel):
                                            seed=int(self.ppo_cfg["seed"]) + 1)
         self.kl_ctl = build_kl_controller(self.ppo_cfg["kl_controller"])
         self.critic = critic
+        # Remote server: one rank per TP x PP group calls it and broadcasts. In-process critic:
+        # every rank calls it (collectively), synchronously.
+        self._critic_in_process = bool(getattr(critic, "in_process", False))
         self.reference = reference
         self.ppo_step_count = 0
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="critic-train")
@@ -165,7 +168,7 @@ class PPOActorModule(GPTActorModel):
                 self.reference.to("cpu")
 
     def _critic_infer_async(self, tokens: torch.Tensor, lengths: torch.Tensor):
-        if _is_server_caller():
+        if self._critic_in_process or _is_server_caller():
             return self.critic.infer_async(tokens.cpu().numpy(), lengths.cpu().numpy())
         return None
 
@@ -179,6 +182,8 @@ class PPOActorModule(GPTActorModel):
         else:
             values = torch.empty(b, length, dtype=torch.float32, device=dev)
             scores = torch.empty(b, dtype=torch.float32, device=dev)
+        if self._critic_in_process:
+            return values, scores
         return _broadcast_mp(values), _broadcast_mp(scores)
 
     # ------------------------------------------------------------------ rollout
@@ -212,14 +217,14 @@ class PPOActorModule(GPTActorModel):
 
     # ------------------------------------------------------------------ training
     def _critic_train_async(self, ro: Rollout, index: torch.Tensor):
-        if not _is_server_caller():
+        if not (self._critic_in_process or _is_server_caller()):
             return None
         b, length = ro.tokens.shape
         pad = torch.zeros(len(index), 1, device=ro.returns.device)
         returns = torch.cat([ro.returns[index], pad], dim=1).cpu().numpy()
         mask = torch.cat([ro.mask[index], pad], dim=1).cpu().numpy()
         args = (ro.tokens[index].cpu().numpy(), returns, ro.values[index].cpu().numpy(), mask)
-        if getattr(self.critic, "runs_concurrently", True):
+        if not self._critic_in_process:
             return self._pool.submit(self.critic.train, *args)
         done: concurrent.futures.Future = concurrent.futures.Future()
         done.set_result(self.critic.train(*args))  # in-process critic: no overlap

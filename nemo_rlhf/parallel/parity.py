@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-ROLES = ("sft", "rm", "critic", "actor")
+ROLES = ("sft", "rm", "critic", "actor", "ppo")
 VOCAB = 100
 # Llama-like (RMSNorm, SwiGLU, RoPE, GQA) with tied embeddings, 4 layers: divisible by TP 2 and
 # PP 2 and 4. make_vocab_size_divisible_by=64 pads vocab 100 to 128 for TP 1 and TP 2 alike.
@@ -82,7 +82,39 @@ def build_role(role: str, model_cfg: dict[str, Any], optim_cfg: dict[str, Any] |
         return GPTCriticModel(model_cfg, optim_cfg, VOCAB, MICRO_BATCH, value_clip=0.2)
     if role == "actor":
         return GPTActorModel(model_cfg, optim_cfg, VOCAB, MICRO_BATCH, eos_id=1, pad_id=0)
+    if role == "ppo":
+        return build_ppo(model_cfg, optim_cfg)
     raise ValueError(f"unknown role {role!r}; roles: {ROLES}")
+
+
+def build_ppo(model_cfg: dict[str, Any], optim_cfg: dict[str, Any] | None):
+    """A PPO actor with its reference policy and an in-process critic + reward model, all in this
+    layout (weights are loaded by :func:`load_ppo`)."""
+    from nemo_rlhf.algorithms.ppo import PPOActorModule
+    from nemo_rlhf.models.actor import GPTActorModel
+    from nemo_rlhf.models.critic import GPTCriticModel, MegatronCriticBackend
+    from nemo_rlhf.models.reward_model import GPTRewardModel
+    from nemo_rlhf.servers.local import LocalCriticClient
+
+    critic = GPTCriticModel(model_cfg, optim_cfg, VOCAB, MICRO_BATCH, value_clip=0.2)
+    rm = GPTRewardModel(model_cfg, None, VOCAB, MICRO_BATCH)
+    backend = MegatronCriticBackend(critic, rm, int(MODEL["max_position_embeddings"]), lambda path: None)
+    reference = GPTActorModel(model_cfg, None, VOCAB, MICRO_BATCH, eos_id=1, pad_id=0)
+    ppo_cfg = dict(ppo_epochs=1, num_minibatches=2, entropy_coef=0.01, seed=5,
+                   kl_controller=dict(type="fixed", init_kl_coef=0.05), sampling=dict(max_new_tokens=6))
+    actor = PPOActorModule(model_cfg, optim_cfg, VOCAB, MICRO_BATCH, 1, 0, ppo_cfg,
+                           LocalCriticClient(backend), reference)
+    actor.parity_parts = (reference, critic, rm)
+    return actor
+
+
+def load_ppo(actor, init: Path) -> None:
+    """Actor and reference from the ``actor`` weights, critic and reward model from ``critic``/``rm``."""
+    reference, critic, rm = actor.parity_parts
+    actor.load_weights(init / "actor")
+    reference.load_weights(init / "actor")
+    critic.load_weights(init / "critic")
+    rm.load_weights(init / "rm")
 
 
 def run_role(role: str, model, data: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -127,6 +159,16 @@ def run_role(role: str, model, data: dict[str, torch.Tensor]) -> dict[str, Any]:
         shard = {"tokens": _dp_slice(tokens), "old_logprobs": _dp_slice(old),
                  "advantages": _dp_slice(data["advantages"]), "mask": _dp_slice(data["mask"][:, :-1])}
         out["metrics"] = model.ppo_step(shard, clip_eps=0.2, entropy_coef=0.01)
+    elif role == "ppo":
+        prompts = tokens[:, :6]
+        plens = 3 + (data["lengths"] % 4)
+        steps = []
+        for step in range(2):  # two full PPO steps: rollout, critic, GAE, actor + critic updates
+            model.training_step({"prompts": _dp_slice(prompts), "prompt_lengths": _dp_slice(plens)}, step)
+            steps.append(dict(model.last_metrics))
+        out["metrics"] = steps[-1]
+        out["steps"] = steps
+        out["outputs"] = model.logprobs(tokens)  # the policy after two PPO steps
     return out
 
 
@@ -166,9 +208,12 @@ def main(argv: list[str] | None = None) -> None:
             seed_everything(args.seed)
             model = build_role(role, model_cfg, optim)
             init = Path(args.init) / role
-            if args.save_init:
-                save_model_weights(model.gpt, init)
-            model.load_weights(init)
+            if role == "ppo":
+                load_ppo(model, Path(args.init))  # reuses the other roles' initial weights
+            else:
+                if args.save_init:
+                    save_model_weights(model.gpt, init)
+                model.load_weights(init)
             result = run_role(role, model, data)
             save_model_weights(model.gpt, Path(args.out) / role / "after")
             if is_rank_zero():

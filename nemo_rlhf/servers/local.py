@@ -17,9 +17,10 @@ import numpy as np
 class LocalCriticClient:
     """Client-compatible wrapper of a backend: ``infer``, ``infer_async``, ``train``, ``save``."""
 
-    # The PPO trainer overlaps remote critic training with the actor update in a background thread;
-    # an in-process critic must not run concurrently with the actor (shared megatron globals).
-    runs_concurrently = False
+    # In-process: every rank of the actor's model-parallel group calls it (the critic's own TP/PP
+    # collectives need them all), synchronously — megatron's globals forbid running it in a
+    # background thread next to the actor.
+    in_process = True
 
     def __init__(self, backend: Any):
         self.backend = backend

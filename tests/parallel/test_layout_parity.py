@@ -5,7 +5,9 @@ log-probs and vocab-parallel entropy), the loss and metrics of one optimizer ste
 micro-batches, the weights after that step, and greedy KV-cache generation, in TP=2, TP=2+SP, PP=2
 (4 micro-batches), DP=2 at the same global batch, TP=2 x PP=2 (+SP, 4 processes) and DP=2 with the
 distributed optimizer — against TP=PP=DP=1 with the same initial weights (a dist-checkpoint
-resharded into each layout), fp32, tolerance 1e-5. Each layout runs under torchrun (gloo, CPU).
+resharded into each layout), fp32, tolerance 1e-5. Plus two whole PPO steps (generation, in-process
+critic and reward model, GAE, updates) in the TP/PP layouts, tolerance 1e-4. Each layout runs under
+torchrun (gloo, CPU).
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ pytestmark = pytest.mark.parallel
 
 ROLES = ("sft", "rm", "critic", "actor")
 TOL = 1e-5
+# Two whole PPO steps (rollout with sampling, in-process critic and reward model, GAE, actor and
+# critic updates with SGD lr=1): differences compound over the steps; measured <= 1.7e-5.
+PPO_TOL = 1e-4
 # Metrics that count tokens (a value sitting on a clip boundary may flip by one token).
 DISCRETE = {"clipfrac", "vf_clipfrac", "accuracy", "lr", "skipped"}
 LAYOUTS = {
@@ -87,4 +92,17 @@ def test_layout_matches_single_process(layout, workdir):
             assert torch.equal(ref["generation_lengths"], got["generation_lengths"])
             # the prompts were of different lengths and something was generated past each one
             assert bool((got["generation_lengths"] > torch.tensor([6, 3, 5, 4])).all())
+    ref = torch.load(workdir / ref_name / "ppo" / "result.pt", weights_only=False)
+    got = torch.load(workdir / layout / "ppo" / "result.pt", weights_only=False)
+    if layout.startswith("dp"):
+        # Each DP rank samples its own share of the rollouts with its own generator draws, so the
+        # samples differ from one process's; the PPO step must still run and stay finite.
+        for step in got["steps"]:
+            assert all(torch.isfinite(torch.tensor(v)) for v in step.values()), step
+    else:
+        d_ppo = max(abs(a[k] - b[k]) for a, b in zip(ref["steps"], got["steps"]) for k in a if k not in DISCRETE)
+        assert d_ppo <= PPO_TOL, f"{layout}: PPO step metrics differ by {d_ppo}"
+        d_pol = (ref["outputs"] - got["outputs"]).abs().max().item()
+        assert d_pol <= PPO_TOL, f"{layout}: policy log-probs after two PPO steps differ by {d_pol}"
+        worst["ppo/metrics"], worst["ppo/policy_logprobs"] = d_ppo, d_pol
     REPORT[layout] = worst
