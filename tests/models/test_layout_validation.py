@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+pytestmark = pytest.mark.parallel
+
 from nemo_rlhf.parallel.layout import LayoutError, validate_layout
 from nemo_rlhf.parallel.state import initialize_distributed, read_dist_env
 
