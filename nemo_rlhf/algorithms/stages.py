@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -29,6 +30,15 @@ from nemo_rlhf.data import (
     load_tokenizer,
     split_heldout,
     train_bpe_tokenizer,
+)
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from nemo_rlhf.checkpoint.training_state import (
+    Preemption,
+    latest_checkpoint,
+    load_training_checkpoint,
+    make_checkpoint_callback,
+    save_training_checkpoint,
 )
 from nemo_rlhf.parallel.layout import validate_layout
 from nemo_rlhf.parallel.state import initialize_distributed, is_rank_zero
@@ -108,12 +118,12 @@ def dp_loader(dataset, batch_size: int, collate, shuffle: bool, seed: int, drop_
                       drop_last=drop_last, num_workers=0)
 
 
-def make_trainer(cfg: DictConfig, stage: str, module):
+def make_trainer(cfg: DictConfig, stage: str, module, callbacks: list | None = None):
     """A Lightning Trainer for one stage: manual megatron optimization, JSONL metrics.
 
-    The module stops itself after ``trainer.max_steps`` optimizer steps (see
-    ``MegatronGPTModule.on_train_batch_end``)."""
-    import lightning.pytorch as pl
+    Lightning's ``max_steps`` counts only optimizers Lightning owns; a :class:`StepCounter`
+    callback (first in the list, so later callbacks see the updated count) counts training batches
+    in ``module.completed_steps`` and stops at ``trainer.max_steps``."""
     from lightning.pytorch.strategies import SingleDeviceStrategy
 
     from nemo_rlhf.parallel.state import read_dist_env
@@ -128,7 +138,7 @@ def make_trainer(cfg: DictConfig, stage: str, module):
     return pl.Trainer(
         strategy=SingleDeviceStrategy(device),
         max_steps=-1,
-        logger=JSONLLogger(cfg.run_dir, stage),
+        logger=JSONLLogger(cfg.run_dir, stage, step_offset=module.completed_steps),
         log_every_n_steps=int(t.get("log_every_n_steps", 1)),
         val_check_interval=t.get("val_check_interval"),
         check_val_every_n_epoch=None if t.get("val_check_interval") else 1,
@@ -139,13 +149,28 @@ def make_trainer(cfg: DictConfig, stage: str, module):
         enable_model_summary=False,
         use_distributed_sampler=False,
         max_epochs=-1,
+        callbacks=[StepCounter(), *(callbacks or [])],
     )
+
+
+class StepCounter(pl.Callback):
+    """Counts completed training steps in ``module.completed_steps``; stops at ``max_train_steps``."""
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        module.completed_steps += 1
+        if module.max_train_steps is not None and module.completed_steps >= module.max_train_steps:
+            trainer.should_stop = True
 
 
 # ---------------------------------------------------------------------------- SFT and reward model
 def _supervised_stage(cfg: DictConfig, name: str, dataset_cls, collate_fn, build_model, evaluate,
                       skip_prefixes: tuple[str, ...] = ()) -> dict[str, Any]:
     """The shared body of the SFT and reward-model stages: data, tokenizer, model, fit, save.
+
+    Resumes from the newest complete checkpoint in ``checkpoint.dir`` (default
+    ``<run_dir>/checkpoints/<name>``) when ``checkpoint.resume`` is true, checkpoints every
+    ``checkpoint.every_n_steps`` steps and at the end, and on SIGTERM/SIGUSR1 checkpoints at the
+    next step boundary and returns ``{"preempted": True, ...}``.
 
     Args:
         name: stage name (metrics ``stage`` field, ``<name>_weights``, ``<name>_result.json``).
@@ -171,14 +196,51 @@ def _supervised_stage(cfg: DictConfig, name: str, dataset_cls, collate_fn, build
     collate = lambda b: collate_fn(b, tok.pad_id, pad_to_multiple_of=pad_multiple)  # noqa: E731
     per_dp = int(cfg.batch.global_batch_size) // dp
     model = build_model(tok)
-    if cfg.get("init_from"):
+    ck = cfg.get("checkpoint") or {}
+    ckpt_root = Path(ck.get("dir") or run_dir / "checkpoints" / name)
+    resume_from = latest_checkpoint(ckpt_root) if ck.get("resume", True) else None
+    if resume_from is not None:
+        load_training_checkpoint(resume_from, model)
+        LOG.info("%s: resumed from %s at step %d", name, resume_from, model.completed_steps)
+    elif cfg.get("init_from"):
         model.load_weights(cfg.init_from, skip_prefixes=skip_prefixes)
-    train_dl = dp_loader(train_ds, per_dp, collate, True, int(cfg.seed))
+    from megatron.core import parallel_state
+
+    from nemo_rlhf.data.samplers import StepBatchSampler
+
+    max_steps = int(cfg.trainer.max_steps)
+    sampler = StepBatchSampler(len(train_ds), int(cfg.batch.global_batch_size), parallel_state.get_data_parallel_rank(),
+                               dp, int(cfg.seed), model.completed_steps, max_steps)
+    train_dl = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate)
     val_dl = dp_loader(val_ds, per_dp, collate, False, int(cfg.seed))
 
     before = evaluate(model, val_dl)
-    trainer = make_trainer(cfg, name, model)
-    trainer.fit(model, train_dataloaders=train_dl, val_dataloaders=val_dl)
+    preemption = Preemption().install()
+    gbs = int(cfg.batch.global_batch_size)
+    callback = make_checkpoint_callback(ckpt_root, int(ck.get("every_n_steps", 0) or 0), int(ck.get("keep_last", 2)),
+                                        lambda: {"consumed_samples": model.completed_steps * gbs}, preemption)
+    trainer = make_trainer(cfg, name, model, [callback])
+    try:
+        if model.completed_steps < max_steps:
+            trainer.fit(model, train_dataloaders=train_dl, val_dataloaders=val_dl)
+    except SIGTERMException:
+        # Lightning's own SIGTERM handler ends fit() with this SystemExit at the next boundary; our
+        # handler ran too. If the signal came outside a training step (e.g. during validation),
+        # the checkpoint callback has not saved yet: save now.
+        if not getattr(model, "preempted", False):
+            save_training_checkpoint(ckpt_root, model, {"consumed_samples": model.completed_steps * gbs},
+                                     keep_last=int(ck.get("keep_last", 2)))
+            model.preempted = True
+        preemption.requested = preemption.requested or "SIGTERM"
+    finally:
+        preemption.uninstall()
+    if getattr(model, "preempted", False):
+        result = {"preempted": True, "signal": preemption.requested, "steps": model.completed_steps,
+                  "resume_from": str(latest_checkpoint(ckpt_root))}
+        write_result(run_dir, f"{name}_result.json", result)
+        LOG.warning("%s: stopped by %s at step %d; resume by running the same command",
+                    name, preemption.requested, model.completed_steps)
+        return result
     after = evaluate(model, val_dl)
     ckpt = save_model_weights(model.gpt, run_dir / f"{name}_weights")
     result = {"val_before": before, "val_after": after, "checkpoint": str(ckpt),

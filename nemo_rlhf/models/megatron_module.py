@@ -139,13 +139,6 @@ class MegatronGPTModule(pl.LightningModule):
         if warmup:
             self.lr_scheduler.step(0)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        """Count steps and stop at ``max_train_steps`` (Lightning's ``max_steps`` counts only
-        optimizers it owns)."""
-        self.completed_steps += 1
-        if self.max_train_steps is not None and self.completed_steps >= self.max_train_steps:
-            self.trainer.should_stop = True
-
     def configure_optimizers(self):
         # The megatron optimizer is stepped by hand in train_global_batch(); Lightning gets none.
         return None

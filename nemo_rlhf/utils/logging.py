@@ -36,10 +36,11 @@ class JSONLLogger(Logger):
     """Lightning logger appending ``{"stage", "step", "time", **metrics}`` to ``<run_dir>/metrics.jsonl``
     on global rank 0."""
 
-    def __init__(self, run_dir: str | os.PathLike, stage: str):
+    def __init__(self, run_dir: str | os.PathLike, stage: str, step_offset: int = 0):
         super().__init__()
         self.path = Path(run_dir) / "metrics.jsonl"
         self.stage = stage
+        self.step_offset = int(step_offset)  # steps done before a resume: records keep global steps
 
     @property
     def name(self) -> str:
@@ -60,5 +61,6 @@ class JSONLLogger(Logger):
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        append_jsonl(self.path, {"stage": self.stage, "step": step, "time": time.time(),
+        append_jsonl(self.path, {"stage": self.stage, "step": None if step is None else step + self.step_offset,
+                                 "time": time.time(),
                                  **{k: float(v) for k, v in metrics.items()}})

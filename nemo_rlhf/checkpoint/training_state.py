@@ -1,0 +1,238 @@
+"""Training checkpoints for exact resume: weights, optimizer, LR schedule, RNG, data position.
+
+Layout of one checkpoint ``<root>/step_<k>`` (k = optimizer steps taken, 8 digits):
+
+- megatron ``dist_checkpointing`` (torch_dist) of ``{"model": ..., "optimizer": ...}`` — sharded,
+  reshardable across TP/PP;
+- ``rng_rank<r>.pt``: every RNG of global rank r (torch CPU, CUDA, megatron's TP tracker, Python,
+  NumPy), loaded with ``weights_only=True`` (plain tensors and ints only);
+- ``state.json``: step, LR-scheduler state, consumed samples and whatever the trainer adds (KL
+  controller, PPO step);
+- ``COMPLETE``: written last, after every rank has finished. A directory without it (a run killed
+  mid-save) is never resumed from; checkpoints are written into ``step_<k>.tmp`` and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nemo_rlhf.checkpoint.weights import COMPLETE_MARKER, CheckpointError, _barrier, _rank
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def rng_state() -> dict[str, Any]:
+    """All RNG states of this process as tensors/ints (safe for ``torch.load(weights_only=True)``)."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": (py[0], torch.tensor(py[1], dtype=torch.int64), py[2]),
+        "numpy": (torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])),
+        "tracker": {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_state`."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(int(x) for x in internal.tolist()), gauss))
+    keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first (incomplete and ``.tmp`` ones ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and (p / COMPLETE_MARKER).exists()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``root``, or None."""
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def _sharded(module, is_loading: bool) -> dict[str, Any]:
+    model_sd = module.gpt.sharded_state_dict()
+    out = {"model": model_sd}
+    if module.optimizer is not None:
+        out["optimizer"] = module.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                               metadata=_OPTIM_METADATA)
+    return out
+
+
+def save_training_checkpoint(root: str | Path, module, extra: dict[str, Any] | None = None,
+                             keep_last: int = 2) -> Path:
+    """Save ``module`` (a MegatronGPTModule) at its current step; collective over all ranks.
+
+    Args:
+        root: checkpoint directory of the run.
+        module: the model/optimizer owner (``gpt``, ``optimizer``, ``lr_scheduler``,
+            ``completed_steps``).
+        extra: JSON-serialisable trainer state (consumed samples, KL controller, PPO step, ...).
+        keep_last: complete checkpoints to keep (older ones are deleted after this one is complete).
+
+    Returns:
+        the checkpoint directory.
+    """
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final = root / f"step_{module.completed_steps:08d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save(_sharded(module, is_loading=False), str(tmp),
+                            validate_access_integrity=True)
+    torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
+    _barrier()
+    if _rank() == 0:
+        state = {"step": module.completed_steps,
+                 "lr_scheduler": module.lr_scheduler.state_dict() if module.lr_scheduler else None,
+                 "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+                 **(extra or {})}
+        (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+        (tmp / COMPLETE_MARKER).write_text("ok\n")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in complete_checkpoints(root)[:-max(int(keep_last), 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_training_checkpoint(path: str | Path, module) -> dict[str, Any]:
+    """Restore weights, optimizer, LR schedule, step counter and RNG of ``module`` from ``path``.
+
+    The checkpoint may come from another TP/PP layout (weights and optimizer reshard); RNG states
+    are restored only when the world size is unchanged.
+
+    Returns:
+        the trainer state of ``state.json`` (with ``step``).
+
+    Raises:
+        CheckpointError: incomplete or unreadable checkpoint (the message names the path).
+    """
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    if not (path / COMPLETE_MARKER).exists():
+        raise CheckpointError(f"no complete checkpoint at {path} (missing {COMPLETE_MARKER} marker)")
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {path / 'state.json'}: {exc}") from exc
+    try:
+        loaded = dist_checkpointing.load(_sharded(module, is_loading=True), str(path))
+    except BaseException as exc:  # torch's CheckpointException derives from BaseException
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise CheckpointError(f"failed to load checkpoint {path}: {exc}") from exc
+    module.gpt.load_state_dict(loaded["model"], strict=False)
+    if module.optimizer is not None and "optimizer" in loaded:
+        module.optimizer.load_state_dict(loaded["optimizer"])
+    if module.lr_scheduler is not None and state.get("lr_scheduler"):
+        module.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    module.completed_steps = int(state["step"])
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    rng_file = path / f"rng_rank{_rank()}.pt"
+    if state.get("world_size") == world and rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return state
+
+
+class Preemption:
+    """Turns SIGTERM / SIGUSR1 (SLURM preemption, ``scancel``) into a flag the training loop polls,
+    so the run checkpoints at the next step boundary and exits cleanly instead of dying mid-step."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> "Preemption":
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for name in self.SIGNALS:
+            sig = getattr(signal, name)
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        self.requested = signal.Signals(signum).name
+
+    def uninstall(self) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def agreed(self) -> bool:
+        """True on every rank if any rank was signalled (one all-reduce)."""
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        if torch.distributed.is_initialized():
+            from nemo_rlhf.parallel.state import comm_device
+
+            flag = flag.to(comm_device())
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+
+def make_checkpoint_callback(root: str | Path, every_n_steps: int, keep_last: int, extra_fn, preemption: Preemption):
+    """A Lightning callback: checkpoint every ``every_n_steps`` optimizer steps (0: never), at the
+    last step, and when preemption was requested (then stop the Trainer)."""
+    import logging
+
+    import lightning.pytorch as pl
+
+    log = logging.getLogger("nemo_rlhf.checkpoint")
+
+    class TrainingCheckpoint(pl.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            step = module.completed_steps
+            preempted = preemption.agreed()
+            periodic = every_n_steps > 0 and step % every_n_steps == 0
+            last = module.max_train_steps is not None and step >= module.max_train_steps
+            if preempted or periodic or last:
+                path = save_training_checkpoint(root, module, extra_fn(), keep_last=keep_last)
+                log.info("saved checkpoint %s%s", path, f" (preempted by {preemption.requested})" if preempted else "")
+            if preempted:
+                module.preempted = True
+                trainer.should_stop = True
+
+    return TrainingCheckpoint()
