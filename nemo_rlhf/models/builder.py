@@ -19,6 +19,7 @@ from nemo_rlhf.models.norms import TPAwareNorm
 _ACTIVATIONS = {
     # name: (activation_func, gated_linear_unit)
     "gelu": (F.gelu, False),
+    "gelu_tanh": (lambda x: F.gelu(x, approximate="tanh"), False),  # GPT-2's gelu_new
     "relu": (F.relu, False),
     "squared_relu": (lambda x: torch.pow(F.relu(x), 2), False),
     "swiglu": (F.silu, True),
@@ -43,7 +44,7 @@ MODEL_DEFAULTS: dict[str, Any] = dict(
     rotary_percent=1.0,
     normalization="LayerNorm",  # LayerNorm | RMSNorm
     layernorm_epsilon=1e-5,
-    activation="gelu",  # gelu | relu | squared_relu | swiglu | geglu
+    activation="gelu",  # gelu | gelu_tanh | relu | squared_relu | swiglu | geglu
     add_bias_linear=True,
     add_qkv_bias=False,
     hidden_dropout=0.0,

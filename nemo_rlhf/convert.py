@@ -1,0 +1,62 @@
+"""Command line for Hugging Face <-> megatron checkpoint conversion (local paths only).
+
+    python -m nemo_rlhf.convert hf-to-megatron --hf-dir D --out O [--role policy|reward|critic]
+    python -m nemo_rlhf.convert megatron-to-hf --ckpt C --model-config Y --out O --arch llama|gpt2
+        [--role policy|reward|critic] [--pad-token-id N]
+
+See ``docs/conversion.md`` and :mod:`nemo_rlhf.checkpoint.hf`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nemo_rlhf.checkpoint.hf import ARCHS, ROLES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``nemo_rlhf.convert`` argument parser (two sub-commands)."""
+    p = argparse.ArgumentParser(prog="python -m nemo_rlhf.convert", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("hf-to-megatron", help="HF save_pretrained directory -> megatron checkpoint")
+    imp.add_argument("--hf-dir", required=True, help="directory with config.json and *.safetensors")
+    imp.add_argument("--out", required=True, help="output directory (weights/ + model_config.yaml)")
+    imp.add_argument("--role", default="policy", choices=ROLES)
+    exp = sub.add_parser("megatron-to-hf", help="megatron checkpoint -> HF directory")
+    exp.add_argument("--ckpt", required=True, help="save_model_weights directory (or its parent)")
+    exp.add_argument("--model-config", required=True, help="model_config.yaml (our model: config)")
+    exp.add_argument("--out", required=True, help="output HF directory")
+    exp.add_argument("--arch", required=True, choices=ARCHS)
+    exp.add_argument("--role", default=None, choices=ROLES, help="default: detected from the checkpoint")
+    exp.add_argument("--pad-token-id", type=int, default=None,
+                     help="tokenizer pad id for config.json (HF sequence classifiers need it)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (errors print ``error: <message>`` and return 2)."""
+    args = build_parser().parse_args(argv)
+    from nemo_rlhf.utils.hydra import quiet_warnings
+
+    quiet_warnings()
+    from nemo_rlhf.checkpoint.hf import export_hf, import_hf, read_model_config
+    from nemo_rlhf.checkpoint.weights import CheckpointError
+
+    try:
+        if args.command == "hf-to-megatron":
+            import_hf(args.hf_dir, args.out, role=args.role)
+            print(f"wrote {args.out}/weights and {args.out}/model_config.yaml")
+        else:
+            cfg = read_model_config(args.model_config)
+            export_hf(args.ckpt, cfg, args.out, arch=args.arch, role=args.role,
+                      pad_token_id=args.pad_token_id)
+            print(f"wrote {args.out} (config.json, model.safetensors)")
+    except (FileNotFoundError, ValueError, KeyError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
