@@ -474,11 +474,17 @@ class _OneProcessWorld:
     """Context manager: a single-process CPU megatron world, unless one already exists."""
 
     def __enter__(self):
+        from megatron.core import parallel_state
+
         self.created = not torch.distributed.is_initialized()
         if self.created:
             from nemo_rlhf.parallel.state import initialize_distributed
 
             initialize_distributed(1, 1, "cpu")
+        elif (parallel_state.get_tensor_model_parallel_world_size() != 1
+              or parallel_state.get_pipeline_model_parallel_world_size() != 1):
+            raise ValueError("HF conversion needs full weights: run it in a TP = PP = 1 world "
+                             "(or with no process group, and one is created)")
         return self
 
     def __exit__(self, *exc):
