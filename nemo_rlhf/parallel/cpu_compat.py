@@ -191,6 +191,13 @@ def _patch_torch_cuda() -> None:
 
 
 def _patch_torch_factories() -> None:
+    # torch's `with torch.device(...)` mode recognises factory calls by identity against a set it
+    # builds (and caches) on first use. Build it now, from the original functions: our wrappers
+    # call those originals, so the mode keeps working (without this, e.g. transformers'
+    # from_pretrained leaves RoPE `inv_freq` buffers uninitialised).
+    from torch.utils._device import _device_constructors
+
+    _device_constructors()
     for name in _FACTORIES:
         fn = getattr(torch, name)
         if not getattr(fn, "__nemo_rlhf_cpu_compat__", False):
