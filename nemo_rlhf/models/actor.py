@@ -55,9 +55,6 @@ class GPTActorModel(MegatronGPTModule):
     def _forward(model, mb):
         return model(mb["tokens"], position_ids_like(mb["tokens"]), None)
 
-    def _mbs(self, n: int) -> int:
-        return self.micro_batch_size if n % self.micro_batch_size == 0 else n
-
     @torch.no_grad()
     def logprobs(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens [B, S]`` -> ``[B, S-1]`` float32 log-probs of each next token, on every rank."""
@@ -68,7 +65,7 @@ class GPTActorModel(MegatronGPTModule):
             logits = mask_padded_vocab(logits[:, :-1].float(), vocab).clone()
             return logits.sum() * 0, {"lp": token_logprobs(logits, mb["tokens"][:, 1:], inplace=True)}
 
-        outs = self.forward_backward(split_microbatches({"tokens": tokens}, self._mbs(tokens.shape[0])),
+        outs = self.forward_backward(split_microbatches({"tokens": tokens}, self.microbatch_size_for(tokens.shape[0])),
                                      self._forward, loss_fn, forward_only=True)
         lp = torch.cat([o["lp"] for o in outs]) if outs else None
         b, s = tokens.shape
@@ -110,5 +107,5 @@ class GPTActorModel(MegatronGPTModule):
             metrics["loss"] = loss
             return loss, metrics
 
-        return self.train_global_batch(dict(batch), self._mbs(batch["tokens"].shape[0]),
+        return self.train_global_batch(dict(batch), self.microbatch_size_for(batch["tokens"].shape[0]),
                                        self._forward, loss_fn)

@@ -38,8 +38,7 @@ class GPTCriticModel(MegatronGPTModule):
     def values(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens [B, S]`` int64 -> ``values [B, S]`` float32 on every rank (forward only)."""
         self.model.eval()
-        mbs = split_microbatches({"tokens": tokens}, min(self.micro_batch_size, tokens.shape[0])
-                                 if tokens.shape[0] % self.micro_batch_size == 0 else tokens.shape[0])
+        mbs = split_microbatches({"tokens": tokens}, self.microbatch_size_for(tokens.shape[0]))
         outs = self.forward_backward(mbs, self._forward,
                                      lambda mb, out: (out.sum() * 0, {"v": out[..., 0].float()}),
                                      forward_only=True)
@@ -58,8 +57,7 @@ class GPTCriticModel(MegatronGPTModule):
                                              mb["mask"], clip_eps=clip)
             return loss, {"loss": loss.detach(), **{k: v.detach() for k, v in stats.items()}}
 
-        mbs = self.micro_batch_size if tokens.shape[0] % self.micro_batch_size == 0 else tokens.shape[0]
-        return self.train_global_batch(batch, mbs, self._forward, loss_fn)
+        return self.train_global_batch(batch, self.microbatch_size_for(tokens.shape[0]), self._forward, loss_fn)
 
 
 class MegatronCriticBackend:

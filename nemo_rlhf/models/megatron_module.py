@@ -154,12 +154,6 @@ class MegatronGPTModule(pl.LightningModule):
         """Device of this rank's parameters."""
         return next(self.gpt.parameters()).device
 
-    @property
-    def is_last_stage(self) -> bool:
-        from megatron.core import parallel_state
-
-        return parallel_state.is_pipeline_last_stage()
-
     def load_weights(self, path, skip_prefixes: tuple[str, ...] = ()) -> list[str]:
         """Load a :func:`~nemo_rlhf.checkpoint.weights.save_model_weights` checkpoint into this
         rank's model and refresh the optimizer's fp32 main copies (with bf16/fp16 parameters the
@@ -174,6 +168,10 @@ class MegatronGPTModule(pl.LightningModule):
         if self.optimizer is not None:
             self.optimizer.reload_model_params()
         return skipped
+
+    def microbatch_size_for(self, n: int) -> int:
+        """``self.micro_batch_size`` when it divides a batch of ``n`` rows, else the whole batch."""
+        return self.micro_batch_size if n % self.micro_batch_size == 0 else n
 
     def unwrapped_state_dict(self) -> dict[str, torch.Tensor]:
         """This rank's ``GPTModel`` weights (TP shard / PP stage), keys as in ``GPTModel``."""

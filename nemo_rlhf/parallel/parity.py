@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
             result = run_role(role, model, data)
             save_model_weights(model.gpt, Path(args.out) / role / "after")
             if is_rank_zero():
-                torch.save({k: v for k, v in result.items()}, Path(args.out) / role / "result.pt")
+                torch.save(result, Path(args.out) / role / "result.pt")
     finally:
         destroy_distributed()
 
