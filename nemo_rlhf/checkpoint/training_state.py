@@ -19,7 +19,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -86,24 +86,28 @@ def _sharded(module, is_loading: bool) -> dict[str, Any]:
     return out
 
 
-def save_training_checkpoint(root: str | Path, module, extra: dict[str, Any] | None = None,
-                             keep_last: int = 2) -> Path:
-    """Save ``module`` (a MegatronGPTModule) at its current step; collective over all ranks.
+def save_checkpoint_dir(final: str | Path, module, extra: dict[str, Any] | None = None,
+                        before_complete: Callable[[Path], None] | None = None) -> Path:
+    """Write a complete training checkpoint of ``module`` at ``final``; collective over all ranks.
+
+    Written into ``<final>.tmp`` and renamed to ``final`` after the ``COMPLETE`` marker, so a
+    reader never sees a half-written ``final``; an existing ``final`` is replaced.
 
     Args:
-        root: checkpoint directory of the run.
+        final: the checkpoint directory to create.
         module: the model/optimizer owner (``gpt``, ``optimizer``, ``lr_scheduler``,
             ``completed_steps``).
         extra: JSON-serialisable trainer state (consumed samples, KL controller, PPO step, ...).
-        keep_last: complete checkpoints to keep (older ones are deleted after this one is complete).
+        before_complete: called on every rank with the temporary directory after the shards are
+            written and before the marker (PPO: the critic server saves into ``<tmp>/critic``);
+            an exception leaves the checkpoint incomplete, so it is never resumed from.
 
     Returns:
-        the checkpoint directory.
+        ``final``.
     """
     from megatron.core import dist_checkpointing
 
-    root = Path(root)
-    final = root / f"step_{module.completed_steps:08d}"
+    final = Path(final)
     tmp = final.with_name(final.name + ".tmp")
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -113,6 +117,9 @@ def save_training_checkpoint(root: str | Path, module, extra: dict[str, Any] | N
                             validate_access_integrity=True)
     torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
     _barrier()
+    if before_complete is not None:
+        before_complete(tmp)
+        _barrier()
     if _rank() == 0:
         state = {"step": module.completed_steps,
                  "lr_scheduler": module.lr_scheduler.state_dict() if module.lr_scheduler else None,
@@ -123,6 +130,23 @@ def save_training_checkpoint(root: str | Path, module, extra: dict[str, Any] | N
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+    _barrier()
+    return final
+
+
+def save_training_checkpoint(root: str | Path, module, extra: dict[str, Any] | None = None,
+                             keep_last: int = 2,
+                             before_complete: Callable[[Path], None] | None = None) -> Path:
+    """Save ``module`` at ``<root>/step_<k>`` (k = ``module.completed_steps``) with
+    :func:`save_checkpoint_dir`, then delete all but the newest ``keep_last`` complete checkpoints.
+    Collective over all ranks.
+
+    Returns:
+        the checkpoint directory.
+    """
+    root = Path(root)
+    final = save_checkpoint_dir(root / f"step_{module.completed_steps:08d}", module, extra, before_complete)
+    if _rank() == 0:
         for old in complete_checkpoints(root)[:-max(int(keep_last), 1)]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
@@ -213,7 +237,8 @@ class Preemption:
         return bool(flag.item() > 0)
 
 
-def make_checkpoint_callback(root: str | Path, every_n_steps: int, keep_last: int, extra_fn, preemption: Preemption):
+def make_checkpoint_callback(root: str | Path, every_n_steps: int, keep_last: int, extra_fn, preemption: Preemption,
+                             before_complete: Callable[[Path], None] | None = None):
     """A Lightning callback: checkpoint every ``every_n_steps`` optimizer steps (0: never), at the
     last step, and when preemption was requested (then stop the Trainer)."""
     import logging
@@ -229,7 +254,8 @@ def make_checkpoint_callback(root: str | Path, every_n_steps: int, keep_last: in
             periodic = every_n_steps > 0 and step % every_n_steps == 0
             last = module.max_train_steps is not None and step >= module.max_train_steps
             if preempted or periodic or last:
-                path = save_training_checkpoint(root, module, extra_fn(), keep_last=keep_last)
+                path = save_training_checkpoint(root, module, extra_fn(), keep_last=keep_last,
+                                                before_complete=before_complete)
                 log.info("saved checkpoint %s%s", path, f" (preempted by {preemption.requested})" if preempted else "")
             if preempted:
                 module.preempted = True
