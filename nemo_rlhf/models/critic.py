@@ -69,11 +69,14 @@ class MegatronCriticBackend:
         critic: the value model (trained by ``train``).
         reward_model: the frozen reward model (scores at the last token).
         max_seq_len: longest accepted sequence (the models' ``max_position_embeddings``).
-        save_fn: ``(path) -> None`` writes the critic checkpoint.
+        save_fn: ``(path) -> None`` that writes the critic checkpoint instead of the default
+            (a full training checkpoint: weights, optimizer, LR schedule, step, RNG, written
+            atomically with :func:`nemo_rlhf.checkpoint.training_state.save_checkpoint_dir`,
+            which :meth:`load` restores).
     """
 
     def __init__(self, critic: GPTCriticModel, reward_model, max_seq_len: int,
-                 save_fn: Callable[[str], None]):
+                 save_fn: Callable[[str], None] | None = None):
         self.critic = critic
         self.reward_model = reward_model
         self.max_seq_len = int(max_seq_len)
@@ -98,7 +101,29 @@ class MegatronCriticBackend:
         m = self.critic.train_step(tensor(tokens, np.int64), tensor(returns, np.float32),
                                    tensor(prev_values, np.float32), tensor(mask, np.float32))
         self.train_steps += 1
+        self.critic.completed_steps += 1
         return m
 
     def save(self, path: str) -> None:
-        self._save_fn(path)
+        """Write the critic's training checkpoint at ``path`` (collective over the server's ranks)."""
+        if self._save_fn is not None:
+            self._save_fn(path)
+            return
+        from nemo_rlhf.checkpoint.training_state import save_checkpoint_dir
+
+        save_checkpoint_dir(path, self.critic)
+
+    def load(self, path: str) -> dict[str, float]:
+        """Restore weights, optimizer, LR schedule, step and RNG from a :meth:`save` checkpoint.
+
+        Returns:
+            ``{"step": critic optimizer steps taken}``.
+
+        Raises:
+            CheckpointError: no complete checkpoint at ``path`` (the message names it).
+        """
+        from nemo_rlhf.checkpoint.training_state import load_training_checkpoint
+
+        load_training_checkpoint(path, self.critic)
+        self.train_steps = self.critic.completed_steps
+        return {"step": float(self.critic.completed_steps)}

@@ -8,6 +8,7 @@ from nemo_rlhf.servers.critic_server import CriticServer, triton_env_fix
 from nemo_rlhf.servers.process import ServerProcess, find_free_ports, start_server_process
 from nemo_rlhf.servers.protocol import (
     INFER_MODEL,
+    LOAD_MODEL,
     SAVE_MODEL,
     TRAIN_MODEL,
     CriticBackend,
@@ -17,6 +18,7 @@ from nemo_rlhf.servers.protocol import (
 
 __all__ = [
     "INFER_MODEL",
+    "LOAD_MODEL",
     "SAVE_MODEL",
     "TRAIN_MODEL",
     "CriticBackend",

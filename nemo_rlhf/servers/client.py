@@ -27,6 +27,7 @@ import numpy as np
 from nemo_rlhf.servers.critic_server import ERROR_MARKER
 from nemo_rlhf.servers.protocol import (
     INFER_MODEL,
+    LOAD_MODEL,
     SAVE_MODEL,
     TRAIN_MODEL,
     CriticServerError,
@@ -170,7 +171,7 @@ class CriticClient:
         """
         timeout_s = self.init_timeout_s if timeout_s is None else float(timeout_s)
         deadline = time.monotonic() + timeout_s
-        for model in (INFER_MODEL, TRAIN_MODEL, SAVE_MODEL):
+        for model in (INFER_MODEL, TRAIN_MODEL, SAVE_MODEL, LOAD_MODEL):
             self._model_config(model, max(0.1, deadline - time.monotonic()))
 
     def infer(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -249,6 +250,24 @@ class CriticClient:
         )
         if not bool(outputs["ok"][0]):
             raise CriticServerError(f"critic server {self.url} could not save to {path!r}")
+
+    def load(self, path: str) -> dict[str, float]:
+        """Ask the server to restore the critic from a :meth:`save` checkpoint at ``path``.
+
+        Returns:
+            the critic's state, at least ``{"step": n}`` (critic optimizer steps taken).
+
+        Raises:
+            CriticServerError: no complete checkpoint at ``path`` (the message names it).
+            CriticServerUnavailable: as for :meth:`train`.
+        """
+        outputs = self._call(
+            LOAD_MODEL,
+            self.train_timeout_s,
+            batched=False,
+            inputs={"path": np.array([str(path).encode("utf-8")], dtype=np.object_)},
+        )
+        return json.loads(outputs["state"][0])
 
     def close(self) -> None:
         """Wait for in-flight :meth:`infer_async` calls, then release the worker threads (idempotent)."""

@@ -19,7 +19,12 @@ Three Triton models are bound (names in :mod:`nemo_rlhf.servers.protocol`):
     two training requests; the callable also loops over the requests it is handed, so one request
     is always exactly one ``backend.train`` call (one optimizer step).
 ``critic_save`` (batching off)
-    input ``path`` ``[1]`` bytes (UTF-8); output ``ok`` ``[1]`` bool.
+    input ``path`` ``[1]`` bytes (UTF-8); output ``ok`` ``[1]`` bool. Writes a full training
+    checkpoint of the critic (weights, optimizer, LR schedule, step, RNG) at ``path``.
+``critic_load`` (batching off)
+    input ``path`` ``[1]`` bytes (UTF-8); output ``state`` ``[1]`` bytes (JSON, at least
+    ``{"step": n}``). Restores a ``critic_save`` checkpoint: the PPO actor calls it on resume with
+    the critic checkpoint paired with its own, so both continue from the same step.
 
 Every request is validated before the backend sees it. Triton itself rejects a wrong dtype, a
 wrong rank and (for ``critic_infer``) ``B > max_batch_size`` with an error reply naming the
@@ -50,7 +55,14 @@ from typing import Any, MutableMapping
 
 import numpy as np
 
-from nemo_rlhf.servers.protocol import INFER_MODEL, SAVE_MODEL, TRAIN_MODEL, CriticBackend, CriticServerError
+from nemo_rlhf.servers.protocol import (
+    INFER_MODEL,
+    LOAD_MODEL,
+    SAVE_MODEL,
+    TRAIN_MODEL,
+    CriticBackend,
+    CriticServerError,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -280,6 +292,21 @@ class CriticServer:
             responses.append({"ok": np.array([True])})
         return responses
 
+    def _load_fn(self, requests: list) -> list[dict[str, np.ndarray]]:
+        responses = []
+        for request in requests:
+            path = request["path"]
+            if path.shape != (1,) or not isinstance(path[0], bytes):
+                raise request_error(f"input 'path' must be one UTF-8 encoded string of shape (1,), got {path!r}")
+            text = path[0].decode("utf-8")
+            if not text:
+                raise request_error("input 'path' is empty; expected a checkpoint directory")
+            with self._lock:
+                state = self.backend.load(text)
+            state = {str(k): float(v) for k, v in dict(state).items()}
+            responses.append({"state": np.array([json.dumps(state).encode()], dtype=np.object_)})
+        return responses
+
     # ---- lifecycle ----
 
     def _make_triton(self):
@@ -340,10 +367,17 @@ class CriticServer:
             outputs=[Tensor(name="ok", dtype=np.bool_, shape=(1,))],
             config=ModelConfig(batching=False),
         )
+        triton.bind(
+            model_name=LOAD_MODEL,
+            infer_func=self._load_fn,
+            inputs=[Tensor(name="path", dtype=np.bytes_, shape=(1,))],
+            outputs=[Tensor(name="state", dtype=np.bytes_, shape=(1,))],
+            config=ModelConfig(batching=False),
+        )
         return triton
 
     def start(self) -> CriticServer:
-        """Start Triton and load the three models; returns once they are ready.
+        """Start Triton and load the four models; returns once they are ready.
 
         Raises:
             RuntimeError: if already started.

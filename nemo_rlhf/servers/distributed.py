@@ -60,6 +60,11 @@ class LeaderBackend:
             _exchange(self.group, ("save", [path]))
             self.backend.save(path)
 
+    def load(self, path: str) -> dict:
+        with self._lock:
+            _exchange(self.group, ("load", [path]))
+            return self.backend.load(path)
+
     def stop_followers(self) -> None:
         """Release the followers (call once, when the server has stopped)."""
         with self._lock:

@@ -42,6 +42,9 @@ class LocalCriticClient:
     def save(self, path: str) -> None:
         self.backend.save(path)
 
+    def load(self, path: str) -> dict:
+        return dict(self.backend.load(path))
+
     def wait_until_ready(self, timeout_s: float | None = None) -> None:
         return None
 

@@ -17,6 +17,7 @@ import numpy as np
 INFER_MODEL = "critic_infer"
 TRAIN_MODEL = "critic_train"
 SAVE_MODEL = "critic_save"
+LOAD_MODEL = "critic_load"
 
 
 @runtime_checkable
@@ -68,7 +69,19 @@ class CriticBackend(Protocol):
         ...
 
     def save(self, path: str) -> None:
-        """Write a checkpoint of the critic to ``path`` (a file or directory path)."""
+        """Write a checkpoint of the critic to ``path`` (a file or directory path): everything
+        :meth:`load` needs to continue training exactly (weights, optimizer, step, RNG)."""
+        ...
+
+    def load(self, path: str) -> dict[str, float]:
+        """Restore the critic from a checkpoint written by :meth:`save` (PPO resume).
+
+        Returns:
+            at least ``{"step": <critic optimizer steps taken>}``.
+
+        Raises:
+            Exception: the path holds no complete checkpoint (the message names it).
+        """
         ...
 
 

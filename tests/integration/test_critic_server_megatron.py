@@ -68,7 +68,9 @@ def test_concurrent_infer_futures(served):
         np.testing.assert_allclose(v, results[0][0], atol=1e-6)
 
 
-def test_train_changes_values_and_save_writes_checkpoint(served):
+def test_train_changes_values_and_save_load_roundtrip(served):
+    from nemo_rlhf.servers.protocol import CriticServerError
+
     _, client, tmp, tok = served
     rng = np.random.default_rng(2)
     tokens = rng.integers(1, tok.vocab_size, (4, 16)).astype(np.int64)
@@ -84,6 +86,17 @@ def test_train_changes_values_and_save_writes_checkpoint(served):
     assert np.abs(after - 1).mean() < np.abs(before - 1).mean()
     client.save(str(tmp / "critic_ckpt"))
     assert (tmp / "critic_ckpt" / "COMPLETE").exists()
+    # load restores weights, optimizer and step: the next step after a load equals the next step
+    # taken straight after the save, bitwise.
+    next_loss = client.train(tokens, returns, after, mask)["loss"]
+    next_values, _ = client.infer(tokens, lengths)
+    client.train(tokens, returns, after, mask)  # drift further
+    assert client.load(str(tmp / "critic_ckpt")) == {"step": 3.0}
+    np.testing.assert_array_equal(client.infer(tokens, lengths)[0], after)
+    assert client.train(tokens, returns, after, mask)["loss"] == next_loss
+    np.testing.assert_array_equal(client.infer(tokens, lengths)[0], next_values)
+    with pytest.raises(CriticServerError, match="missing COMPLETE"):
+        client.load(str(tmp / "no_such_ckpt"))
 
 
 def test_bad_requests_get_errors_and_server_keeps_serving(served):

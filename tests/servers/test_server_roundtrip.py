@@ -146,12 +146,21 @@ def test_train_is_one_step_changes_weights_and_returns_the_loss(client, backend)
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def test_save_writes_state_dict(client, backend, tmp_path):
+def test_save_then_load_restores_weights_optimizer_and_step(client, backend, tmp_path):
     path = tmp_path / "critic.pt"
     client.save(str(path))
-    state = torch.load(path)
+    state = torch.load(path, weights_only=True)
     for key, value in backend.model.state_dict().items():
-        assert torch.equal(state[key], value)
+        assert torch.equal(state["model"][key], value)
+    saved = {k: v.clone() for k, v in backend.model.state_dict().items()}
+    calls = backend.train_calls
+    client.train(*_train_inputs())  # moves weights, Adam moments and the step
+    assert client.load(str(path)) == {"step": float(calls)}
+    assert backend.train_calls == calls
+    for key, value in backend.model.state_dict().items():
+        assert torch.equal(saved[key], value)
+    with pytest.raises(CriticServerError, match="no-such-file"):
+        client.load(str(tmp_path / "no-such-file.pt"))
 
 
 def _infer_req(tokens, lengths):
@@ -204,6 +213,7 @@ BAD_REQUESTS = {
     ),
     # critic_save
     "save empty path": (lambda c: c.save(""), "input 'path' is empty"),
+    "load empty path": (lambda c: c.load(""), "input 'path' is empty"),
 }
 
 

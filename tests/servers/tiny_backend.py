@@ -56,7 +56,15 @@ class TinyCriticBackend:
         return {"loss": float(loss.item()), "num_tokens": float(mask.sum())}
 
     def save(self, path: str) -> None:
-        torch.save(self.model.state_dict(), path)
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "train_calls": self.train_calls}, path)
+
+    def load(self, path: str) -> dict[str, float]:
+        state = torch.load(path, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.train_calls = int(state["train_calls"])
+        return {"step": float(self.train_calls)}
 
 
 def main() -> None:
