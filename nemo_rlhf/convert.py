@@ -1,10 +1,14 @@
-"""Command line for Hugging Face <-> megatron checkpoint conversion (local paths only).
+"""Command line for Hugging Face / NeMo-1 <-> megatron checkpoint conversion (local paths only).
 
     python -m nemo_rlhf.convert hf-to-megatron --hf-dir D --out O [--role policy|reward|critic]
     python -m nemo_rlhf.convert megatron-to-hf --ckpt C --model-config Y --out O --arch llama|gpt2
         [--role policy|reward|critic] [--pad-token-id N]
+    python -m nemo_rlhf.convert nemo-to-megatron --nemo PATH --out O [--role policy|reward|critic]
+        [--vocab-size N]
+    python -m nemo_rlhf.convert megatron-to-nemo --ckpt C --model-config Y --out FILE.nemo
+        [--tokenizer T] [--role policy|reward|critic]
 
-See ``docs/conversion.md`` and :mod:`nemo_rlhf.checkpoint.hf`.
+See ``docs/conversion.md``, :mod:`nemo_rlhf.checkpoint.hf` and :mod:`nemo_rlhf.checkpoint.nemo`.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from nemo_rlhf.checkpoint.hf import ARCHS, ROLES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``nemo_rlhf.convert`` argument parser (two sub-commands)."""
+    """The ``nemo_rlhf.convert`` argument parser (four sub-commands)."""
     p = argparse.ArgumentParser(prog="python -m nemo_rlhf.convert", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("hf-to-megatron", help="HF save_pretrained directory -> megatron checkpoint")
@@ -31,6 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--role", default=None, choices=ROLES, help="default: detected from the checkpoint")
     exp.add_argument("--pad-token-id", type=int, default=None,
                      help="tokenizer pad id for config.json (HF sequence classifiers need it)")
+    nimp = sub.add_parser("nemo-to-megatron", help="NeMo-1 .nemo GPT archive -> megatron checkpoint")
+    nimp.add_argument("--nemo", required=True, help=".nemo file (tar, plain or gzipped) or extracted directory")
+    nimp.add_argument("--out", required=True, help="output directory (weights/ + model_config.yaml)")
+    nimp.add_argument("--role", default="policy", choices=ROLES)
+    nimp.add_argument("--vocab-size", type=int, default=None,
+                      help="tokenizer vocabulary size (default: a tokenizer.json artifact's, else the "
+                           "embedding rows)")
+    nexp = sub.add_parser("megatron-to-nemo", help="megatron checkpoint -> NeMo-1 .nemo archive")
+    nexp.add_argument("--ckpt", required=True, help="save_model_weights directory (or its parent)")
+    nexp.add_argument("--model-config", required=True, help="model_config.yaml (our model: config)")
+    nexp.add_argument("--out", required=True, help="output .nemo file")
+    nexp.add_argument("--tokenizer", default=None, help="tokenizer.json or SentencePiece .model to include")
+    nexp.add_argument("--role", default=None, choices=ROLES, help="default: detected from the checkpoint")
     return p
 
 
@@ -47,11 +64,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "hf-to-megatron":
             import_hf(args.hf_dir, args.out, role=args.role)
             print(f"wrote {args.out}/weights and {args.out}/model_config.yaml")
-        else:
+        elif args.command == "megatron-to-hf":
             cfg = read_model_config(args.model_config)
             export_hf(args.ckpt, cfg, args.out, arch=args.arch, role=args.role,
                       pad_token_id=args.pad_token_id)
             print(f"wrote {args.out} (config.json, model.safetensors)")
+        elif args.command == "nemo-to-megatron":
+            from nemo_rlhf.checkpoint.nemo import import_nemo
+
+            import_nemo(args.nemo, args.out, role=args.role, vocab_size=args.vocab_size)
+            print(f"wrote {args.out}/weights and {args.out}/model_config.yaml")
+        else:
+            from nemo_rlhf.checkpoint.nemo import export_nemo
+
+            cfg = read_model_config(args.model_config)
+            export_nemo(args.ckpt, cfg, args.out, tokenizer_path=args.tokenizer, role=args.role)
+            print(f"wrote {args.out}")
     except (FileNotFoundError, ValueError, KeyError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
