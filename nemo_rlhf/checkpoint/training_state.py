@@ -77,10 +77,76 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _torch_adam_distributed_optimizers(optimizer) -> list:
+    """The megatron ``DistributedOptimizer`` parts of ``optimizer`` (a ``ChainedOptimizer`` or a
+    single one) that step a ``torch.optim.Adam``/``AdamW``: megatron's fallback without Apex or
+    Transformer Engine (always on CPU, and on GPU machines without them)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [o for o in parts if isinstance(o, DistributedOptimizer) and isinstance(o.optimizer, torch.optim.Adam)]
+
+
+def _init_adam_state(adam: torch.optim.Adam) -> None:
+    """Create the per-parameter state of a torch Adam/AdamW that has not stepped yet, exactly as
+    its first ``step()`` would (``step`` 0, zero moments); parameters with state are left alone.
+
+    The distributed optimizer's ``sharded_state_dict(is_loading=True)`` reads the common step from
+    that state (``assert len(steps) == 1`` on a fresh optimizer). Creating it changes nothing: every
+    value is overwritten by the checkpoint, and a first step would create the same values."""
+    for group in adam.param_groups:
+        on_param_device = bool(group.get("capturable") or group.get("fused"))
+        for p in group["params"]:
+            state = adam.state[p]
+            if state:
+                continue
+            state["step"] = (torch.zeros((), dtype=torch.float32, device=p.device) if on_param_device
+                             else torch.tensor(0.0, dtype=torch.float32))
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group.get("amsgrad"):
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _load_optimizer(optimizer, state_dict: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict(state_dict)``, working around megatron 0.16.1's distributed
+    optimizer with a torch Adam (no Apex/TE; not CPU-specific, hence here and not in cpu_compat):
+
+    - the ``fully_reshardable`` parameter state carries no per-parameter ``step`` (it is in the
+      param groups), yet ``_set_main_param_and_optimizer_states`` copies every key of the torch
+      state, ``step`` included (``KeyError: 'step'``): the parameter state is loaded separately,
+      with ``step`` set aside;
+    - ``load_state_dict`` gives every parameter the SAME ``step`` tensor, which torch's
+      single-tensor Adam then increments once per parameter: each gets its own copy back
+      (without it a resumed DP=2 run's next loss was off by 1.9e-3;
+      ``tests/parallel/test_checkpoint_reshard.py`` checks resume is bitwise exact).
+    """
+    parts = list(getattr(optimizer, "chained_optimizers", [optimizer]))
+    subs = [state_dict] if len(parts) == 1 else [state_dict[k] for k in sorted(state_dict)]
+    fix = set(map(id, _torch_adam_distributed_optimizers(optimizer)))
+    deferred = []
+    for part, sub in zip(parts, subs):
+        if id(part) in fix and sub.get("param_state_sharding_type") == "fully_reshardable":
+            deferred.append((part, sub.pop("param_state")))
+            del sub["param_state_sharding_type"]
+    optimizer.load_state_dict(state_dict)  # param groups, LR, step (shared), grad scaler
+    for part, param_state in deferred:
+        state = part.optimizer.state
+        steps = {p: s.pop("step") for p, s in state.items() if "step" in s}
+        try:
+            part.load_parameter_state_from_fully_reshardable(param_state)
+        finally:
+            for p, step in steps.items():
+                state[p]["step"] = step.clone()
+
+
 def _sharded(module, is_loading: bool) -> dict[str, Any]:
     model_sd = module.gpt.sharded_state_dict()
     out = {"model": model_sd}
     if module.optimizer is not None:
+        if is_loading:
+            for part in _torch_adam_distributed_optimizers(module.optimizer):
+                _init_adam_state(part.optimizer)
         out["optimizer"] = module.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
                                                                metadata=_OPTIM_METADATA)
     return out
@@ -182,7 +248,7 @@ def load_training_checkpoint(path: str | Path, module) -> dict[str, Any]:
         raise CheckpointError(f"failed to load checkpoint {path}: {exc}") from exc
     module.gpt.load_state_dict(loaded["model"], strict=False)
     if module.optimizer is not None and "optimizer" in loaded:
-        module.optimizer.load_state_dict(loaded["optimizer"])
+        _load_optimizer(module.optimizer, loaded["optimizer"])
     if module.lr_scheduler is not None and state.get("lr_scheduler"):
         module.lr_scheduler.load_state_dict(state["lr_scheduler"])
     module.completed_steps = int(state["step"])

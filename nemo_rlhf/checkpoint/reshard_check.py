@@ -1,0 +1,184 @@
+"""Checkpoint resharding and exact-resume check for the SFT role (run under torchrun).
+
+``save`` mode: build the tiny parity model (:data:`nemo_rlhf.parallel.parity.MODEL`) in this
+TP x PP x DP layout with a fixed seed, train ``--save-at`` Adam steps on fixed per-step data, write
+a training checkpoint with :func:`~nemo_rlhf.checkpoint.training_state.save_training_checkpoint`,
+record what was saved (full logits on fixed probe tokens, full weights, full Adam moments), then
+keep training to ``--steps``. ``load`` mode: build the model in (possibly) another layout, restore
+the checkpoint with :func:`~nemo_rlhf.checkpoint.training_state.load_training_checkpoint`, record
+the same things, and train from the restored step to ``--steps``. ``ref`` mode: train ``--steps``
+steps without saving (the uninterrupted run). Every mode records the per-step losses and the full
+weights at the end; global rank 0 writes ``<out>/result.pt``::
+
+    python -m torch.distributed.run --nproc-per-node 2 -m nemo_rlhf.checkpoint.reshard_check \\
+        --mode save --tp 2 --ckpt ckpt_tp2 --out save_tp2
+    python -m torch.distributed.run --nproc-per-node 1 -m nemo_rlhf.checkpoint.reshard_check \\
+        --mode load --ckpt ckpt_tp2 --out load_tp1
+
+"Full" tensors are gathered in memory from megatron's sharding metadata (the ``ShardedTensor``
+global offsets of ``sharded_state_dict()``), independently of checkpoint I/O, so they have the same
+keys and shapes in every layout (``decoder.layers.<i>.mlp.linear_fc1.weight`` is ``cat(gate, up)``
+whatever the TP size).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+OPTIM = dict(optimizer="adam", lr=1e-3, eps=1e-3, clip_grad=1.0, weight_decay=0.0)
+PROBE_SEED = 999  # fixed tokens whose logits are compared across layouts
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def step_batch(step: int) -> dict[str, torch.Tensor]:
+    """The global batch of optimizer step ``step`` (0-based), identical in every layout."""
+    from nemo_rlhf.parallel.parity import fixed_data
+
+    d = fixed_data(seed=100 + step)
+    return {"tokens": d["tokens"], "loss_mask": d["loss_mask"]}
+
+
+def gather_full(sharded_state_dict: dict) -> dict[str, torch.Tensor]:
+    """Every ``ShardedTensor`` of a (model or optimizer) sharded state dict, assembled to its global
+    shape on every rank: the main replica of each shard is placed at its global offset and the
+    zero-filled buffers are summed over the world (exact: x + 0 = x). Collective on all ranks."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories, is_main_replica
+
+    apply_factories(sharded_state_dict)  # e.g. SwiGLU fc1 -> separate gate and up shards
+    local = [x for x in nested_values(sharded_state_dict) if isinstance(x, ShardedTensor)]
+    meta = {t.key: (tuple(t.global_shape), t.dtype) for t in local}
+    if torch.distributed.is_initialized():
+        every: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(every, meta)
+        for m in every:
+            meta.update(m)
+    full = {k: torch.zeros(shape, dtype=dtype) for k, (shape, dtype) in sorted(meta.items())}
+    for t in local:
+        if is_main_replica(t.replica_id):
+            assert t.flattened_range is None, t.key
+            full[t.key][t.global_slice()] = t.data.detach().to("cpu")
+    if torch.distributed.is_initialized():
+        for k in sorted(full):
+            torch.distributed.all_reduce(full[k])
+    return full
+
+
+def full_weights(module) -> dict[str, torch.Tensor]:
+    """The whole model's weights, keys as in the checkpoint (collective)."""
+    return gather_full(module.gpt.sharded_state_dict())
+
+
+def full_adam_moments(module) -> dict[str, torch.Tensor]:
+    """``exp_avg`` / ``exp_avg_sq`` of every parameter in model space (collective)."""
+    osd = module.optimizer.sharded_state_dict(module.gpt.sharded_state_dict(), is_loading=False,
+                                              metadata=_OPTIM_METADATA)
+    return {k: v for k, v in gather_full(osd).items() if ".exp_avg" in k}
+
+
+@torch.no_grad()
+def full_logits(module, tokens: torch.Tensor) -> torch.Tensor:
+    """``[B, S, V_padded]`` fp32 logits of ``tokens`` (TP-gathered, broadcast from the last PP
+    stage), computed through the pipeline schedule in eval mode."""
+    from megatron.core import tensor_parallel
+
+    from nemo_rlhf.models.megatron_module import position_ids_like, split_microbatches
+    from nemo_rlhf.models.pipeline_utils import broadcast_from_last_stage
+    from nemo_rlhf.parallel.parity import MICRO_BATCH
+
+    module.model.eval()
+
+    def forward(model, mb):
+        return model(mb["tokens"], position_ids_like(mb["tokens"]), None)
+
+    def loss(mb, out):
+        return out.sum() * 0, {"logits": tensor_parallel.gather_from_tensor_model_parallel_region(out).float()}
+
+    outs = module.forward_backward(split_microbatches({"tokens": tokens}, MICRO_BATCH), forward, loss,
+                                   forward_only=True)
+    logits = torch.cat([o["logits"] for o in outs]) if outs else None
+    vocab = module.gpt.vocab_size
+    return broadcast_from_last_stage(logits, (tokens.shape[0], tokens.shape[1], vocab), torch.float32)
+
+
+def train(module, start: int, end: int) -> dict[int, float]:
+    """Optimizer steps ``start .. end-1`` on :func:`step_batch` (this DP rank's share); the loss
+    of each step (averaged over micro-batches and DP ranks)."""
+    from nemo_rlhf.parallel.parity import MICRO_BATCH, _dp_slice
+
+    losses = {}
+    for step in range(start, end):
+        batch = module._prepare(step_batch(step))
+        shard = {k: _dp_slice(v) for k, v in batch.items()}
+        metrics = module.train_global_batch(shard, MICRO_BATCH, module._forward, module._loss)
+        assert metrics["skipped"] == 0.0, metrics
+        losses[step] = metrics["loss"]
+        module.completed_steps += 1
+    return losses
+
+
+def snapshot(module) -> dict[str, Any]:
+    from nemo_rlhf.parallel.parity import fixed_data
+
+    return {"logits": full_logits(module, fixed_data(seed=PROBE_SEED)["tokens"]),
+            "weights": full_weights(module), "moments": full_adam_moments(module),
+            "step": module.completed_steps}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", required=True, choices=("save", "load", "ref"))
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--sp", action="store_true")
+    p.add_argument("--distributed-optimizer", action="store_true")
+    p.add_argument("--ckpt", help="checkpoint root (save) or checkpoint directory (load)")
+    p.add_argument("--save-at", type=int, default=2, help="save mode: steps before the checkpoint")
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps at the end of the run")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=1234)
+    args = p.parse_args(argv)
+
+    from nemo_rlhf.utils.hydra import quiet_warnings
+
+    quiet_warnings()
+    from nemo_rlhf.checkpoint.training_state import load_training_checkpoint, save_training_checkpoint
+    from nemo_rlhf.parallel.layout import validate_layout
+    from nemo_rlhf.parallel.parity import GLOBAL_BATCH, MICRO_BATCH, MODEL, build_role
+    from nemo_rlhf.parallel.state import destroy_distributed, initialize_distributed, is_rank_zero, read_dist_env
+
+    model_cfg = dict(MODEL, tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+                     sequence_parallel=args.sp)
+    world = read_dist_env().world_size
+    validate_layout(model_cfg, world, GLOBAL_BATCH, MICRO_BATCH)
+    initialize_distributed(args.tp, args.pp, "cpu", seed=args.seed)
+    result: dict[str, Any] = {"layout": dict(tp=args.tp, pp=args.pp, sp=args.sp, world=world,
+                                             distributed_optimizer=args.distributed_optimizer)}
+    try:
+        module = build_role("sft", model_cfg, dict(OPTIM, distributed_optimizer=args.distributed_optimizer))
+        losses: dict[int, float] = {}
+        if args.mode == "save":
+            losses.update(train(module, 0, args.save_at))
+            path = save_training_checkpoint(args.ckpt, module, {"consumed_samples": args.save_at * GLOBAL_BATCH})
+            result["checkpoint"] = str(path)
+            result["saved"] = snapshot(module)
+        elif args.mode == "load":
+            state = load_training_checkpoint(args.ckpt, module)
+            assert module.completed_steps == state["step"]
+            result["loaded"] = snapshot(module)
+        losses.update(train(module, module.completed_steps, args.steps))
+        result["losses"] = losses
+        result["final_weights"] = full_weights(module)
+        if is_rank_zero():
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            torch.save(result, Path(args.out) / "result.pt")
+    finally:
+        destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()
