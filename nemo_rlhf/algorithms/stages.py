@@ -118,12 +118,21 @@ def dp_loader(dataset, batch_size: int, collate, shuffle: bool, seed: int, drop_
                       drop_last=drop_last, num_workers=0)
 
 
-def make_trainer(cfg: DictConfig, stage: str, module, callbacks: list | None = None):
+def make_trainer(cfg: DictConfig, stage: str, module, callbacks: list | None = None, evaluate=None):
     """A Lightning Trainer for one stage: manual megatron optimization, JSONL metrics.
 
     Lightning's ``max_steps`` counts only optimizers Lightning owns; a :class:`StepCounter`
     callback (first in the list, so later callbacks see the updated count) counts training batches
-    in ``module.completed_steps`` and stops at ``trainer.max_steps``."""
+    in ``module.completed_steps`` and stops at ``trainer.max_steps``.
+
+    Validation: Lightning's own loop is off (its ``val_check_interval`` counts batches since the
+    process started, so a resumed run would validate at shifted steps). Instead ``evaluate()``
+    (a dict of held-out metrics) runs every ``trainer.val_check_interval`` optimizer steps, counted
+    from the start of the run, and is logged as ``val/<name>`` at that global step.
+
+    Raises:
+        ValueError: ``trainer.val_check_interval`` is not a positive integer (or null).
+    """
     from lightning.pytorch.strategies import SingleDeviceStrategy
 
     from nemo_rlhf.parallel.state import read_dist_env
@@ -135,22 +144,48 @@ def make_trainer(cfg: DictConfig, stage: str, module, callbacks: list | None = N
         device = torch.device("cpu")
     t = cfg.trainer
     module.max_train_steps = int(t.max_steps)
+    every = t.get("val_check_interval")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ValueError(f"trainer.val_check_interval must be a positive integer number of optimizer steps "
+                         f"(or null for none), got {every!r}")
+    logger = JSONLLogger(cfg.run_dir, stage, step_offset=module.completed_steps)
+    extra = [PeriodicEvaluation(int(every), evaluate, cfg.run_dir, stage)] if evaluate is not None and every else []
     return pl.Trainer(
         strategy=SingleDeviceStrategy(device),
         max_steps=-1,
-        logger=JSONLLogger(cfg.run_dir, stage, step_offset=module.completed_steps),
+        logger=logger,
         log_every_n_steps=int(t.get("log_every_n_steps", 1)),
-        val_check_interval=t.get("val_check_interval"),
-        check_val_every_n_epoch=None if t.get("val_check_interval") else 1,
-        limit_val_batches=t.get("limit_val_batches", 1.0),
+        limit_val_batches=0,
         num_sanity_val_steps=0,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
         max_epochs=-1,
-        callbacks=[StepCounter(), *(callbacks or [])],
+        callbacks=[StepCounter(), *extra, *(callbacks or [])],
     )
+
+
+class PeriodicEvaluation(pl.Callback):
+    """Runs ``evaluate() -> {name: value}`` after every ``every``-th optimizer step (global step
+    count, so resumed runs evaluate at the same steps) and appends ``val/<name>`` to
+    ``<run_dir>/metrics.jsonl`` on rank 0. ``evaluate`` must be collective (all ranks call it)."""
+
+    def __init__(self, every: int, evaluate, run_dir: str | os.PathLike, stage: str):
+        self.every, self.evaluate, self.stage = int(every), evaluate, stage
+        self.path = Path(run_dir) / "metrics.jsonl"
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = module.completed_steps
+        if step % self.every:
+            return
+        metrics = self.evaluate()
+        LOG.info("%s step %d: %s", self.stage, step, {k: round(float(v), 4) for k, v in metrics.items()})
+        if is_rank_zero():
+            from nemo_rlhf.utils.logging import append_jsonl
+
+            append_jsonl(self.path, {"stage": self.stage, "step": step, "time": time.time(),
+                                     **{f"val/{k}": float(v) for k, v in metrics.items()}})
 
 
 class StepCounter(pl.Callback):
@@ -160,6 +195,49 @@ class StepCounter(pl.Callback):
         module.completed_steps += 1
         if module.max_train_steps is not None and module.completed_steps >= module.max_train_steps:
             trainer.should_stop = True
+
+
+def fit_with_checkpoints(cfg: DictConfig, name: str, model, train_dl, ckpt_root: Path, trainer_state,
+                         evaluate=None, before_complete=None) -> dict[str, Any] | None:
+    """``trainer.fit`` with periodic/final checkpoints and SLURM preemption handling.
+
+    Checkpoints ``model`` (plus ``trainer_state()``, a JSON-able dict) into ``ckpt_root`` every
+    ``checkpoint.every_n_steps`` steps, at ``trainer.max_steps``, and when SIGTERM/SIGUSR1 arrives
+    (then at the next step boundary, after which fit stops).
+
+    Returns:
+        None when training ran to ``trainer.max_steps``; after a preemption the result dict
+        ``{"preempted": True, "signal", "steps", "resume_from"}`` (also written to
+        ``<run_dir>/<name>_result.json``).
+    """
+    ck = cfg.get("checkpoint") or {}
+    keep_last = int(ck.get("keep_last", 2))
+    preemption = Preemption().install()
+    callback = make_checkpoint_callback(ckpt_root, int(ck.get("every_n_steps", 0) or 0), keep_last,
+                                        trainer_state, preemption, before_complete=before_complete)
+    trainer = make_trainer(cfg, name, model, [callback], evaluate=evaluate)
+    try:
+        if model.completed_steps < int(cfg.trainer.max_steps):
+            trainer.fit(model, train_dataloaders=train_dl)
+    except SIGTERMException:
+        # Lightning's own SIGTERM handler ends fit() with this SystemExit at the next boundary; our
+        # handler ran too. If the signal came outside a training step (e.g. during evaluation),
+        # the checkpoint callback has not saved yet: save now.
+        if not getattr(model, "preempted", False):
+            save_training_checkpoint(ckpt_root, model, trainer_state(), keep_last=keep_last,
+                                     before_complete=before_complete)
+            model.preempted = True
+        preemption.requested = preemption.requested or "SIGTERM"
+    finally:
+        preemption.uninstall()
+    if not getattr(model, "preempted", False):
+        return None
+    result = {"preempted": True, "signal": preemption.requested, "steps": model.completed_steps,
+              "resume_from": str(latest_checkpoint(ckpt_root))}
+    write_result(cfg.run_dir, f"{name}_result.json", result)
+    LOG.warning("%s: stopped by %s at step %d; resume by running the same command",
+                name, preemption.requested, model.completed_steps)
+    return result
 
 
 # ---------------------------------------------------------------------------- SFT and reward model
@@ -199,8 +277,9 @@ def _supervised_stage(cfg: DictConfig, name: str, dataset_cls, collate_fn, build
     ck = cfg.get("checkpoint") or {}
     ckpt_root = Path(ck.get("dir") or run_dir / "checkpoints" / name)
     resume_from = latest_checkpoint(ckpt_root) if ck.get("resume", True) else None
+    resumed: dict[str, Any] = {}
     if resume_from is not None:
-        load_training_checkpoint(resume_from, model)
+        resumed = load_training_checkpoint(resume_from, model)
         LOG.info("%s: resumed from %s at step %d", name, resume_from, model.completed_steps)
     elif cfg.get("init_from"):
         model.load_weights(cfg.init_from, skip_prefixes=skip_prefixes)
@@ -214,33 +293,13 @@ def _supervised_stage(cfg: DictConfig, name: str, dataset_cls, collate_fn, build
     train_dl = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate)
     val_dl = dp_loader(val_ds, per_dp, collate, False, int(cfg.seed))
 
-    before = evaluate(model, val_dl)
-    preemption = Preemption().install()
+    before = resumed.get("val_before") or evaluate(model, val_dl)
     gbs = int(cfg.batch.global_batch_size)
-    callback = make_checkpoint_callback(ckpt_root, int(ck.get("every_n_steps", 0) or 0), int(ck.get("keep_last", 2)),
-                                        lambda: {"consumed_samples": model.completed_steps * gbs}, preemption)
-    trainer = make_trainer(cfg, name, model, [callback])
-    try:
-        if model.completed_steps < max_steps:
-            trainer.fit(model, train_dataloaders=train_dl, val_dataloaders=val_dl)
-    except SIGTERMException:
-        # Lightning's own SIGTERM handler ends fit() with this SystemExit at the next boundary; our
-        # handler ran too. If the signal came outside a training step (e.g. during validation),
-        # the checkpoint callback has not saved yet: save now.
-        if not getattr(model, "preempted", False):
-            save_training_checkpoint(ckpt_root, model, {"consumed_samples": model.completed_steps * gbs},
-                                     keep_last=int(ck.get("keep_last", 2)))
-            model.preempted = True
-        preemption.requested = preemption.requested or "SIGTERM"
-    finally:
-        preemption.uninstall()
-    if getattr(model, "preempted", False):
-        result = {"preempted": True, "signal": preemption.requested, "steps": model.completed_steps,
-                  "resume_from": str(latest_checkpoint(ckpt_root))}
-        write_result(run_dir, f"{name}_result.json", result)
-        LOG.warning("%s: stopped by %s at step %d; resume by running the same command",
-                    name, preemption.requested, model.completed_steps)
-        return result
+    trainer_state = lambda: {"consumed_samples": model.completed_steps * gbs, "val_before": before}  # noqa: E731
+    preempted = fit_with_checkpoints(
+        cfg, name, model, train_dl, ckpt_root, trainer_state, evaluate=lambda: evaluate(model, val_dl))
+    if preempted:
+        return preempted
     after = evaluate(model, val_dl)
     ckpt = save_model_weights(model.gpt, run_dir / f"{name}_weights")
     result = {"val_before": before, "val_after": after, "checkpoint": str(ckpt),
@@ -291,7 +350,6 @@ def run_reward_model(cfg: DictConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- critic server
 def build_critic_backend(cfg: DictConfig):
     """The critic server's model pair: frozen reward model + critic initialised from it."""
-    from nemo_rlhf.checkpoint.weights import save_model_weights
     from nemo_rlhf.models.critic import GPTCriticModel, MegatronCriticBackend
     from nemo_rlhf.models.reward_model import GPTRewardModel
 
@@ -304,7 +362,7 @@ def build_critic_backend(cfg: DictConfig):
     init = cfg.get("critic_init_path") or cfg.reward_model_path
     critic.load_weights(init, skip_prefixes=() if init == cfg.reward_model_path else ("output_layer.",))
     max_seq = int(cfg.model.get("max_position_embeddings", 256))
-    return MegatronCriticBackend(critic, rm, max_seq, save_fn=lambda path: save_model_weights(critic.gpt, path))
+    return MegatronCriticBackend(critic, rm, max_seq)
 
 
 def serve_critic(cfg: DictConfig) -> None:
@@ -355,9 +413,28 @@ def serve_critic(cfg: DictConfig) -> None:
 # ---------------------------------------------------------------------------- PPO actor
 def run_ppo(cfg: DictConfig, critic=None) -> dict[str, Any]:
     """PPO actor training against a critic/reward server (``critic.host``/``critic.port``) or the
-    given client. Reports held-out reward and KL before and after training."""
-    from nemo_rlhf.algorithms.ppo import PPOActorModule, dp_mean
+    given client. Reports held-out reward and KL before and after training.
+
+    Checkpoints (``checkpoint.dir``, default ``<run_dir>/checkpoints/ppo``) pair the actor with the
+    critic: each ``step_<k>`` holds the actor's weights, optimizer, LR schedule, RNG, the PPO step,
+    the KL-controller state and the prompt position, and ``critic/`` — the critic server's own
+    training checkpoint (weights, optimizer, step), written by the server into the actor's
+    temporary directory before the ``COMPLETE`` marker. The path is absolute and must be visible to
+    the server (a shared filesystem on a cluster). On start, the newest complete checkpoint is
+    resumed and the server is told to load the paired critic (``critic_load``), so actor and critic
+    continue from the same step. SIGTERM/SIGUSR1 checkpoint at the next step boundary and return
+    ``{"preempted": True, ...}``.
+
+    Raises:
+        CriticServerError / CriticServerUnavailable: the server failed or cannot be reached (the
+            message names the URL, the model and the timeout).
+        CheckpointError: the checkpoint to resume from is unreadable (the message names it).
+    """
+    from megatron.core import parallel_state
+
+    from nemo_rlhf.algorithms.ppo import PPOActorModule, _is_server_caller, dp_mean
     from nemo_rlhf.checkpoint.weights import save_model_weights
+    from nemo_rlhf.data.samplers import StepBatchSampler
     from nemo_rlhf.models.actor import GPTActorModel
     from nemo_rlhf.servers.client import CriticClient
 
@@ -375,23 +452,49 @@ def run_ppo(cfg: DictConfig, critic=None) -> dict[str, Any]:
     LOG.info("PPO prompts: train %d (%s), held-out %d (%s)", len(train_ds), dict(train_ds.stats),
              len(val_ds), dict(val_ds.stats))
     collate = lambda b: collate_prompts(b, tok.pad_id)  # noqa: E731
-    per_dp = int(cfg.batch.global_batch_size) // dp
-    if critic is None:
+    gbs = int(cfg.batch.global_batch_size)
+    per_dp = gbs // dp
+    if critic is None and _is_server_caller():
         c = cfg.critic
         critic = CriticClient(c.host, int(c.port), infer_timeout_s=float(c.infer_timeout_s),
                               train_timeout_s=float(c.train_timeout_s), init_timeout_s=float(c.init_timeout_s))
         critic.wait_until_ready(float(c.init_timeout_s))
+    in_process = bool(getattr(critic, "in_process", False))
     model_cfg, mbs = to_dict(cfg.model), int(cfg.batch.micro_batch_size)
     reference = GPTActorModel(model_cfg, None, tok.vocab_size, mbs, tok.eos_id, tok.pad_id)
     reference.load_weights(cfg.init_from)
     actor = PPOActorModule(model_cfg, to_dict(cfg.optim), tok.vocab_size, mbs, tok.eos_id, tok.pad_id,
                            to_dict(cfg.ppo), critic, reference)
-    actor.load_weights(cfg.init_from)
-    train_dl = dp_loader(train_ds, per_dp, collate, True, int(cfg.seed))
+
+    def critic_owner() -> bool:
+        """The rank that saves/loads the critic: every rank for an in-process critic (collective),
+        else global rank 0 only (one request to the server)."""
+        return in_process or torch.distributed.get_rank() == 0
+
+    ck = cfg.get("checkpoint") or {}
+    ckpt_root = Path(ck.get("dir") or run_dir / "checkpoints" / "ppo").resolve()
+    resume_from = latest_checkpoint(ckpt_root) if ck.get("resume", True) else None
+    resumed: dict[str, Any] = {}
+    if resume_from is not None:
+        resumed = load_training_checkpoint(resume_from, actor)
+        actor.kl_ctl.load_state_dict(resumed["kl_controller"])
+        actor.ppo_step_count = int(resumed["ppo_step"])
+        critic_step = None
+        if critic_owner():
+            critic_step = critic.load(str(resume_from / "critic"))["step"]
+        torch.distributed.barrier()
+        LOG.info("ppo: resumed from %s at step %d (critic at its step %s, KL coefficient %.4g)",
+                 resume_from, actor.completed_steps, critic_step, actor.kl_ctl.value)
+    else:
+        actor.load_weights(cfg.init_from)
+    sampler = StepBatchSampler(len(train_ds), gbs, parallel_state.get_data_parallel_rank(), dp, int(cfg.seed),
+                               actor.completed_steps, int(cfg.trainer.max_steps))
+    train_dl = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate)
     val_dl = dp_loader(val_ds, per_dp, collate, False, int(cfg.seed), drop_last=True)
 
-    def evaluate() -> dict[str, float]:
-        ms = [actor.evaluate_prompts(b["prompts"], b["prompt_lengths"]) for b in val_dl]
+    def evaluate(limit: int | None = None) -> dict[str, float]:
+        ms = [actor.evaluate_prompts(b["prompts"], b["prompt_lengths"])
+              for _, b in zip(range(limit if limit else len(val_dl)), val_dl)]
         agg = {k: sum(m[k] for m in ms) / len(ms) for k in ("reward", "kl", "response_length")}
         return dp_mean(agg)
 
@@ -402,21 +505,35 @@ def run_ppo(cfg: DictConfig, critic=None) -> dict[str, Any]:
             append_jsonl(run_dir / "metrics.jsonl", {"stage": "ppo", "step": step, "time": time.time(),
                                                      **{f"val/{k}": v for k, v in m.items()}})
 
-    before = evaluate()
-    record(0, before)
-    trainer = make_trainer(cfg, "ppo", actor)
-    trainer.fit(actor, train_dataloaders=train_dl, val_dataloaders=val_dl)
+    if resumed:
+        before = resumed["heldout_before"]
+    else:
+        before = evaluate()
+        record(0, before)
+
+    def trainer_state() -> dict[str, Any]:
+        return {"consumed_samples": actor.completed_steps * gbs, "ppo_step": actor.ppo_step_count,
+                "kl_controller": actor.kl_ctl.state_dict(), "heldout_before": before}
+
+    def save_critic(tmp: Path) -> None:
+        if critic_owner():
+            critic.save(str(tmp / "critic"))
+
+    limit = cfg.trainer.get("limit_val_batches")
+    preempted = fit_with_checkpoints(cfg, "ppo", actor, train_dl, ckpt_root, trainer_state,
+                                     evaluate=lambda: evaluate(int(limit) if limit else None),
+                                     before_complete=save_critic)
+    if preempted:
+        return preempted
     after = evaluate()
     record(actor.completed_steps, after)
     ckpt = save_model_weights(actor.gpt, run_dir / "ppo_actor_weights")
-    critic_ckpt = None
-    from nemo_rlhf.algorithms.ppo import _is_server_caller
-
-    if _is_server_caller() and is_rank_zero():
-        critic_ckpt = str((run_dir / "ppo_critic_weights").resolve())
-        critic.save(critic_ckpt)
+    critic_ckpt = str((run_dir / "ppo_critic_weights").resolve())
+    if critic_owner():
+        critic.save(critic_ckpt)  # the critic's training checkpoint; load_weights() reads its weights
+    torch.distributed.barrier()
     result = {"heldout_before": before, "heldout_after": after, "checkpoint": str(ckpt),
-              "critic_checkpoint": critic_ckpt, "steps": actor.completed_steps,
-              "heldout_prompts": len(val_ds), "train_prompts": len(train_ds)}
+              "critic_checkpoint": critic_ckpt, "resume_checkpoint": str(latest_checkpoint(ckpt_root)),
+              "steps": actor.completed_steps, "heldout_prompts": len(val_ds), "train_prompts": len(train_ds)}
     write_result(run_dir, "ppo_result.json", result)
     return result

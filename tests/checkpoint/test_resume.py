@@ -51,7 +51,14 @@ def weights(path: Path, role: str) -> dict[str, torch.Tensor]:
                max_position_embeddings=128)
     initialize_distributed(1, 1, "cpu")
     try:
-        model = (GPTSFTModel(cfg, None, 512, 8, 0) if role == "sft" else GPTRewardModel(cfg, None, 512, 8))
+        if role == "sft":
+            model = GPTSFTModel(cfg, None, 512, 8, 0)
+        elif role == "critic":
+            from nemo_rlhf.models.critic import GPTCriticModel
+
+            model = GPTCriticModel(cfg, None, 512, 8)
+        else:
+            model = GPTRewardModel(cfg, None, 512, 8)
         model.load_weights(path)
         return {k: v.clone() for k, v in model.gpt.state_dict().items() if torch.is_tensor(v)}
     finally:
@@ -156,3 +163,86 @@ def test_corrupt_checkpoint_error_names_the_path(tmp_path):
             load_training_checkpoint(ckpt, model)
     finally:
         destroy_distributed()
+
+
+# ---------------------------------------------------------------------------- PPO + critic server
+PPO_SMALL = ["trainer.val_check_interval=2", "trainer.limit_val_batches=1", "data.max_heldout_prompts=8",
+             "batch.global_batch_size=8", "batch.micro_batch_size=4", "ppo.sampling.max_new_tokens=8",
+             "ppo.num_minibatches=2", "checkpoint.every_n_steps=0", "critic.init_timeout_s=120"]
+
+
+@pytest.fixture(scope="module")
+def rm_weights(sft_full, tmp_path_factory):
+    d = tmp_path_factory.mktemp("rm_for_ppo")
+    run_stage("train_reward_model.py", d, f"init_from={sft_full / 'sft_weights'}",
+              f"tokenizer.path={sft_full / 'tokenizer.json'}", "trainer.max_steps=2")
+    return d / "rm_weights"
+
+
+def start_critic_server(sft_full: Path, rm: Path, log: Path):
+    from nemo_rlhf.servers.process import find_free_ports, start_server_process
+
+    port = find_free_ports(3)[0]
+    cmd = [sys.executable, str(REPO / "launchers" / "serve_critic.py"), f"reward_model_path={rm}",
+           f"tokenizer.path={sft_full / 'tokenizer.json'}", f"server.port={port}", f"server.grpc_port={port + 1}",
+           f"server.metrics_port={port + 2}", "batch.global_batch_size=8", "batch.micro_batch_size=4",
+           "model.num_layers=1", "model.hidden_size=32", "model.ffn_hidden_size=64",
+           "model.max_position_embeddings=128"]
+    return start_server_process(cmd, "127.0.0.1", port, ready_timeout_s=240, log_path=log), port
+
+
+def ppo_rows(run_dir: Path) -> dict[int, dict]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("ppo/")}
+            for r in rows if r["stage"] == "ppo" and "ppo/reward" in r}
+
+
+def ppo_val_rows(run_dir: Path) -> dict[int, dict]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("val/")}
+            for r in rows if r["stage"] == "ppo" and "val/reward" in r}
+
+
+def test_ppo_resume_with_critic_server_is_bitwise_exact(sft_full, rm_weights, tmp_path):
+    """SIGTERM a PPO run at step k (the critic server saves in step with the actor), resume it with
+    a *fresh* critic server (which must load the paired critic checkpoint), and compare with an
+    uninterrupted run of the same length: every PPO metric (critic loss, KL coefficient included),
+    the held-out evaluations, the actor weights and the critic weights are bitwise equal."""
+    servers = [start_critic_server(sft_full, rm_weights, tmp_path / f"server{i}.log") for i in range(3)]
+    try:
+        common = [f"init_from={sft_full / 'sft_weights'}", f"tokenizer.path={sft_full / 'tokenizer.json'}",
+                  *PPO_SMALL]
+        run = tmp_path / "preempted"
+        proc = run_stage("train_ppo_actor.py", run, *common, f"critic.port={servers[0][1]}",
+                         "trainer.max_steps=100000", wait=False)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if (run / "metrics.jsonl").exists() and len(ppo_rows(run)) >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=180)
+        assert proc.returncode == 0, out[-3000:]
+        result = json.loads((run / "ppo_result.json").read_text())
+        assert result["preempted"] and result["signal"] == "SIGTERM"
+        k = result["steps"]
+        ckpt = run / "checkpoints" / "ppo" / f"step_{k:08d}"
+        assert (ckpt / "COMPLETE").exists() and (ckpt / "critic" / "COMPLETE").exists()
+        state = json.loads((ckpt / "state.json").read_text())
+        assert state["ppo_step"] == k and state["consumed_samples"] == 8 * k and "value" in state["kl_controller"]
+        servers[0][0].stop()
+
+        n = k + 3
+        proc = run_stage("train_ppo_actor.py", run, *common, f"critic.port={servers[1][1]}", f"trainer.max_steps={n}")
+        assert "resumed from" in proc.stdout + proc.stderr
+        ref = tmp_path / "uninterrupted"
+        run_stage("train_ppo_actor.py", ref, *common, f"critic.port={servers[2][1]}", f"trainer.max_steps={n}")
+    finally:
+        for server, _ in servers:
+            server.stop()
+    got, want = ppo_rows(run), ppo_rows(ref)
+    assert sorted(got) == list(range(n)) and got == want
+    assert ppo_val_rows(run) == ppo_val_rows(ref)
+    assert_bitwise(weights(run / "ppo_actor_weights", "sft"), weights(ref / "ppo_actor_weights", "sft"))
+    assert_bitwise(weights(run / "ppo_critic_weights", "critic"), weights(ref / "ppo_critic_weights", "critic"))
