@@ -140,13 +140,21 @@ def _load_optimizer(optimizer, state_dict: dict[str, Any]) -> None:
                 state[p]["step"] = step.clone()
 
 
+def _uses_distributed_optimizer(module) -> bool | None:
+    """``optim.distributed_optimizer`` of ``module`` (None without an optimizer)."""
+    if module.optimizer is None:
+        return None
+    return bool(getattr(module, "optim_cfg", {}).get("distributed_optimizer", False))
+
+
 def _sharded(module, is_loading: bool) -> dict[str, Any]:
     model_sd = module.gpt.sharded_state_dict()
     out = {"model": model_sd}
     if module.optimizer is not None:
-        if is_loading:
-            for part in _torch_adam_distributed_optimizers(module.optimizer):
-                _init_adam_state(part.optimizer)
+        # Loading needs the state (see _init_adam_state); so does saving before the first step
+        # (a preemption during the initial evaluation). Either way the values are a fresh Adam's.
+        for part in _torch_adam_distributed_optimizers(module.optimizer):
+            _init_adam_state(part.optimizer)
         out["optimizer"] = module.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
                                                                metadata=_OPTIM_METADATA)
     return out
@@ -188,6 +196,7 @@ def save_checkpoint_dir(final: str | Path, module, extra: dict[str, Any] | None 
         _barrier()
     if _rank() == 0:
         state = {"step": module.completed_steps,
+                 "distributed_optimizer": _uses_distributed_optimizer(module),
                  "lr_scheduler": module.lr_scheduler.state_dict() if module.lr_scheduler else None,
                  "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
                  **(extra or {})}
@@ -240,6 +249,13 @@ def load_training_checkpoint(path: str | Path, module) -> dict[str, Any]:
         state = json.loads((path / "state.json").read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read {path / 'state.json'}: {exc}") from exc
+    saved_dist, ours = state.get("distributed_optimizer"), _uses_distributed_optimizer(module)
+    if saved_dist is not None and ours is not None and saved_dist != ours:
+        # megatron's two optimizers store different parameter groups (KeyError 'pre_wd_mult').
+        raise CheckpointError(
+            f"checkpoint {path} was saved with optim.distributed_optimizer={str(saved_dist).lower()} but this run "
+            f"has optim.distributed_optimizer={str(ours).lower()}: set it back to resume (any DP/TP/PP layout "
+            f"works), or start a new run from the weights with init_from={path} checkpoint.resume=false")
     try:
         loaded = dist_checkpointing.load(_sharded(module, is_loading=True), str(path))
     except BaseException as exc:  # torch's CheckpointException derives from BaseException
@@ -248,7 +264,11 @@ def load_training_checkpoint(path: str | Path, module) -> dict[str, Any]:
         raise CheckpointError(f"failed to load checkpoint {path}: {exc}") from exc
     module.gpt.load_state_dict(loaded["model"], strict=False)
     if module.optimizer is not None and "optimizer" in loaded:
-        _load_optimizer(module.optimizer, loaded["optimizer"])
+        try:
+            _load_optimizer(module.optimizer, loaded["optimizer"])
+        except (KeyError, ValueError, RuntimeError, AssertionError) as exc:
+            raise CheckpointError(f"optimizer state in {path} does not fit this run's optimizer "
+                                  f"({type(exc).__name__}: {exc})") from exc
     if module.lr_scheduler is not None and state.get("lr_scheduler"):
         module.lr_scheduler.load_state_dict(state["lr_scheduler"])
     module.completed_steps = int(state["step"])

@@ -149,9 +149,26 @@ def test_corrupt_checkpoint_error_names_the_path(tmp_path):
     run = tmp_path / "corrupt"
     run_stage("train_sft.py", run, "trainer.max_steps=2")
     ckpt = run / "checkpoints" / "sft" / "step_00000002"
+    cfg = dict(num_layers=1, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, max_position_embeddings=128)
+    initialize_distributed(1, 1, "cpu")
+    try:
+        # The weights of a training checkpoint are usable as init_from weights ...
+        plain = GPTSFTModel(cfg, None, 512, 8, 0)
+        plain.load_weights(ckpt)
+        final = GPTSFTModel(cfg, None, 512, 8, 0)
+        final.load_weights(run / "sft_weights")
+        tensors = lambda m: {k: v for k, v in m.gpt.state_dict().items() if torch.is_tensor(v)}  # noqa: E731
+        assert_bitwise(tensors(plain), tensors(final))
+        # ... but resuming it with the other optimizer kind is refused, naming path and field.
+        dist = GPTSFTModel(cfg, dict(lr=1e-3, distributed_optimizer=True), 512, 8, 0)
+        with pytest.raises(CheckpointError, match="optim.distributed_optimizer=false but this run has "
+                                                  "optim.distributed_optimizer=true") as err:
+            load_training_checkpoint(ckpt, dist)
+        assert str(ckpt) in str(err.value)
+    finally:
+        destroy_distributed()
     for f in ckpt.glob("*.distcp"):
         f.write_bytes(f.read_bytes()[:100])  # truncated shard files
-    cfg = dict(num_layers=1, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, max_position_embeddings=128)
     initialize_distributed(1, 1, "cpu")
     try:
         model = GPTSFTModel(cfg, dict(lr=1e-3), 512, 8, 0)
