@@ -110,6 +110,30 @@ def _broadcast_mp(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def raise_if_any_rank_failed(error: BaseException | None, what: str) -> None:
+    """Make a critic-server failure seen by one rank (the server caller) an error on every rank.
+
+    Only the server-calling ranks talk to the server; without this, the others would block forever
+    in the next collective. One all-reduce over the world.
+
+    Raises:
+        ``error`` on the rank that had it; :class:`CriticServerError` naming ``what`` elsewhere.
+    """
+    from nemo_rlhf.servers.protocol import CriticServerError
+
+    flag = torch.tensor([1.0 if error is not None else 0.0])
+    if torch.distributed.is_initialized():
+        from nemo_rlhf.parallel.state import comm_device
+
+        flag = flag.to(comm_device())
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if flag.item() > 0:
+        raise CriticServerError(f"{what} failed on another rank (its log names the server and the cause); "
+                                f"all ranks stop together")
+
+
 def dp_mean(metrics: Mapping[str, float]) -> dict[str, float]:
     """Average scalar metrics over the data-parallel group (identical dict on every rank)."""
     from megatron.core import parallel_state
@@ -173,10 +197,21 @@ class PPOActorModule(GPTActorModel):
         return None
 
     def _critic_results(self, future, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        from nemo_rlhf.servers.protocol import CriticServerError
+
         b, length = shape
         dev = self.model_device
+        error = None
         if future is not None:
-            values_np, scores_np = future.result()
+            try:
+                values_np, scores_np = future.result()
+            except CriticServerError as exc:
+                error = exc
+        if self._critic_in_process and error is not None:
+            raise error
+        if not self._critic_in_process:
+            raise_if_any_rank_failed(error, "critic_infer")
+        if future is not None:
             values = torch.from_numpy(np.array(values_np, dtype=np.float32, copy=True)).to(dev)
             scores = torch.from_numpy(np.array(scores_np, dtype=np.float32, copy=True)).reshape(b).to(dev)
         else:
@@ -230,11 +265,34 @@ class PPOActorModule(GPTActorModel):
         done.set_result(self.critic.train(*args))  # in-process critic: no overlap
         return done
 
+    def _rollout_finite(self, ro: Rollout) -> str | None:
+        """None if the rollout's rewards, values, log-probs and advantages are finite on every
+        rank, else the name of the first non-finite one on this rank ("elsewhere" if only another
+        rank's is). One all-reduce over the world, so every rank takes the same branch."""
+        bad = next((name for name in ("scores", "values", "logprobs", "ref_logprobs", "advantages", "returns")
+                    if not bool(torch.isfinite(getattr(ro, name)).all())), None)
+        flag = torch.tensor([1.0 if bad else 0.0])
+        if torch.distributed.is_initialized():
+            from nemo_rlhf.parallel.state import comm_device
+
+            flag = flag.to(comm_device())
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return (bad or "elsewhere") if flag.item() > 0 else None
+
     def training_step(self, batch, batch_idx):
         c = self.ppo_cfg
         self.sampling.seed = int(c["seed"]) + 7919 * self.ppo_step_count
         ro = self.compute_advantages(self.make_rollout(batch["prompts"], batch["prompt_lengths"],
                                                        self.sampling))
+        bad = self._rollout_finite(ro)
+        if bad is not None:
+            # Skip the whole PPO step: no actor update, no critic training, no KL-controller update.
+            self.ppo_step_count += 1
+            self.record_nonfinite(f"rollout {bad} (reward/value/advantage)")
+            self.last_metrics = {"nonfinite": 1.0, "skipped": 1.0}
+            self.log_dict({"ppo/nonfinite": 1.0, "ppo/nonfinite_total": float(self.nonfinite_skipped)},
+                          on_step=True, batch_size=1)
+            return None
         b = ro.tokens.shape[0]
         n_mb = int(c["num_minibatches"])
         if b % n_mb:
@@ -251,7 +309,20 @@ class PPOActorModule(GPTActorModel):
                       "advantages": ro.advantages[index], "mask": ro.mask[index]}
                 actor_metrics.append(self.ppo_step(mb, float(c["clip_eps"]), float(c["entropy_coef"]),
                                                    c["clip_eps_high"]))
-        critic_losses = [f.result()["loss"] for f in critic_futures if f is not None]
+        from nemo_rlhf.servers.protocol import CriticServerError
+
+        critic_losses, error = [], None
+        for f in critic_futures:
+            if f is None:
+                continue
+            try:
+                critic_losses.append(f.result()["loss"])
+            except CriticServerError as exc:
+                error = error or exc
+        if self._critic_in_process and error is not None:
+            raise error
+        if not self._critic_in_process:
+            raise_if_any_rank_failed(error, "critic_train")
         seq_kl = (ro.kl.sum(dim=1)).mean().item()
         metrics = {
             "reward": ro.scores.mean().item(),
@@ -264,6 +335,7 @@ class PPOActorModule(GPTActorModel):
             metrics[k] = float(np.mean([m[k] for m in actor_metrics]))
         metrics = dp_mean(metrics)
         metrics["kl_coef"] = float(self.kl_ctl.value)
+        metrics["nonfinite_total"] = float(self.nonfinite_skipped)
         self.kl_ctl.update(metrics["kl"], n_steps=b)
         self.ppo_step_count += 1
         self.last_metrics = metrics

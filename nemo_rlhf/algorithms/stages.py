@@ -280,6 +280,7 @@ def _supervised_stage(cfg: DictConfig, name: str, dataset_cls, collate_fn, build
     resumed: dict[str, Any] = {}
     if resume_from is not None:
         resumed = load_training_checkpoint(resume_from, model)
+        model.nonfinite_skipped = int(resumed.get("nonfinite_skipped", 0))
         LOG.info("%s: resumed from %s at step %d", name, resume_from, model.completed_steps)
     elif cfg.get("init_from"):
         model.load_weights(cfg.init_from, skip_prefixes=skip_prefixes)
@@ -295,7 +296,8 @@ def _supervised_stage(cfg: DictConfig, name: str, dataset_cls, collate_fn, build
 
     before = resumed.get("val_before") or evaluate(model, val_dl)
     gbs = int(cfg.batch.global_batch_size)
-    trainer_state = lambda: {"consumed_samples": model.completed_steps * gbs, "val_before": before}  # noqa: E731
+    trainer_state = lambda: {"consumed_samples": model.completed_steps * gbs, "val_before": before,  # noqa: E731
+                             "nonfinite_skipped": model.nonfinite_skipped}
     preempted = fit_with_checkpoints(
         cfg, name, model, train_dl, ckpt_root, trainer_state, evaluate=lambda: evaluate(model, val_dl))
     if preempted:
@@ -437,6 +439,7 @@ def run_ppo(cfg: DictConfig, critic=None) -> dict[str, Any]:
     from nemo_rlhf.data.samplers import StepBatchSampler
     from nemo_rlhf.models.actor import GPTActorModel
     from nemo_rlhf.servers.client import CriticClient
+    from nemo_rlhf.servers.protocol import CriticServerError
 
     dp = setup_parallel(cfg)
     run_dir = Path(cfg.run_dir)
@@ -456,9 +459,12 @@ def run_ppo(cfg: DictConfig, critic=None) -> dict[str, Any]:
     per_dp = gbs // dp
     if critic is None and _is_server_caller():
         c = cfg.critic
+        retry = {k: float(c[k]) for k in ("retry_limit_s", "retry_backoff_s", "retry_backoff_max_s")
+                 if c.get(k) is not None}
         critic = CriticClient(c.host, int(c.port), infer_timeout_s=float(c.infer_timeout_s),
-                              train_timeout_s=float(c.train_timeout_s), init_timeout_s=float(c.init_timeout_s))
-        critic.wait_until_ready(float(c.init_timeout_s))
+                              train_timeout_s=float(c.train_timeout_s), init_timeout_s=float(c.init_timeout_s),
+                              **retry)
+        critic.wait_until_ready(float(c.init_timeout_s))  # health check before anything else
     in_process = bool(getattr(critic, "in_process", False))
     model_cfg, mbs = to_dict(cfg.model), int(cfg.batch.micro_batch_size)
     reference = GPTActorModel(model_cfg, None, tok.vocab_size, mbs, tok.eos_id, tok.pad_id)
@@ -471,6 +477,22 @@ def run_ppo(cfg: DictConfig, critic=None) -> dict[str, Any]:
         else global rank 0 only (one request to the server)."""
         return in_process or torch.distributed.get_rank() == 0
 
+    def on_critic_owner(what: str, call):
+        """Run ``call()`` on the critic owner(s); a failure there is raised on every rank."""
+        from nemo_rlhf.algorithms.ppo import raise_if_any_rank_failed
+
+        result, error = None, None
+        if critic_owner():
+            try:
+                result = call()
+            except CriticServerError as exc:
+                error = exc
+        if in_process and error is not None:
+            raise error
+        if not in_process:
+            raise_if_any_rank_failed(error, what)
+        return result
+
     ck = cfg.get("checkpoint") or {}
     ckpt_root = Path(ck.get("dir") or run_dir / "checkpoints" / "ppo").resolve()
     resume_from = latest_checkpoint(ckpt_root) if ck.get("resume", True) else None
@@ -479,10 +501,9 @@ def run_ppo(cfg: DictConfig, critic=None) -> dict[str, Any]:
         resumed = load_training_checkpoint(resume_from, actor)
         actor.kl_ctl.load_state_dict(resumed["kl_controller"])
         actor.ppo_step_count = int(resumed["ppo_step"])
-        critic_step = None
-        if critic_owner():
-            critic_step = critic.load(str(resume_from / "critic"))["step"]
-        torch.distributed.barrier()
+        actor.nonfinite_skipped = int(resumed.get("nonfinite_skipped", 0))
+        state = on_critic_owner("critic_load", lambda: critic.load(str(resume_from / "critic")))
+        critic_step = state["step"] if state else None
         LOG.info("ppo: resumed from %s at step %d (critic at its step %s, KL coefficient %.4g)",
                  resume_from, actor.completed_steps, critic_step, actor.kl_ctl.value)
     else:
@@ -513,27 +534,62 @@ def run_ppo(cfg: DictConfig, critic=None) -> dict[str, Any]:
 
     def trainer_state() -> dict[str, Any]:
         return {"consumed_samples": actor.completed_steps * gbs, "ppo_step": actor.ppo_step_count,
-                "kl_controller": actor.kl_ctl.state_dict(), "heldout_before": before}
+                "kl_controller": actor.kl_ctl.state_dict(), "heldout_before": before,
+                "nonfinite_skipped": actor.nonfinite_skipped}
 
     def save_critic(tmp: Path) -> None:
-        if critic_owner():
-            critic.save(str(tmp / "critic"))
+        on_critic_owner("critic_save", lambda: critic.save(str(tmp / "critic")))
 
     limit = cfg.trainer.get("limit_val_batches")
-    preempted = fit_with_checkpoints(cfg, "ppo", actor, train_dl, ckpt_root, trainer_state,
-                                     evaluate=lambda: evaluate(int(limit) if limit else None),
-                                     before_complete=save_critic)
+    try:
+        preempted = fit_with_checkpoints(cfg, "ppo", actor, train_dl, ckpt_root, trainer_state,
+                                         evaluate=lambda: evaluate(int(limit) if limit else None),
+                                         before_complete=save_critic)
+    except CriticServerError as exc:
+        raise _critic_failure(cfg, actor, ckpt_root, trainer_state, exc) from exc
     if preempted:
         return preempted
     after = evaluate()
     record(actor.completed_steps, after)
     ckpt = save_model_weights(actor.gpt, run_dir / "ppo_actor_weights")
     critic_ckpt = str((run_dir / "ppo_critic_weights").resolve())
-    if critic_owner():
-        critic.save(critic_ckpt)  # the critic's training checkpoint; load_weights() reads its weights
-    torch.distributed.barrier()
+    # The critic's training checkpoint; load_weights() reads its weights.
+    on_critic_owner("critic_save", lambda: critic.save(critic_ckpt))
     result = {"heldout_before": before, "heldout_after": after, "checkpoint": str(ckpt),
               "critic_checkpoint": critic_ckpt, "resume_checkpoint": str(latest_checkpoint(ckpt_root)),
               "steps": actor.completed_steps, "heldout_prompts": len(val_ds), "train_prompts": len(train_ds)}
     write_result(run_dir, "ppo_result.json", result)
     return result
+
+
+class CriticServerFailure(RuntimeError):
+    """The PPO actor stopped because the critic server failed (gone past ``critic.retry_limit_s``,
+    restarted with its state lost, or erroring). Raised on every rank after the actor-only
+    emergency checkpoint was written; the launcher exits non-zero."""
+
+
+def _critic_failure(cfg: DictConfig, actor, ckpt_root: Path, trainer_state, exc: BaseException) -> CriticServerFailure:
+    """Save the actor's state (collective) as ``<ckpt_root>/emergency_step_<k>`` and build the error.
+
+    The emergency checkpoint holds the actor only: the critic's state since the last paired
+    checkpoint died with the server. It is never resumed from automatically (its name is not
+    ``step_<k>``), because actor and critic would no longer match; resume continues from the
+    newest paired checkpoint. The actor weights in it may include part of step k+1's updates.
+    """
+    from nemo_rlhf.checkpoint.training_state import save_checkpoint_dir
+
+    server = f"{cfg.critic.host}:{cfg.critic.port}"
+    path = None
+    try:
+        path = save_checkpoint_dir(ckpt_root / f"emergency_step_{actor.completed_steps:08d}", actor,
+                                   {**trainer_state(), "critic": None, "reason": str(exc)[:2000]})
+    except Exception as save_exc:  # noqa: BLE001 - report both, the server failure first
+        LOG.error("could not write the emergency actor checkpoint: %s", save_exc)
+    paired = latest_checkpoint(ckpt_root)
+    msg = (f"critic server {server} failed at PPO step {actor.completed_steps}: {exc}\n"
+           f"  actor-only emergency checkpoint: {path or 'NOT WRITTEN (see the log)'}\n"
+           f"  the run resumes (same command, with a running critic server) from the newest paired "
+           f"actor+critic checkpoint: {paired or 'none yet: it would restart from init_from'}")
+    LOG.error(msg)
+    return CriticServerFailure(msg)
+

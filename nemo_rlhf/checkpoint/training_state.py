@@ -326,7 +326,8 @@ class Preemption:
 def make_checkpoint_callback(root: str | Path, every_n_steps: int, keep_last: int, extra_fn, preemption: Preemption,
                              before_complete: Callable[[Path], None] | None = None):
     """A Lightning callback: checkpoint every ``every_n_steps`` optimizer steps (0: never), at the
-    last step, and when preemption was requested (then stop the Trainer)."""
+    last step, and when preemption was requested (then stop the Trainer). Periodic and final
+    checkpoints are not written after a step skipped for non-finite values."""
     import logging
 
     import lightning.pytorch as pl
@@ -337,8 +338,11 @@ def make_checkpoint_callback(root: str | Path, every_n_steps: int, keep_last: in
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
             step = module.completed_steps
             preempted = preemption.agreed()
-            periodic = every_n_steps > 0 and step % every_n_steps == 0
-            last = module.max_train_steps is not None and step >= module.max_train_steps
+            # No periodic/final checkpoint in the middle of a non-finite streak (the step was
+            # skipped): the newest checkpoint stays the last one that followed a real update.
+            suspect = getattr(module, "nonfinite_in_a_row", 0) > 0
+            periodic = every_n_steps > 0 and step % every_n_steps == 0 and not suspect
+            last = module.max_train_steps is not None and step >= module.max_train_steps and not suspect
             if preempted or periodic or last:
                 path = save_training_checkpoint(root, module, extra_fn(), keep_last=keep_last,
                                                 before_complete=before_complete)

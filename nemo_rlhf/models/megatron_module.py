@@ -33,7 +33,14 @@ OPTIM_DEFAULTS: dict[str, Any] = dict(
     decay_steps=None,  # None: no decay (constant after warm-up)
     decay_style="cosine",
     distributed_optimizer=False,
+    max_nonfinite_in_a_row=5,  # non-finite updates skipped in a row before the run aborts
 )
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised after ``optim.max_nonfinite_in_a_row`` consecutive updates had a non-finite loss,
+    gradient, reward or advantage (each was skipped). The run stops without writing a checkpoint,
+    so the newest complete checkpoint is the last good state."""
 
 # (micro-batch dict, model output on the last stage) -> (loss scalar, metrics dict)
 LossFn = Callable[[Mapping[str, torch.Tensor], torch.Tensor], tuple[torch.Tensor, dict]]
@@ -85,6 +92,8 @@ class MegatronGPTModule(pl.LightningModule):
         self.max_train_steps: int | None = None  # the megatron optimizer is stepped by hand)
         self.optimizer = None
         self.lr_scheduler = None
+        self.nonfinite_skipped = 0  # updates skipped because something was NaN/Inf (this process)
+        self.nonfinite_in_a_row = 0
         if self.trainable:
             self.model = self._wrap_ddp(gpt)
             self._build_optimizer()
@@ -245,19 +254,70 @@ class MegatronGPTModule(pl.LightningModule):
         return {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "lr": float(lr), "skipped": 0.0 if ok else 1.0}
 
+    def _grads_finite(self) -> bool:
+        """True on every rank iff every gradient of every rank is finite (one all-reduce)."""
+        bad = any(not bool(torch.isfinite(p.main_grad).all())
+                  for p in self.model.parameters() if getattr(p, "main_grad", None) is not None)
+        if torch.distributed.is_initialized():
+            from nemo_rlhf.parallel.state import comm_device
+
+            flag = torch.tensor([1.0 if bad else 0.0], device=comm_device())
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            bad = bool(flag.item() > 0)
+        return not bad
+
+    def record_nonfinite(self, what: str) -> None:
+        """Count one skipped update (``what`` names the culprit for the log); call on every rank.
+
+        Raises:
+            NonFiniteError: the ``optim.max_nonfinite_in_a_row``-th skip in a row.
+        """
+        import logging
+
+        self.nonfinite_skipped += 1
+        self.nonfinite_in_a_row += 1
+        limit = int(self.optim_cfg.get("max_nonfinite_in_a_row") or 0)
+        logging.getLogger("nemo_rlhf").warning(
+            "non-finite %s at step %d: update skipped (%d in a row, %d in total; limit %s in a row)",
+            what, self.completed_steps, self.nonfinite_in_a_row, self.nonfinite_skipped, limit or "none")
+        if limit and self.nonfinite_in_a_row >= limit:
+            raise NonFiniteError(
+                f"{self.nonfinite_in_a_row} updates in a row had a non-finite {what} (last at step "
+                f"{self.completed_steps}; optim.max_nonfinite_in_a_row={limit}): aborting without writing a "
+                f"checkpoint, so the newest complete checkpoint is the last good state. Lower the learning "
+                f"rate or check the data/reward model before resuming.")
+
     def train_global_batch(self, batch: Mapping[str, torch.Tensor], micro_batch_size: int,
                            forward_fn, loss_fn) -> dict[str, float]:
         """Forward/backward over the micro-batches of ``batch`` then one optimizer step.
 
+        Non-finite guard: when the loss (averaged over micro-batches and ranks) or any gradient is
+        NaN/Inf, the optimizer step is skipped on every rank (weights, optimizer state and LR
+        schedule untouched), counted (:meth:`record_nonfinite`) and reported as ``skipped=1``,
+        ``nonfinite=1``.
+
         Returns:
             metrics averaged over micro-batches (broadcast from the last PP stage) plus
-            ``grad_norm``, ``lr`` and ``skipped``.
+            ``grad_norm``, ``lr``, ``skipped`` and ``nonfinite``.
+
+        Raises:
+            NonFiniteError: ``optim.max_nonfinite_in_a_row`` skipped steps in a row.
         """
+        import math
+
         self.model.train()
         outs = self.forward_backward(split_microbatches(batch, micro_batch_size), forward_fn,
                                      loss_fn, forward_only=False)
         metrics = average_metrics(outs)
+        loss_ok = math.isfinite(metrics.get("loss", 0.0))
+        if not (loss_ok and self._grads_finite()):
+            self.record_nonfinite("loss" if not loss_ok else "gradient")
+            metrics.update(grad_norm=float("nan"), lr=float(self.optimizer.param_groups[0]["lr"]),
+                           skipped=1.0, nonfinite=1.0)
+            return metrics
+        self.nonfinite_in_a_row = 0
         metrics.update(self.optimizer_step_())
+        metrics["nonfinite"] = 0.0
         return metrics
 
 

@@ -1,0 +1,140 @@
+"""The PPO actor against a critic server that dies (SIGKILL of its process group) mid-run.
+
+The actor must notice within ``critic.retry_limit_s`` (+ one request timeout), write an actor-only
+emergency checkpoint, keep the last paired actor+critic checkpoint intact, and exit non-zero with a
+message naming the server; the same command with a new server then resumes from the paired
+checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.faults, pytest.mark.server]
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = ["model.num_layers=1", "model.hidden_size=32", "model.ffn_hidden_size=64", "model.max_position_embeddings=128"]
+DATA = ["data.max_rows=400", "data.max_seq_len=128", "data.max_prompt_len=96"]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def launch(script: str, *args: str, wait: bool = True):
+    cmd = [sys.executable, str(REPO / "launchers" / script), *args]
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("faults_models")
+    common = [*MODEL, *DATA, "trainer.max_steps=2", "trainer.val_check_interval=null", "trainer.limit_val_batches=1",
+              "checkpoint.every_n_steps=0"]
+    launch("train_sft.py", f"run_dir={d / 'sft'}", "tokenizer.vocab_size=512", *common)
+    launch("train_reward_model.py", f"run_dir={d / 'rm'}", f"init_from={d / 'sft' / 'sft_weights'}",
+           f"tokenizer.path={d / 'sft' / 'tokenizer.json'}", *common)
+    return d
+
+
+def start_server(trained: Path, log: Path):
+    from nemo_rlhf.servers.process import find_free_ports, start_server_process
+
+    port = find_free_ports(3)[0]
+    cmd = [sys.executable, str(REPO / "launchers" / "serve_critic.py"), f"reward_model_path={trained / 'rm' / 'rm_weights'}",
+           f"tokenizer.path={trained / 'sft' / 'tokenizer.json'}", f"server.port={port}", f"server.grpc_port={port + 1}",
+           f"server.metrics_port={port + 2}", "batch.global_batch_size=8", "batch.micro_batch_size=4", *MODEL]
+    return start_server_process(cmd, "127.0.0.1", port, ready_timeout_s=240, log_path=log), port
+
+
+def ppo_steps(run: Path) -> list[int]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return [r["step"] for r in rows if r["stage"] == "ppo" and "ppo/reward" in r]
+
+
+def test_critic_server_killed_mid_run_then_resume(trained, tmp_path):
+    server, port = start_server(trained, tmp_path / "server1.log")
+    run = tmp_path / "ppo"
+    args = [f"run_dir={run}", f"init_from={trained / 'sft' / 'sft_weights'}",
+            f"tokenizer.path={trained / 'sft' / 'tokenizer.json'}", *MODEL, *DATA,
+            "batch.global_batch_size=8", "batch.micro_batch_size=4", "ppo.sampling.max_new_tokens=8",
+            "data.max_heldout_prompts=8", "trainer.val_check_interval=null", "checkpoint.every_n_steps=1",
+            "checkpoint.keep_last=2", "critic.infer_timeout_s=10", "critic.train_timeout_s=10",
+            "++critic.retry_limit_s=4", "++critic.retry_backoff_s=0.5"]
+    try:
+        proc = launch("train_ppo_actor.py", *args, f"critic.port={port}", "trainer.max_steps=1000", wait=False)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and len(ppo_steps(run)) < 2:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        os.killpg(server.pid, signal.SIGKILL)  # the critic node dies mid-rollout/training
+        killed = time.time()
+        out, _ = proc.communicate(timeout=240)
+        detected_s = time.time() - killed
+    finally:
+        server.stop()
+    assert proc.returncode != 0, out[-3000:]
+    assert f"critic server 127.0.0.1:{port} failed" in out, out[-3000:]
+    # bounded: retry limit (4 s) + one request timeout (10 s) + the emergency save, with margin
+    assert detected_s < 60, f"took {detected_s:.1f} s to give up"
+    root = run / "checkpoints" / "ppo"
+    emergency = sorted(root.glob("emergency_step_*"))
+    assert len(emergency) == 1 and (emergency[0] / "COMPLETE").exists()
+    state = json.loads((emergency[0] / "state.json").read_text())
+    assert state["critic"] is None and "127.0.0.1" in state["reason"]
+    from nemo_rlhf.checkpoint.training_state import latest_checkpoint
+
+    paired = latest_checkpoint(root)
+    assert paired is not None and (paired / "critic" / "COMPLETE").exists()
+    k = int(paired.name.split("_")[1])
+    assert k >= 2
+    # A new server; the same command resumes from the paired checkpoint (the emergency one is not picked).
+    server2, port2 = start_server(trained, tmp_path / "server2.log")
+    try:
+        proc = launch("train_ppo_actor.py", *args, f"critic.port={port2}", f"trainer.max_steps={k + 2}")
+    finally:
+        server2.stop()
+    assert f"resumed from {paired}" in proc.stdout + proc.stderr
+    assert json.loads((run / "ppo_result.json").read_text())["steps"] == k + 2
+
+
+@pytest.mark.parametrize("sig", ["SIGUSR1", "SIGTERM"])
+def test_reward_model_stage_preempted_checkpoints_and_exits_cleanly(trained, tmp_path, sig):
+    """SLURM's --signal=B:USR1@300 / preemption SIGTERM: checkpoint at the next step boundary, exit 0
+    within a bounded time; the same command then resumes from that checkpoint."""
+    run = tmp_path / "rm"
+    args = [f"run_dir={run}", f"init_from={trained / 'sft' / 'sft_weights'}",
+            f"tokenizer.path={trained / 'sft' / 'tokenizer.json'}", *MODEL, *DATA, "trainer.val_check_interval=null",
+            "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=0"]
+    proc = launch("train_reward_model.py", *args, "trainer.max_steps=100000", wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        path = run / "metrics.jsonl"
+        if path.exists() and sum('"train/loss"' in x for x in path.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    sent = time.time()
+    proc.send_signal(getattr(signal, sig))
+    out, _ = proc.communicate(timeout=120)
+    took = time.time() - sent
+    assert proc.returncode == 0, out[-3000:]
+    assert took < 30, f"{sig}: {took:.1f} s from signal to exit"
+    result = json.loads((run / "rm_result.json").read_text())
+    assert result["preempted"] and result["signal"] == sig
+    k = result["steps"]
+    assert (run / "checkpoints" / "rm" / f"step_{k:08d}" / "COMPLETE").exists()
+    proc = launch("train_reward_model.py", *args, f"trainer.max_steps={k + 1}")
+    assert "resumed from" in proc.stdout + proc.stderr
+    assert json.loads((run / "rm_result.json").read_text())["steps"] == k + 1
