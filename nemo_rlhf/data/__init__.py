@@ -1,4 +1,4 @@
-"""Data layer: HH-RLHF loading, tokenizers, torch datasets and collate functions."""
+"""Data layer: HH-RLHF and IMDB loading, tokenizers, torch datasets and collate functions."""
 
 from __future__ import annotations
 
@@ -19,10 +19,12 @@ from nemo_rlhf.data.hh import (
     split_dialogue,
     split_heldout,
 )
+from nemo_rlhf.data.imdb import ImdbReview, load_imdb
 from nemo_rlhf.data.tokenizer import Tokenizer, load_tokenizer, train_bpe_tokenizer
 
 __all__ = [
     "DataFormatError",
+    "ImdbReview",
     "LoadStats",
     "PreferenceDataset",
     "PreferencePair",
@@ -34,6 +36,7 @@ __all__ = [
     "collate_sft",
     "default_data_dir",
     "load_hh_pairs",
+    "load_imdb",
     "load_tokenizer",
     "split_dialogue",
     "split_heldout",

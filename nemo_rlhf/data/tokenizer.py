@@ -4,6 +4,7 @@ Multitask Learners", section 2.2."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import Any
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from nemo_rlhf.data.hh import DataFormatError
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -85,6 +88,117 @@ def _existing_file(cfg: Mapping[str, Any], key: str) -> str:
     return str(path)
 
 
+def _line_of(data: bytes, offset: int) -> tuple[int, int]:
+    """1-based ``(line, column)`` of byte ``offset`` in ``data``."""
+    line = data.count(b"\n", 0, offset) + 1
+    return line, offset - (data.rfind(b"\n", 0, offset) + 1) + 1
+
+
+def _decode_utf8(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, col = _line_of(data, e.start)
+        raise DataFormatError(f"{path}:{line}:{col}: invalid_utf8: byte {data[e.start:e.start + 1]!r} "
+                              "is not valid UTF-8", path=path, line=line, reason="invalid_utf8") from e
+
+
+def read_gpt2_vocab(path: str | os.PathLike) -> dict[str, int]:
+    """Read and validate a GPT-2 ``vocab.json``: one JSON object ``{token: id}``.
+
+    Checks: UTF-8; valid JSON; a JSON object; no token twice; every id a non-negative integer
+    (``true``, ``1.0`` and ``"1"`` are not); no id used twice; no token with a lone surrogate.
+
+    Raises:
+        DataFormatError: the first violation; the message starts with ``"<path>:<line>:<column>"``
+            where a position is known (JSON syntax, UTF-8), else ``"<path>"``, and names the token.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    text = _decode_utf8(path, data)
+
+    def pairs_hook(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in items:
+            if key in out:
+                raise DataFormatError(f"{path}: duplicate_token: token {key!r} appears twice",
+                                      path=path, reason="duplicate_token")
+            out[key] = value
+        return out
+
+    try:
+        vocab = json.loads(text, object_pairs_hook=pairs_hook)
+    except json.JSONDecodeError as e:
+        raise DataFormatError(f"{path}:{e.lineno}:{e.colno}: bad_json: {e.msg} (truncated or not "
+                              "JSON?)", path=path, line=e.lineno, reason="bad_json") from e
+    except (ValueError, RecursionError) as e:
+        if isinstance(e, DataFormatError):
+            raise
+        raise DataFormatError(f"{path}: bad_json: {e}", path=path, reason="bad_json") from e
+    if not isinstance(vocab, dict):
+        raise DataFormatError(f"{path}: not_an_object: vocab.json must be a JSON object "
+                              f"{{token: id}}, got a {type(vocab).__name__}", path=path, reason="not_an_object")
+    if not vocab:
+        raise DataFormatError(f"{path}: empty_field: the vocabulary is empty", path=path, reason="empty_field")
+    seen: dict[int, str] = {}
+    for token, idx in vocab.items():
+        if not isinstance(idx, int) or isinstance(idx, bool) or idx < 0:
+            raise DataFormatError(f"{path}: wrong_type: token {token!r} has id {idx!r}, expected a "
+                                  "non-negative integer", path=path, reason="wrong_type")
+        if idx in seen:
+            raise DataFormatError(f"{path}: duplicate_id: id {idx} is used by {seen[idx]!r} and {token!r}",
+                                  path=path, reason="duplicate_id")
+        seen[idx] = token
+        try:
+            token.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataFormatError(f"{path}: invalid_utf8: token {token!r} holds a lone surrogate",
+                                  path=path, reason="invalid_utf8") from e
+    return vocab
+
+
+def read_gpt2_merges(path: str | os.PathLike, vocab: Mapping[str, int]) -> list[tuple[str, str]]:
+    """Read and validate a GPT-2 ``merges.txt`` against ``vocab``.
+
+    Format: an optional first line starting with ``#version``, then one merge per line: exactly two
+    non-empty tokens separated by one space (lines split on ``b"\\n"`` only; a trailing ``\\r`` is
+    dropped). Both tokens and their concatenation must be in ``vocab`` (the Rust BPE builder
+    panics on an unknown merged token).
+
+    Raises:
+        DataFormatError: the first bad line, message ``"<path>:<line>: <reason>: ..."`` with reason
+            ``invalid_utf8``, ``bad_merge`` (not two tokens) or ``unknown_token``.
+    """
+    path = Path(path)
+    lines = path.read_bytes().split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # the final newline ends the last line, it does not start a new one
+    merges: list[tuple[str, str]] = []
+    for lineno, raw in enumerate(lines, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataFormatError(f"{path}:{lineno}:{e.start + 1}: invalid_utf8: byte "
+                                  f"{raw[e.start:e.start + 1]!r} is not valid UTF-8", path=path,
+                                  line=lineno, reason="invalid_utf8") from e
+        if line.endswith("\r"):
+            line = line[:-1]
+        if lineno == 1 and line.startswith("#version"):
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2 or not parts[0] or not parts[1]:
+            raise DataFormatError(f"{path}:{lineno}: bad_merge: expected two tokens separated by one "
+                                  f"space, got {line[:60]!r}", path=path, line=lineno, reason="bad_merge")
+        a, b = parts
+        for token in (a, b, a + b):
+            if token not in vocab:
+                raise DataFormatError(f"{path}:{lineno}: unknown_token: merge {a!r} {b!r} uses token "
+                                      f"{token!r}, which is not in the vocabulary", path=path,
+                                      line=lineno, reason="unknown_token")
+        merges.append((a, b))
+    return merges
+
+
 def load_tokenizer(cfg: Mapping[str, Any]) -> Tokenizer:
     """Build a :class:`Tokenizer` from a config mapping (dict or OmegaConf DictConfig).
 
@@ -93,21 +207,35 @@ def load_tokenizer(cfg: Mapping[str, Any]) -> Tokenizer:
     same ids as ``transformers.GPT2TokenizerFast``. ``type: tokenizer_json`` with ``path``: a saved
     ``tokenizer.json``.
 
+    The GPT-2 files are validated first (:func:`read_gpt2_vocab`, :func:`read_gpt2_merges`);
+    there is no skip policy for a vocabulary: any defect is an error.
+
     Raises:
         FileNotFoundError: a configured file is missing (message names the field and path).
-        ValueError: unknown ``tokenizer.type`` or a required field is missing.
+        DataFormatError: (a ``ValueError``) a corrupt ``vocab.json`` / ``merges.txt`` /
+            ``tokenizer.json``; the message names the file (and the line for merges).
+        ValueError: unknown ``tokenizer.type``, a required field is missing, or the vocabulary
+            has no ``<|endoftext|>``.
     """
     kind = cfg.get("type")
     if kind == "gpt2_bpe":
-        vocab = _existing_file(cfg, "vocab_file")
-        merges = _existing_file(cfg, "merges_file")
-        tok = _byte_level(tokenizers.Tokenizer(models.BPE.from_file(vocab, merges)))
-        if tok.token_to_id(EOS_TOKEN) is None:
-            raise ValueError(f"tokenizer.vocab_file {vocab!r} has no {EOS_TOKEN!r} token")
+        vocab_file = _existing_file(cfg, "vocab_file")
+        merges_file = _existing_file(cfg, "merges_file")
+        vocab = read_gpt2_vocab(vocab_file)
+        merges = read_gpt2_merges(merges_file, vocab)
+        if EOS_TOKEN not in vocab:
+            raise ValueError(f"tokenizer.vocab_file {vocab_file!r} has no {EOS_TOKEN!r} token")
+        tok = _byte_level(tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges)))
         tok.add_special_tokens([EOS_TOKEN])
         return Tokenizer(tok)
     if kind == "tokenizer_json":
-        return Tokenizer(tokenizers.Tokenizer.from_file(_existing_file(cfg, "path")))
+        path = _existing_file(cfg, "path")
+        try:
+            backend = tokenizers.Tokenizer.from_file(path)
+        except Exception as e:  # the Rust error names neither the file nor, often, the position
+            raise DataFormatError(f"{path}: cannot load tokenizer.json: {e}", path=path,
+                                  reason="bad_tokenizer_json") from e
+        return Tokenizer(backend)
     raise ValueError(f"unknown tokenizer.type {kind!r}; expected 'gpt2_bpe' or 'tokenizer_json'")
 
 
