@@ -139,6 +139,7 @@ def _assert_logits_match(gpt, hf_model):
         theirs = hf_model(input_ids=tokens, attention_mask=mask.long()).logits
     assert ours.shape == theirs.shape
     diff = (ours - theirs).abs()[mask]
+    print(f"HF parity {type(hf_model).__name__}: max |logits diff| {diff.max().item():.3e}")  # -s shows it
     assert diff.max().item() < TOL, diff.max().item()
 
 
