@@ -1,6 +1,6 @@
 """PyTriton server that exposes a :class:`~nemo_rlhf.servers.protocol.CriticBackend`.
 
-Three Triton models are bound (names in :mod:`nemo_rlhf.servers.protocol`):
+Five Triton models are bound (names in :mod:`nemo_rlhf.servers.protocol`):
 
 ``critic_infer`` (batching on, dynamic batcher)
     per-sample inputs ``tokens`` ``(-1,)`` int64 and ``sequence_lengths`` ``(1,)`` int64, so a
@@ -12,12 +12,19 @@ Three Triton models are bound (names in :mod:`nemo_rlhf.servers.protocol`):
     ``[1, 16]`` do not). Validation runs on the merged batch, so an invalid request fails the
     valid requests merged with it too (PyTriton has no per-request error reply).
 ``critic_train`` (batching off)
-    inputs ``tokens`` ``[B, S]`` int64, ``returns``/``prev_values``/``mask`` ``[B, S]`` float32;
-    outputs ``loss`` ``[1]`` float32 and ``metrics`` ``[1]`` bytes (JSON of the backend's
-    metrics dict). Batching is disabled for this model (``ModelConfig(batching=False)``:
-    ``max_batch_size: 0`` and no dynamic batcher in the Triton config), so Triton never merges
-    two training requests; the callable also loops over the requests it is handed, so one request
-    is always exactly one ``backend.train`` call (one optimizer step).
+    inputs ``tokens`` ``[B, S]`` int64, ``returns``/``prev_values``/``mask`` ``[B, S]`` float32,
+    and the optional ``request_id`` ``[1]`` bytes (1 to 128 bytes of UTF-8, a uuid4 from
+    :class:`~nemo_rlhf.servers.client.CriticClient`); outputs ``loss`` ``[1]`` float32 and
+    ``metrics`` ``[1]`` bytes (JSON of the backend's metrics dict plus ``"instance"``, the server's
+    instance id as a string). Requests are idempotent by ``request_id``: the server remembers the
+    ids of the last :data:`TRAIN_DEDUP_SIZE` applied requests with their metrics, and a request
+    whose id was already applied gets the remembered metrics without another optimizer step (a
+    retry whose first attempt's reply was lost is thus never applied twice); a retry that arrives
+    while the first attempt is still training waits for it and gets its metrics. Batching is
+    disabled for this model (``ModelConfig(batching=False)``: ``max_batch_size: 0`` and no
+    dynamic batcher in the Triton config), so Triton never merges two training requests; the
+    callable also loops over the requests it is handed, so one request is always at most one
+    ``backend.train`` call (one optimizer step).
 ``critic_save`` (batching off)
     input ``path`` ``[1]`` bytes (UTF-8); output ``ok`` ``[1]`` bool. Writes a full training
     checkpoint of the critic (weights, optimizer, LR schedule, step, RNG) at ``path``.
@@ -25,6 +32,13 @@ Three Triton models are bound (names in :mod:`nemo_rlhf.servers.protocol`):
     input ``path`` ``[1]`` bytes (UTF-8); output ``state`` ``[1]`` bytes (JSON, at least
     ``{"step": n}``). Restores a ``critic_save`` checkpoint: the PPO actor calls it on resume with
     the critic checkpoint paired with its own, so both continue from the same step.
+``critic_status`` (batching off)
+    input ``ping`` ``[1]`` int64 (ignored); output ``status`` ``[1]`` bytes: JSON
+    ``{"instance": <uuid4 drawn when this server object was created>, "train_steps": <backend
+    train calls by this server>, "train_duplicates": <train requests answered from the
+    request-id cache>}``. Never touches the backend (no lock), so it answers during a long
+    training step. A client that sees the instance change knows the server was restarted and
+    that the critic state it trained since its last checkpoint is gone.
 
 Every request is validated before the backend sees it. Triton itself rejects a wrong dtype, a
 wrong rank and (for ``critic_infer``) ``B > max_batch_size`` with an error reply naming the
@@ -35,9 +49,13 @@ max_batch_size`` for training, NaN/Inf) raises ``ValueError`` inside the inferen
 PyTriton 0.7 turns an exception raised there into an error reply carrying the traceback text
 (``pytriton/proxy/inference.py``, ``_handle_requests``): any exception except
 ``PyTritonUnrecoverableError`` is sent back with the ERROR flag and the server keeps serving;
-``PyTritonUnrecoverableError`` would shut Triton down, so it is never raised here. The client
-recovers the message from the marker ``CRITIC_REQUEST_ERROR`` (see :func:`request_error`).
-Exceptions raised by the backend itself become error replies the same way.
+``PyTritonUnrecoverableError`` would shut Triton down, so it is never raised here. Validation
+never calls the backend, so a rejected training request changes nothing (``train_steps`` is
+unchanged). The client recovers the message from the marker ``CRITIC_REQUEST_ERROR`` (see
+:func:`request_error`). Exceptions raised by the backend itself become error replies the same way.
+``critic_train``'s ``request_id`` (1 to 128 bytes of UTF-8) and the ``path`` of
+``critic_save``/``critic_load`` (non-empty UTF-8, no NUL) are checked the same way; Triton checks
+the dtype and shape of ``critic_status``'s (otherwise ignored) ``ping``.
 
 Backend calls are serialized with one lock: the backend is one model, so an inference must not
 run during an optimizer step.
@@ -51,6 +69,8 @@ import os
 import signal
 import sysconfig
 import threading
+import uuid
+from collections import OrderedDict
 from typing import Any, MutableMapping
 
 import numpy as np
@@ -59,6 +79,7 @@ from nemo_rlhf.servers.protocol import (
     INFER_MODEL,
     LOAD_MODEL,
     SAVE_MODEL,
+    STATUS_MODEL,
     TRAIN_MODEL,
     CriticBackend,
     CriticServerError,
@@ -69,6 +90,11 @@ LOGGER = logging.getLogger(__name__)
 # Prefix of every validation error message sent back to the client; the client extracts the text
 # after it from PyTriton's traceback reply.
 ERROR_MARKER = "CRITIC_REQUEST_ERROR"
+
+# How many applied critic_train request ids (with their metrics) the server remembers.
+TRAIN_DEDUP_SIZE = 64
+# Longest accepted critic_train request id (bytes).
+MAX_REQUEST_ID_BYTES = 128
 
 
 def triton_env_fix(env: MutableMapping[str, str] | None = None) -> str:
@@ -182,11 +208,50 @@ def validate_train_request(
             raise request_error(f"input '{name}' has a non-finite value {array[row, col]} at [{row}, {col}]")
 
 
+def validate_request_id(request_id: Any) -> str:
+    """Check the optional ``request_id`` input of ``critic_train`` and return it as text.
+
+    Raises:
+        ValueError: not one non-empty UTF-8 byte string of at most ``MAX_REQUEST_ID_BYTES`` bytes
+            (message starts with ``CRITIC_REQUEST_ERROR``).
+    """
+    if not isinstance(request_id, np.ndarray) or request_id.shape != (1,) or not isinstance(request_id[0], bytes):
+        raise request_error(f"input 'request_id' must be one UTF-8 encoded string of shape (1,), got {request_id!r}")
+    raw = request_id[0]
+    if not 1 <= len(raw) <= MAX_REQUEST_ID_BYTES:
+        raise request_error(
+            f"input 'request_id' has {len(raw)} bytes; expected 1 to {MAX_REQUEST_ID_BYTES} (e.g. a uuid4)"
+        )
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise request_error(f"input 'request_id' is not valid UTF-8: {e}") from None
+
+
+def _path_input(request: dict, what: str) -> str:
+    path = request["path"]
+    if not isinstance(path, np.ndarray) or path.shape != (1,) or not isinstance(path[0], bytes):
+        raise request_error(f"input 'path' must be one UTF-8 encoded string of shape (1,), got {path!r}")
+    try:
+        text = path[0].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise request_error(f"input 'path' is not valid UTF-8: {e}") from None
+    if not text:
+        raise request_error(f"input 'path' is empty; expected {what}")
+    if "\x00" in text:
+        raise request_error("input 'path' contains a NUL character")
+    return text
+
+
 class CriticServer:
     """Serve a :class:`CriticBackend` over PyTriton (HTTP and gRPC on ``host``).
 
     Use ``run()`` to serve until interrupted (blocking), or ``start()``/``stop()`` (or ``with
     CriticServer(...) as server:``) to serve from background threads of this process.
+
+    PyTriton has no authentication and no TLS: anyone who can reach the ports can run, train and
+    save the critic. Keep the default loopback ``host`` for local runs; on a cluster bind the
+    node's private address and keep the ports inside the cluster network (docs/cluster.md).
 
     Args:
         backend: the critic model; ``backend.max_seq_len`` bounds ``S``.
@@ -197,6 +262,12 @@ class CriticServer:
         max_queue_delay_us: how long (microseconds) Triton's dynamic batcher may hold an
             inference request to merge it with others.
         log_verbose: Triton's verbose log level (0 = off).
+
+    Attributes:
+        instance: uuid4 string drawn when this object is created; reported by ``critic_status``
+            and in every ``critic_train`` reply so that clients detect a restarted server.
+        train_steps: backend ``train`` calls made by this server (optimizer steps).
+        train_duplicates: ``critic_train`` requests answered from the request-id cache.
 
     Raises:
         ValueError: for a non-positive ``max_batch_size``/``backend.max_seq_len``.
@@ -227,6 +298,21 @@ class CriticServer:
         self.log_verbose = log_verbose
         self._lock = threading.Lock()
         self._triton = None
+        self.instance = str(uuid.uuid4())
+        self.train_steps = 0
+        self.train_duplicates = 0
+        # request id -> metrics of applied train requests (oldest first), and ids being applied now.
+        self._applied: OrderedDict[str, dict[str, float]] = OrderedDict()
+        self._in_flight: dict[str, threading.Event] = {}
+        self._dedup_lock = threading.Lock()
+
+    def status(self) -> dict[str, Any]:
+        """``{"instance", "train_steps", "train_duplicates"}`` (what ``critic_status`` returns)."""
+        return {
+            "instance": self.instance,
+            "train_steps": self.train_steps,
+            "train_duplicates": self.train_duplicates,
+        }
 
     @property
     def url(self) -> str:
@@ -252,6 +338,7 @@ class CriticServer:
 
     def _train_fn(self, requests: list) -> list[dict[str, np.ndarray]]:
         # Validate every request first so that a bad one cannot leave earlier ones half-applied.
+        request_ids = []
         for request in requests:
             validate_train_request(
                 request["tokens"],
@@ -261,32 +348,71 @@ class CriticServer:
                 self.backend.max_seq_len,
                 self.max_batch_size,
             )
+            # PyTriton's Request has no .get(); an optional input that was not sent is absent.
+            request_ids.append(validate_request_id(request["request_id"]) if "request_id" in request else None)
         responses = []
-        for request in requests:  # one request = one optimizer step
-            with self._lock:
-                metrics = self.backend.train(
-                    request["tokens"], request["returns"], request["prev_values"], request["mask"]
-                )
-            if "loss" not in metrics:
-                raise RuntimeError(f"backend.train returned metrics without 'loss': {sorted(metrics)}")
-            metrics = {str(k): float(v) for k, v in metrics.items()}
+        for request, request_id in zip(requests, request_ids):  # one request = one optimizer step
+            metrics = self._train_once(request, request_id)
+            reply = {**metrics, "instance": self.instance}
             responses.append(
                 {
                     "loss": np.array([metrics["loss"]], dtype=np.float32),
-                    "metrics": np.array([json.dumps(metrics).encode()], dtype=np.object_),
+                    "metrics": np.array([json.dumps(reply).encode()], dtype=np.object_),
                 }
             )
         return responses
 
+    def _train_once(self, request: dict, request_id: str | None) -> dict[str, float]:
+        """Apply one training request unless its id was applied already (then its cached metrics)."""
+        if request_id is None:
+            return self._apply_train(request)
+        while True:
+            with self._dedup_lock:
+                if request_id in self._applied:
+                    self._applied.move_to_end(request_id)
+                    self.train_duplicates += 1
+                    LOGGER.warning(
+                        "critic_train request %s was already applied: answering with its metrics, no second "
+                        "optimizer step (a retry after a lost reply)",
+                        request_id,
+                    )
+                    return self._applied[request_id]
+                done = self._in_flight.get(request_id)
+                if done is None:
+                    done = self._in_flight[request_id] = threading.Event()
+                    break
+            # The same id is being applied right now (the client gave up waiting and retried): wait
+            # for it, then answer from the cache (or apply it here if that attempt failed).
+            LOGGER.warning("critic_train request %s is already being applied: waiting for it", request_id)
+            done.wait()
+        try:
+            metrics = self._apply_train(request)
+            with self._dedup_lock:
+                self._applied[request_id] = metrics
+                while len(self._applied) > TRAIN_DEDUP_SIZE:
+                    self._applied.popitem(last=False)
+            return metrics
+        finally:
+            with self._dedup_lock:
+                del self._in_flight[request_id]
+            done.set()
+
+    def _apply_train(self, request: dict) -> dict[str, float]:
+        with self._lock:
+            metrics = self.backend.train(request["tokens"], request["returns"], request["prev_values"], request["mask"])
+            self.train_steps += 1
+        if "loss" not in metrics:
+            raise RuntimeError(f"backend.train returned metrics without 'loss': {sorted(metrics)}")
+        return {str(k): float(v) for k, v in metrics.items()}
+
+    def _status_fn(self, requests: list) -> list[dict[str, np.ndarray]]:
+        status = json.dumps(self.status()).encode()
+        return [{"status": np.array([status], dtype=np.object_)} for _ in requests]
+
     def _save_fn(self, requests: list) -> list[dict[str, np.ndarray]]:
         responses = []
         for request in requests:
-            path = request["path"]
-            if path.shape != (1,) or not isinstance(path[0], bytes):
-                raise request_error(f"input 'path' must be one UTF-8 encoded string of shape (1,), got {path!r}")
-            text = path[0].decode("utf-8")
-            if not text:
-                raise request_error("input 'path' is empty; expected a file path")
+            text = _path_input(request, "a file path")
             with self._lock:
                 self.backend.save(text)
             responses.append({"ok": np.array([True])})
@@ -295,12 +421,7 @@ class CriticServer:
     def _load_fn(self, requests: list) -> list[dict[str, np.ndarray]]:
         responses = []
         for request in requests:
-            path = request["path"]
-            if path.shape != (1,) or not isinstance(path[0], bytes):
-                raise request_error(f"input 'path' must be one UTF-8 encoded string of shape (1,), got {path!r}")
-            text = path[0].decode("utf-8")
-            if not text:
-                raise request_error("input 'path' is empty; expected a checkpoint directory")
+            text = _path_input(request, "a checkpoint directory")
             with self._lock:
                 state = self.backend.load(text)
             state = {str(k): float(v) for k, v in dict(state).items()}
@@ -353,6 +474,7 @@ class CriticServer:
                 Tensor(name="returns", **float_2d),
                 Tensor(name="prev_values", **float_2d),
                 Tensor(name="mask", **float_2d),
+                Tensor(name="request_id", dtype=np.bytes_, shape=(1,), optional=True),
             ],
             outputs=[
                 Tensor(name="loss", dtype=np.float32, shape=(1,)),
@@ -374,10 +496,17 @@ class CriticServer:
             outputs=[Tensor(name="state", dtype=np.bytes_, shape=(1,))],
             config=ModelConfig(batching=False),
         )
+        triton.bind(
+            model_name=STATUS_MODEL,
+            infer_func=self._status_fn,
+            inputs=[Tensor(name="ping", dtype=np.int64, shape=(1,))],
+            outputs=[Tensor(name="status", dtype=np.bytes_, shape=(1,))],
+            config=ModelConfig(batching=False),
+        )
         return triton
 
     def start(self) -> CriticServer:
-        """Start Triton and load the four models; returns once they are ready.
+        """Start Triton and load the five models; returns once they are ready.
 
         Raises:
             RuntimeError: if already started.
@@ -396,7 +525,7 @@ class CriticServer:
             triton.stop()
             raise
         self._triton = triton
-        LOGGER.info("critic server ready at %s", self.url)
+        LOGGER.info("critic server ready at %s (instance %s)", self.url, self.instance)
         return self
 
     def stop(self) -> None:
@@ -416,6 +545,7 @@ class CriticServer:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         self._triton = self._make_triton()
+        LOGGER.info("critic server starting at %s (instance %s)", self.url, self.instance)
         try:
             self._triton.serve()
         finally:

@@ -36,7 +36,12 @@ def _exchange(group, command: Any = None) -> Any:
 
 class LeaderBackend:
     """Rank 0's view of a multi-process backend: same methods as the backend, each one broadcast
-    to the followers before it runs here. Thread-safe (the server calls it from its threads)."""
+    to the followers before it runs here. Thread-safe (the server calls it from its threads).
+
+    ``critic_train`` request ids are handled by :class:`~nemo_rlhf.servers.critic_server.CriticServer`
+    before it calls :meth:`train`: a repeated id is answered from the server's cache and never
+    reaches this class, so the followers never see it either and every rank takes exactly the
+    same optimizer steps. ``critic_status`` does not touch the backend (nothing is broadcast)."""
 
     def __init__(self, backend, group):
         self.backend = backend

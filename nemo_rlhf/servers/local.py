@@ -15,7 +15,9 @@ import numpy as np
 
 
 class LocalCriticClient:
-    """Client-compatible wrapper of a backend: ``infer``, ``infer_async``, ``train``, ``save``."""
+    """Client-compatible wrapper of a backend: ``infer``, ``infer_async``, ``train``, ``save``,
+    ``load``, ``status``. Nothing can be lost between caller and backend, so there are no retries,
+    ``request_id`` is accepted and ignored, and the instance is always ``"local"``."""
 
     # In-process: every rank of the actor's model-parallel group calls it (the critic's own TP/PP
     # collectives need them all), synchronously — megatron's globals forbid running it in a
@@ -24,6 +26,7 @@ class LocalCriticClient:
 
     def __init__(self, backend: Any):
         self.backend = backend
+        self.train_steps = 0
 
     def infer(self, tokens: np.ndarray, lengths: np.ndarray):
         return self.backend.infer(tokens, lengths)
@@ -36,8 +39,13 @@ class LocalCriticClient:
             fut.set_exception(exc)
         return fut
 
-    def train(self, tokens, returns, prev_values, mask) -> dict:
-        return self.backend.train(tokens, returns, prev_values, mask)
+    def train(self, tokens, returns, prev_values, mask, request_id: str | None = None) -> dict:
+        metrics = self.backend.train(tokens, returns, prev_values, mask)
+        self.train_steps += 1
+        return metrics
+
+    def status(self) -> dict:
+        return {"instance": "local", "train_steps": self.train_steps}
 
     def save(self, path: str) -> None:
         self.backend.save(path)

@@ -13,7 +13,7 @@ from collections import deque
 from pathlib import Path
 
 from nemo_rlhf.servers.critic_server import triton_env_fix
-from nemo_rlhf.servers.protocol import INFER_MODEL, CriticServerUnavailable
+from nemo_rlhf.servers.protocol import ALL_MODELS, INFER_MODEL, CriticServerUnavailable
 
 _LOG_TAIL_LINES = 30
 
@@ -154,12 +154,14 @@ def start_server_process(
     ready_timeout_s: float,
     log_path: str | os.PathLike,
 ) -> ServerProcess:
-    """Start ``cmd`` (a critic server) and wait until it serves ``critic_infer``.
+    """Start ``cmd`` (a critic server) and wait until it serves all its models.
 
     The command runs in a new session/process group, with this process's environment plus the
     ``LD_LIBRARY_PATH`` fix of :func:`~nemo_rlhf.servers.critic_server.triton_env_fix`, and
     stdout and stderr appended to ``log_path``. Readiness means ``GET /v2/health/ready`` and
-    ``GET /v2/models/critic_infer/ready`` both answer 200.
+    ``GET /v2/models/<model>/ready`` for each model of
+    :data:`~nemo_rlhf.servers.protocol.ALL_MODELS` answer 200 (PyTriton loads the models one
+    after the other once HTTP is up).
 
     Args:
         cmd: argv of the server, e.g. ``[sys.executable, "-m", "...", "--http-port", "8000"]``.
@@ -191,7 +193,9 @@ def start_server_process(
             server.stop()  # reap anything it left behind in its group
             cause = f"server process exited with code {code}; last lines of {log_path}:\n{server.log_tail()}"
             raise CriticServerUnavailable(url, INFER_MODEL, ready_timeout_s, cause)
-        if _http_ok(f"{url}/v2/health/ready", 1.0) and _http_ok(f"{url}/v2/models/{INFER_MODEL}/ready", 1.0):
+        if _http_ok(f"{url}/v2/health/ready", 1.0) and all(
+            _http_ok(f"{url}/v2/models/{model}/ready", 1.0) for model in ALL_MODELS
+        ):
             return server
         if time.monotonic() >= deadline:
             server.stop()

@@ -146,6 +146,24 @@ def test_train_is_one_step_changes_weights_and_returns_the_loss(client, backend)
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_train_request_id_is_applied_once_and_status_counts_steps(client, server, backend):
+    from nemo_rlhf.servers.critic_server import TRAIN_DEDUP_SIZE
+
+    status = client.status()
+    assert status["instance"] == server.instance == client.instance
+    calls, steps = backend.train_calls, status["train_steps"]
+    first = client.train(*_train_inputs(), request_id="same-id")
+    again = client.train(*_train_inputs(seed=1), request_id="same-id")  # a retry: not applied again
+    assert again == first and "instance" not in first
+    assert backend.train_calls == calls + 1
+    assert client.status()["train_steps"] == steps + 1
+    assert client.status()["train_duplicates"] >= 1
+    for i in range(TRAIN_DEDUP_SIZE):  # the oldest ids are forgotten after TRAIN_DEDUP_SIZE others
+        client.train(*_train_inputs(b=1, s=2), request_id=f"filler-{i}")
+    client.train(*_train_inputs(), request_id="same-id")
+    assert backend.train_calls == calls + 2 + TRAIN_DEDUP_SIZE
+
+
 def test_save_then_load_restores_weights_optimizer_and_step(client, backend, tmp_path):
     path = tmp_path / "critic.pt"
     client.save(str(path))
@@ -263,9 +281,12 @@ def test_backend_exception_is_an_error_reply_and_server_keeps_serving(client, ba
 
 def test_slow_inference_raises_unavailable_naming_the_infer_timeout(server, backend):
     backend.delay_next_s = 2.0
-    with CriticClient(server.host, server.http_port, infer_timeout_s=0.5, init_timeout_s=30) as c:
+    # retry_limit_s=0: give up after the first timeout (retries are tested in test_server_faults.py).
+    with CriticClient(server.host, server.http_port, infer_timeout_s=0.5, init_timeout_s=30, retry_limit_s=0) as c:
         c.wait_until_ready()
-        with pytest.raises(CriticServerUnavailable, match=r"\(model 'critic_infer'\) did not answer within 0.5 s"):
+        with pytest.raises(
+            CriticServerUnavailable, match=r"\(model 'critic_infer'\) unavailable: .* did not answer within 0.5 s"
+        ):
             c.infer(_T, _L)
 
 
@@ -309,7 +330,7 @@ def test_server_process_serves_then_stops_without_orphans(tmp_path):
     try:
         children = _descendants(proc.pid)
         assert children, "expected tritonserver and backend stubs under the server process"
-        with CriticClient("127.0.0.1", http, init_timeout_s=30) as c:
+        with CriticClient("127.0.0.1", http, init_timeout_s=30, retry_limit_s=1.0, retry_backoff_s=0.2) as c:
             tokens, lengths = _batch(np.random.default_rng(3), 2, 8)
             # Same seed and architecture as the subprocess's backend -> same weights.
             np.testing.assert_array_equal(c.infer(tokens, lengths)[0], TinyCriticBackend().infer(tokens, lengths)[0])

@@ -25,7 +25,16 @@ class TinyCriticBackend:
         self.train_calls = 0
         self.raise_next: Exception | None = None  # tests: infer raises this once
         self.delay_next_s = 0.0  # tests: infer sleeps this long once
+        # tests (fault injection): the first ``*_delay_calls`` calls (-1: every call) sleep ``*_delay_s``.
+        self.infer_delay_s, self.infer_delay_calls = 0.0, 0
+        self.train_delay_s, self.train_delay_calls = 0.0, 0
+        self.save_delay_s, self.save_delay_calls = 0.0, 0
 
+    def _injected_delay(self, kind: str) -> None:
+        calls = getattr(self, f"{kind}_delay_calls")
+        if calls:
+            setattr(self, f"{kind}_delay_calls", calls - 1 if calls > 0 else calls)
+            time.sleep(getattr(self, f"{kind}_delay_s"))
 
     def _values(self, tokens: np.ndarray) -> torch.Tensor:
         return self.model(torch.from_numpy(tokens)).squeeze(-1)  # [B, S]
@@ -37,6 +46,7 @@ class TinyCriticBackend:
         if self.delay_next_s:
             delay, self.delay_next_s = self.delay_next_s, 0.0
             time.sleep(delay)
+        self._injected_delay("infer")
         with torch.no_grad():
             values = self._values(tokens).numpy().astype(np.float32)
         rewards = values[np.arange(tokens.shape[0]), lengths - 1].astype(np.float32)
@@ -46,6 +56,7 @@ class TinyCriticBackend:
         self, tokens: np.ndarray, returns: np.ndarray, prev_values: np.ndarray, mask: np.ndarray
     ) -> dict[str, float]:
         assert prev_values.shape == tokens.shape
+        self._injected_delay("train")
         values = self._values(tokens)
         mask_t = torch.from_numpy(mask)
         loss = (mask_t * (values - torch.from_numpy(returns)) ** 2).sum() / mask_t.sum().clamp(min=1.0)
@@ -56,6 +67,7 @@ class TinyCriticBackend:
         return {"loss": float(loss.item()), "num_tokens": float(mask.sum())}
 
     def save(self, path: str) -> None:
+        self._injected_delay("save")
         torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "train_calls": self.train_calls}, path)
 
@@ -67,14 +79,37 @@ class TinyCriticBackend:
         return {"step": float(self.train_calls)}
 
 
-def main() -> None:
-    """Serve a TinyCriticBackend: ``python tests/servers/tiny_backend.py HTTP GRPC METRICS``."""
-    import sys
+def main(argv: list[str] | None = None) -> None:
+    """Serve a TinyCriticBackend: ``python tests/servers/tiny_backend.py HTTP GRPC METRICS [options]``.
+
+    Test-only fault-injection options: ``--delay-{infer,train,save}-s SECONDS`` makes the first
+    ``--delay-{infer,train,save}-calls N`` calls of that kind (default -1: every call) sleep that
+    long; ``--max-batch-size``, ``--max-seq-len`` size the server.
+    """
+    import argparse
+    import logging
 
     from nemo_rlhf.servers.critic_server import CriticServer
 
-    http_port, grpc_port, metrics_port = (int(p) for p in sys.argv[1:4])
-    CriticServer(TinyCriticBackend(), http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port).run()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("ports", type=int, nargs=3, metavar="PORT", help="HTTP, gRPC and metrics ports")
+    for kind in ("infer", "train", "save"):
+        parser.add_argument(f"--delay-{kind}-s", type=float, default=0.0)
+        parser.add_argument(f"--delay-{kind}-calls", type=int, default=-1)
+    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--max-seq-len", type=int, default=256)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    backend = TinyCriticBackend(max_seq_len=args.max_seq_len)
+    for kind in ("infer", "train", "save"):
+        delay = getattr(args, f"delay_{kind}_s")
+        if delay > 0:
+            setattr(backend, f"{kind}_delay_s", delay)
+            setattr(backend, f"{kind}_delay_calls", getattr(args, f"delay_{kind}_calls"))
+    http_port, grpc_port, metrics_port = args.ports
+    CriticServer(
+        backend, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, max_batch_size=args.max_batch_size
+    ).run()
 
 
 if __name__ == "__main__":
