@@ -99,6 +99,7 @@ def test_rm_resume_is_bitwise_exact(sft_full, tmp_path):
     assert_bitwise(weights(full / "rm_weights", "rm"), weights(part / "rm_weights", "rm"))
 
 
+@pytest.mark.faults
 def test_sigterm_checkpoints_and_resume_continues_exactly(sft_full, tmp_path):
     run = tmp_path / "preempted"
     proc = run_stage("train_sft.py", run, "trainer.max_steps=100000", wait=False)
@@ -220,6 +221,7 @@ def ppo_val_rows(run_dir: Path) -> dict[int, dict]:
             for r in rows if r["stage"] == "ppo" and "val/reward" in r}
 
 
+@pytest.mark.faults
 def test_ppo_resume_with_critic_server_is_bitwise_exact(sft_full, rm_weights, tmp_path):
     """SIGTERM a PPO run at step k (the critic server saves in step with the actor), resume it with
     a *fresh* critic server (which must load the paired critic checkpoint), and compare with an

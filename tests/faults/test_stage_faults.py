@@ -84,6 +84,8 @@ def test_critic_server_killed_mid_run_then_resume(trained, tmp_path):
         detected_s = time.time() - killed
     finally:
         server.stop()
+    print(f"critic server killed: actor exited {proc.returncode} after {detected_s:.1f} s")  # -s shows it
+    print("\n".join(line for line in out.splitlines() if "critic server 127.0.0.1" in line or "emergency" in line)[-2000:])
     assert proc.returncode != 0, out[-3000:]
     assert f"critic server 127.0.0.1:{port} failed" in out, out[-3000:]
     # bounded: retry limit (4 s) + one request timeout (10 s) + the emergency save, with margin
