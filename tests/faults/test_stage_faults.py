@@ -2,8 +2,8 @@
 
 The actor must notice within ``critic.retry_limit_s`` (+ one request timeout), write an actor-only
 emergency checkpoint, keep the last paired actor+critic checkpoint intact, and exit non-zero with a
-message naming the server; the same command with a new server then resumes from the paired
-checkpoint."""
+message naming the server and the paired checkpoint the same command resumes from. Also: preemption
+of the reward-model stage by SIGUSR1."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def ppo_steps(run: Path) -> list[int]:
     return [r["step"] for r in rows if r["stage"] == "ppo" and "ppo/reward" in r]
 
 
-def test_critic_server_killed_mid_run_then_resume(trained, tmp_path):
+def test_critic_server_killed_mid_run(trained, tmp_path):
     server, port = start_server(trained, tmp_path / "server1.log")
     run = tmp_path / "ppo"
     args = [f"run_dir={run}", f"init_from={trained / 'sft' / 'sft_weights'}",
@@ -97,21 +97,17 @@ def test_critic_server_killed_mid_run_then_resume(trained, tmp_path):
     assert state["critic"] is None and "127.0.0.1" in state["reason"]
     from nemo_rlhf.checkpoint.training_state import latest_checkpoint
 
+    # The paired actor+critic checkpoint is intact and is what the same command resumes from (the
+    # emergency one is never picked; resuming a paired checkpoint against a fresh server is
+    # tests/checkpoint/test_resume.py's bitwise PPO test).
     paired = latest_checkpoint(root)
     assert paired is not None and (paired / "critic" / "COMPLETE").exists()
-    k = int(paired.name.split("_")[1])
-    assert k >= 2
-    # A new server; the same command resumes from the paired checkpoint (the emergency one is not picked).
-    server2, port2 = start_server(trained, tmp_path / "server2.log")
-    try:
-        proc = launch("train_ppo_actor.py", *args, f"critic.port={port2}", f"trainer.max_steps={k + 2}")
-    finally:
-        server2.stop()
-    assert f"resumed from {paired}" in proc.stdout + proc.stderr
-    assert json.loads((run / "ppo_result.json").read_text())["steps"] == k + 2
+    assert int(paired.name.split("_")[1]) >= 2
+    assert f"the run resumes (same command, with a running critic server) from the newest paired actor+critic " \
+           f"checkpoint: {paired}" in out
 
 
-@pytest.mark.parametrize("sig", ["SIGUSR1", "SIGTERM"])
+@pytest.mark.parametrize("sig", ["SIGUSR1"])  # SIGTERM: the SFT and PPO tests in tests/checkpoint
 def test_reward_model_stage_preempted_checkpoints_and_exits_cleanly(trained, tmp_path, sig):
     """SLURM's --signal=B:USR1@300 / preemption SIGTERM: checkpoint at the next step boundary, exit 0
     within a bounded time; the same command then resumes from that checkpoint."""
