@@ -12,33 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.checkpoint
+pytestmark = [pytest.mark.checkpoint, pytest.mark.usefixtures("megatron_world")]
 
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 128
 PAD_ID = 0
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _megatron_world():
-    """Single-process gloo world (TP = PP = 1), torn down at module end (as tests/models)."""
-    if torch.cuda.is_available():
-        pytest.skip("runs megatron on CPU through cpu_compat, which refuses CUDA machines")
-    from nemo_rlhf.utils.hydra import quiet_warnings
-
-    quiet_warnings()
-    from nemo_rlhf.parallel.state import destroy_distributed, initialize_distributed
-
-    created = not torch.distributed.is_initialized()
-    initialize_distributed(1, 1, "cpu", seed=1234)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    if created:
-        destroy_distributed()
 
 
 def _llama_config(tied: bool, **kw) -> "transformers.LlamaConfig":

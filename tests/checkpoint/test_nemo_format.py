@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.checkpoint
+pytestmark = [pytest.mark.checkpoint, pytest.mark.usefixtures("megatron_world")]
 
 VOCAB_ROWS = 128
 L = 2
@@ -41,26 +41,6 @@ GPT2_LIKE = dict(num_layers=L, hidden_size=64, num_attention_heads=4, num_query_
                  position_embedding_type="learned_absolute", normalization="LayerNorm", layernorm_epsilon=1e-5,
                  activation="gelu", add_bias_linear=True, add_qkv_bias=False,
                  share_embeddings_and_output_weights=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _megatron_world():
-    """Single-process gloo world (TP = PP = 1), torn down at module end."""
-    if torch.cuda.is_available():
-        pytest.skip("runs megatron on CPU through cpu_compat, which refuses CUDA machines")
-    from nemo_rlhf.utils.hydra import quiet_warnings
-
-    quiet_warnings()
-    from nemo_rlhf.parallel.state import destroy_distributed, initialize_distributed
-
-    created = not torch.distributed.is_initialized()
-    initialize_distributed(1, 1, "cpu", seed=1234)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    if created:
-        destroy_distributed()
 
 
 # --------------------------------------------------------------------------- helpers

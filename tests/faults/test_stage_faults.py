@@ -36,12 +36,30 @@ def launch(script: str, *args: str, wait: bool = True):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    """Randomly initialised SFT policy and reward model of the launchers' tiny config, and a BPE
+    tokenizer trained on HH text (built in-process: faster than running the two stages; what the
+    tests exercise is the PPO actor, the critic server and preemption, not model quality)."""
+    from omegaconf import OmegaConf
+
+    from nemo_rlhf.checkpoint.weights import save_model_weights
+    from nemo_rlhf.data import default_data_dir, load_hh_pairs, train_bpe_tokenizer
+    from nemo_rlhf.models.gpt_sft import GPTSFTModel
+    from nemo_rlhf.models.reward_model import GPTRewardModel
+    from nemo_rlhf.parallel.state import destroy_distributed, initialize_distributed
+
     d = tmp_path_factory.mktemp("faults_models")
-    common = [*MODEL, *DATA, "trainer.max_steps=2", "trainer.val_check_interval=null", "trainer.limit_val_batches=1",
-              "checkpoint.every_n_steps=0"]
-    launch("train_sft.py", f"run_dir={d / 'sft'}", "tokenizer.vocab_size=512", *common)
-    launch("train_reward_model.py", f"run_dir={d / 'rm'}", f"init_from={d / 'sft' / 'sft_weights'}",
-           f"tokenizer.path={d / 'sft' / 'tokenizer.json'}", *common)
+    pairs, _ = load_hh_pairs([default_data_dir() / "hh-rlhf" / "helpful-base_test.jsonl.gz"], max_rows=400)
+    (d / "sft").mkdir()
+    tok = train_bpe_tokenizer([p.prompt + p.chosen for p in pairs] + [p.rejected for p in pairs], 512,
+                              save_path=d / "sft" / "tokenizer.json")
+    cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml"))
+    cfg.update({k.split(".", 1)[1].split("=")[0]: int(k.split("=")[1]) for k in MODEL})
+    initialize_distributed(1, 1, "cpu", seed=5)
+    try:
+        save_model_weights(GPTSFTModel(cfg, None, tok.vocab_size, 4, tok.pad_id).gpt, d / "sft" / "sft_weights")
+        save_model_weights(GPTRewardModel(cfg, None, tok.vocab_size, 4).gpt, d / "rm" / "rm_weights")
+    finally:
+        destroy_distributed()
     return d
 
 
