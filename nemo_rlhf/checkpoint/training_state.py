@@ -24,7 +24,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from nemo_rlhf.checkpoint.weights import COMPLETE_MARKER, CheckpointError, _barrier, _rank
+from nemo_rlhf.checkpoint.weights import (
+    COMPLETE_MARKER,
+    CheckpointError,
+    _barrier,
+    _rank,
+    begin_atomic_dir,
+    commit_atomic_dir,
+)
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -182,11 +189,7 @@ def save_checkpoint_dir(final: str | Path, module, extra: dict[str, Any] | None 
     from megatron.core import dist_checkpointing
 
     final = Path(final)
-    tmp = final.with_name(final.name + ".tmp")
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
+    tmp = begin_atomic_dir(final)
     dist_checkpointing.save(_sharded(module, is_loading=False), str(tmp),
                             validate_access_integrity=True)
     torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
@@ -201,10 +204,7 @@ def save_checkpoint_dir(final: str | Path, module, extra: dict[str, Any] | None 
                  "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
                  **(extra or {})}
         (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
-        (tmp / COMPLETE_MARKER).write_text("ok\n")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        commit_atomic_dir(tmp, final)
     _barrier()
     return final
 

@@ -29,6 +29,29 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
+def begin_atomic_dir(final: Path) -> Path:
+    """Collective: rank 0 (re)creates an empty ``<final>.tmp``; every rank returns it after a barrier."""
+    tmp = final.with_name(final.name + ".tmp")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    return tmp
+
+
+def commit_atomic_dir(tmp: Path, final: Path) -> None:
+    """Rank 0 only: write the ``COMPLETE`` marker into ``tmp`` and swap it in for ``final`` (an
+    existing ``final`` is renamed to ``<final>.old`` first and deleted after), so a reader finds
+    the previous complete directory or the new one, never a partial one."""
+    (tmp / COMPLETE_MARKER).write_text("ok\n")
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def save_model_weights(gpt, path: str | os.PathLike) -> Path:
     """Save a megatron ``GPTModel``'s weights (all TP/PP shards, collectively) to ``path``.
 
@@ -37,21 +60,11 @@ def save_model_weights(gpt, path: str | os.PathLike) -> Path:
     from megatron.core import dist_checkpointing
 
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
+    tmp = begin_atomic_dir(path)
     dist_checkpointing.save(gpt.sharded_state_dict(), str(tmp))
     _barrier()
     if _rank() == 0:
-        (tmp / COMPLETE_MARKER).write_text("ok\n")
-        old = path.with_name(path.name + ".old")
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
+        commit_atomic_dir(tmp, path)
     _barrier()
     return path
 

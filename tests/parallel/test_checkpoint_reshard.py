@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import torchrun
+from torchrun_helper import torchrun
 
 pytestmark = [pytest.mark.parallel, pytest.mark.checkpoint]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import torchrun
+from torchrun_helper import torchrun
 
 pytestmark = pytest.mark.parallel
 

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from conftest import torchrun
+from torchrun_helper import torchrun
 
 pytestmark = pytest.mark.parallel
 

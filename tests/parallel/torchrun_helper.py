@@ -1,4 +1,6 @@
-"""Helpers for the multi-process layout tests: run `nemo_rlhf.parallel.parity` under torchrun."""
+"""Helper for the multi-process tests: run a module under torchrun on loopback (imported by the
+tests of this directory as `from torchrun_helper import torchrun`; not a conftest, so that its
+name cannot collide with the other directories' conftest modules)."""
 
 from __future__ import annotations
 
