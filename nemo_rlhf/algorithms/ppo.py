@@ -119,17 +119,13 @@ def raise_if_any_rank_failed(error: BaseException | None, what: str) -> None:
     Raises:
         ``error`` on the rank that had it; :class:`CriticServerError` naming ``what`` elsewhere.
     """
+    from nemo_rlhf.parallel.state import any_rank
     from nemo_rlhf.servers.protocol import CriticServerError
 
-    flag = torch.tensor([1.0 if error is not None else 0.0])
-    if torch.distributed.is_initialized():
-        from nemo_rlhf.parallel.state import comm_device
-
-        flag = flag.to(comm_device())
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    failed = any_rank(error is not None)
     if error is not None:
         raise error
-    if flag.item() > 0:
+    if failed:
         raise CriticServerError(f"{what} failed on another rank (its log names the server and the cause); "
                                 f"all ranks stop together")
 
@@ -271,13 +267,9 @@ class PPOActorModule(GPTActorModel):
         rank's is). One all-reduce over the world, so every rank takes the same branch."""
         bad = next((name for name in ("scores", "values", "logprobs", "ref_logprobs", "advantages", "returns")
                     if not bool(torch.isfinite(getattr(ro, name)).all())), None)
-        flag = torch.tensor([1.0 if bad else 0.0])
-        if torch.distributed.is_initialized():
-            from nemo_rlhf.parallel.state import comm_device
+        from nemo_rlhf.parallel.state import any_rank
 
-            flag = flag.to(comm_device())
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return (bad or "elsewhere") if flag.item() > 0 else None
+        return (bad or "elsewhere") if any_rank(bad is not None) else None
 
     def training_step(self, batch, batch_idx):
         c = self.ppo_cfg

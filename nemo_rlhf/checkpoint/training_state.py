@@ -314,13 +314,9 @@ class Preemption:
 
     def agreed(self) -> bool:
         """True on every rank if any rank was signalled (one all-reduce)."""
-        flag = torch.tensor([1.0 if self.requested else 0.0])
-        if torch.distributed.is_initialized():
-            from nemo_rlhf.parallel.state import comm_device
+        from nemo_rlhf.parallel.state import any_rank
 
-            flag = flag.to(comm_device())
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        return any_rank(self.requested is not None)
 
 
 def make_checkpoint_callback(root: str | Path, every_n_steps: int, keep_last: int, extra_fn, preemption: Preemption,

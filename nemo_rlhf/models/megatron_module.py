@@ -256,15 +256,11 @@ class MegatronGPTModule(pl.LightningModule):
 
     def _grads_finite(self) -> bool:
         """True on every rank iff every gradient of every rank is finite (one all-reduce)."""
+        from nemo_rlhf.parallel.state import any_rank
+
         bad = any(not bool(torch.isfinite(p.main_grad).all())
                   for p in self.model.parameters() if getattr(p, "main_grad", None) is not None)
-        if torch.distributed.is_initialized():
-            from nemo_rlhf.parallel.state import comm_device
-
-            flag = torch.tensor([1.0 if bad else 0.0], device=comm_device())
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            bad = bool(flag.item() > 0)
-        return not bad
+        return not any_rank(bad)
 
     def record_nonfinite(self, what: str) -> None:
         """Count one skipped update (``what`` names the culprit for the log); call on every rank.

@@ -157,6 +157,16 @@ def comm_device() -> torch.device:
     return torch.device("cpu")
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank iff ``flag`` is true on at least one rank of the world (one all-reduce
+    over the default group; every rank must call it). Without torch.distributed: ``flag``."""
+    if not torch.distributed.is_initialized():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=comm_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
 def is_rank_zero() -> bool:
     """True on global rank 0, or when torch.distributed is not initialised."""
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
