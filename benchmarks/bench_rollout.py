@@ -39,7 +39,8 @@ def main() -> None:
     from nemo_rlhf.algorithms.ppo import PPOActorModule
     from nemo_rlhf.generation.sampling import SamplingParams
     from nemo_rlhf.models.actor import GPTActorModel
-    from nemo_rlhf.models.critic import GPTCriticModel, MegatronCriticBackend
+    from nemo_rlhf.models.critic import GPTCriticModel
+    from nemo_rlhf.servers.megatron_backend import MegatronCriticBackend
     from nemo_rlhf.models.reward_model import GPTRewardModel
     from nemo_rlhf.parallel.state import initialize_distributed
     from nemo_rlhf.servers.local import LocalCriticClient

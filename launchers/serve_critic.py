@@ -10,7 +10,7 @@ from nemo_rlhf.utils.hydra import hydra_entry
 
 @hydra_entry("gpt_ppo_critic")
 def main(cfg) -> None:
-    from nemo_rlhf.algorithms.stages import serve_critic
+    from nemo_rlhf.servers.serve import serve_critic
     from nemo_rlhf.parallel.state import destroy_distributed
 
     try:

@@ -27,9 +27,7 @@ from nemo_rlhf.data import (
     collate_sft,
     default_data_dir,
     load_hh_pairs,
-    load_tokenizer,
     split_heldout,
-    train_bpe_tokenizer,
 )
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -40,32 +38,14 @@ from nemo_rlhf.checkpoint.training_state import (
     make_checkpoint_callback,
     save_training_checkpoint,
 )
-from nemo_rlhf.parallel.layout import validate_layout
-from nemo_rlhf.parallel.state import initialize_distributed, is_rank_zero
+from nemo_rlhf.data.tokenizer import tokenizer_from_config as get_tokenizer
+from nemo_rlhf.parallel.state import is_rank_zero, setup_parallel
+from nemo_rlhf.utils.hydra import to_dict
 
 LOG = logging.getLogger("nemo_rlhf")
 
 
 # ---------------------------------------------------------------------------- config helpers
-def to_dict(cfg: Any) -> Any:
-    """OmegaConf node -> plain Python containers (resolved)."""
-    if isinstance(cfg, DictConfig) or OmegaConf.is_config(cfg):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return cfg
-
-
-def setup_parallel(cfg: DictConfig) -> int:
-    """Validate the layout, initialise torch.distributed + megatron groups; returns DP size."""
-    from nemo_rlhf.parallel.state import read_dist_env
-
-    world = read_dist_env().world_size
-    dp = validate_layout(to_dict(cfg.model), world, cfg.batch.global_batch_size, cfg.batch.micro_batch_size)
-    initialize_distributed(int(cfg.model.get("tensor_model_parallel_size", 1) or 1),
-                           int(cfg.model.get("pipeline_model_parallel_size", 1) or 1),
-                           accelerator=cfg.trainer.accelerator, seed=int(cfg.seed))
-    return dp
-
-
 def write_result(run_dir: str | os.PathLike, name: str, result: Mapping[str, Any]) -> None:
     """Write ``<run_dir>/<name>`` (JSON) atomically on rank 0."""
     if not is_rank_zero():
@@ -91,19 +71,6 @@ def load_split_pairs(data_cfg):
     LOG.info("HH data: %s", stats.summary())
     train, heldout = split_heldout(pairs, float(data_cfg.heldout_fraction), seed=int(data_cfg.get("split_seed", 1234)))
     return train, heldout, stats
-
-
-def get_tokenizer(tok_cfg, train_pairs=None, save_dir: str | os.PathLike | None = None):
-    """Load the configured tokenizer, or train a byte-level BPE on the training split
-    (``tokenizer.type=train_bpe``; saved as ``<save_dir>/tokenizer.json``)."""
-    if tok_cfg.type == "train_bpe":
-        if train_pairs is None:
-            raise ValueError("tokenizer.type=train_bpe needs the training split to train on")
-        texts = [p.prompt + p.chosen for p in train_pairs] + [p.rejected for p in train_pairs]
-        path = Path(save_dir) / "tokenizer.json" if save_dir else None
-        tok = train_bpe_tokenizer(texts, int(tok_cfg.vocab_size), save_path=path if is_rank_zero() else None)
-        return tok
-    return load_tokenizer(to_dict(tok_cfg))
 
 
 def dp_loader(dataset, batch_size: int, collate, shuffle: bool, seed: int, drop_last: bool = True):
@@ -260,10 +227,12 @@ def _supervised_stage(cfg: DictConfig, name: str, dataset_cls, collate_fn, build
     """
     from nemo_rlhf.checkpoint.weights import save_model_weights
 
-    dp = setup_parallel(cfg)
+    dp = setup_parallel(to_dict(cfg.model), (int(cfg.batch.global_batch_size), int(cfg.batch.micro_batch_size)),
+                        cfg.trainer.accelerator, int(cfg.seed))
     run_dir = Path(cfg.run_dir)
     train_pairs, heldout, stats = load_split_pairs(cfg.data)
-    tok = get_tokenizer(cfg.tokenizer, train_pairs, save_dir=run_dir)
+    texts = [p.prompt + p.chosen for p in train_pairs] + [p.rejected for p in train_pairs]
+    tok = get_tokenizer(to_dict(cfg.tokenizer), texts, save_dir=run_dir if is_rank_zero() else None)
     d = cfg.data
     train_ds = dataset_cls(train_pairs, tok, int(d.max_seq_len), int(d.max_prompt_len), d.overlong)
     val_ds = dataset_cls(heldout, tok, int(d.max_seq_len), int(d.max_prompt_len), d.overlong)
@@ -349,69 +318,6 @@ def run_reward_model(cfg: DictConfig) -> dict[str, Any]:
         evaluate, skip_prefixes=("output_layer.",))
 
 
-# ---------------------------------------------------------------------------- critic server
-def build_critic_backend(cfg: DictConfig):
-    """The critic server's model pair: frozen reward model + critic initialised from it."""
-    from nemo_rlhf.models.critic import GPTCriticModel, MegatronCriticBackend
-    from nemo_rlhf.models.reward_model import GPTRewardModel
-
-    setup_parallel(cfg)
-    tok = get_tokenizer(cfg.tokenizer)
-    rm = GPTRewardModel(to_dict(cfg.model), None, tok.vocab_size, int(cfg.batch.micro_batch_size))
-    rm.load_weights(cfg.reward_model_path)
-    critic = GPTCriticModel(to_dict(cfg.model), to_dict(cfg.optim), tok.vocab_size,
-                            int(cfg.batch.micro_batch_size), value_clip=cfg.get("value_clip", 0.2))
-    init = cfg.get("critic_init_path") or cfg.reward_model_path
-    critic.load_weights(init, skip_prefixes=() if init == cfg.reward_model_path else ("output_layer.",))
-    max_seq = int(cfg.model.get("max_position_embeddings", 256))
-    return MegatronCriticBackend(critic, rm, max_seq)
-
-
-def serve_critic(cfg: DictConfig) -> None:
-    """Serve the critic and reward model over PyTriton until SIGTERM/SIGINT.
-
-    With several processes (``torchrun``/``srun``, world = TP x PP of ``model``), global rank 0
-    runs the server and broadcasts each request to the other ranks, which run the same collective
-    model calls (:mod:`nemo_rlhf.servers.distributed`). The server has no data parallelism: a
-    world that is not exactly TP x PP is refused.
-
-    Raises:
-        LayoutError: the server's layout does not match its world size.
-    """
-    from nemo_rlhf.parallel.layout import LayoutError
-    from nemo_rlhf.parallel.state import read_dist_env
-    from nemo_rlhf.servers.critic_server import CriticServer, triton_env_fix
-    from nemo_rlhf.servers.distributed import LeaderBackend, command_group, follow
-
-    world = read_dist_env().world_size
-    tp = int(cfg.model.get("tensor_model_parallel_size", 1) or 1)
-    pp = int(cfg.model.get("pipeline_model_parallel_size", 1) or 1)
-    if world != tp * pp:
-        raise LayoutError(
-            f"invalid critic-server layout: world size {world} != model.tensor_model_parallel_size={tp} "
-            f"* model.pipeline_model_parallel_size={pp}; the critic server runs one model replica "
-            f"(no data parallelism): launch it with {tp * pp} processes")
-    triton_env_fix()
-    backend = build_critic_backend(cfg)
-    group = command_group() if world > 1 else None
-    if group is not None and torch.distributed.get_rank() != 0:
-        follow(backend, group)
-        return
-    s = cfg.server
-    port = int(s.port)
-    server = CriticServer(LeaderBackend(backend, group) if group is not None else backend,
-                          host=s.host, http_port=port,
-                          grpc_port=int(s.get("grpc_port") or port + 1),
-                          metrics_port=int(s.get("metrics_port") or port + 2),
-                          max_batch_size=int(s.get("max_batch_size", 64)))
-    LOG.info("critic server starting at %s (world size %d, TP=%d, PP=%d)", server.url, world, tp, pp)
-    try:
-        server.run()
-    finally:
-        if group is not None:
-            server.backend.stop_followers()
-
-
 # ---------------------------------------------------------------------------- PPO actor
 def run_ppo(cfg: DictConfig, critic=None) -> dict[str, Any]:
     """PPO actor training against a critic/reward server (``critic.host``/``critic.port``) or the
@@ -441,10 +347,11 @@ def run_ppo(cfg: DictConfig, critic=None) -> dict[str, Any]:
     from nemo_rlhf.servers.client import CriticClient
     from nemo_rlhf.servers.protocol import CriticServerError
 
-    dp = setup_parallel(cfg)
+    dp = setup_parallel(to_dict(cfg.model), (int(cfg.batch.global_batch_size), int(cfg.batch.micro_batch_size)),
+                        cfg.trainer.accelerator, int(cfg.seed))
     run_dir = Path(cfg.run_dir)
     train_pairs, heldout, _ = load_split_pairs(cfg.data)
-    tok = get_tokenizer(cfg.tokenizer)
+    tok = get_tokenizer(to_dict(cfg.tokenizer))
     d = cfg.data
     train_prompts = sorted({p.prompt for p in train_pairs})
     heldout_prompts = sorted({p.prompt for p in heldout})

@@ -265,3 +265,22 @@ def train_bpe_tokenizer(
     if save_path is not None:
         out.save(save_path)
     return out
+
+
+def tokenizer_from_config(tok_cfg: Mapping[str, Any], train_texts: Iterable[str] | None = None,
+                          save_dir: str | os.PathLike | None = None) -> Tokenizer:
+    """The ``tokenizer:`` config section -> :class:`Tokenizer`.
+
+    ``type: train_bpe`` trains a byte-level BPE of ``vocab_size`` ids on ``train_texts`` (the
+    training split) and saves it as ``<save_dir>/tokenizer.json`` when ``save_dir`` is given (pass
+    it on one rank only); any other type is :func:`load_tokenizer`.
+
+    Raises:
+        ValueError: ``train_bpe`` without ``train_texts``; see also :func:`load_tokenizer`.
+    """
+    if tok_cfg.get("type") == "train_bpe":
+        if train_texts is None:
+            raise ValueError("tokenizer.type=train_bpe needs the training split to train on")
+        path = Path(save_dir) / "tokenizer.json" if save_dir else None
+        return train_bpe_tokenizer(train_texts, int(tok_cfg["vocab_size"]), save_path=path)
+    return load_tokenizer(tok_cfg)

@@ -1,10 +1,9 @@
-"""Critic: GPT trunk + per-token value head, clipped value loss; and the server backend for it."""
+"""Critic: GPT trunk + per-token value head, trained with the clipped value loss."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
-import numpy as np
 import torch
 
 from nemo_rlhf.models.megatron_module import (
@@ -58,72 +57,3 @@ class GPTCriticModel(MegatronGPTModule):
             return loss, {"loss": loss.detach(), **{k: v.detach() for k, v in stats.items()}}
 
         return self.train_global_batch(batch, self.microbatch_size_for(tokens.shape[0]), self._forward, loss_fn)
-
-
-class MegatronCriticBackend:
-    """The critic server's model: a trainable critic and a frozen reward model.
-
-    Implements :class:`nemo_rlhf.servers.protocol.CriticBackend` on numpy arrays.
-
-    Args:
-        critic: the value model (trained by ``train``).
-        reward_model: the frozen reward model (scores at the last token).
-        max_seq_len: longest accepted sequence (the models' ``max_position_embeddings``).
-        save_fn: ``(path) -> None`` that writes the critic checkpoint instead of the default
-            (a full training checkpoint: weights, optimizer, LR schedule, step, RNG, written
-            atomically with :func:`nemo_rlhf.checkpoint.training_state.save_checkpoint_dir`,
-            which :meth:`load` restores).
-    """
-
-    def __init__(self, critic: GPTCriticModel, reward_model, max_seq_len: int,
-                 save_fn: Callable[[str], None] | None = None):
-        self.critic = critic
-        self.reward_model = reward_model
-        self.max_seq_len = int(max_seq_len)
-        self._save_fn = save_fn
-        self.train_steps = 0
-
-    def infer(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        dev = self.critic.model_device
-        t = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).to(dev)
-        lens = torch.from_numpy(np.ascontiguousarray(lengths, dtype=np.int64)).reshape(-1).to(dev)
-        values = self.critic.values(t)
-        rewards = self.reward_model.score(t, lens)
-        return values.cpu().numpy().astype(np.float32), rewards.cpu().numpy().astype(np.float32)
-
-    def train(self, tokens: np.ndarray, returns: np.ndarray, prev_values: np.ndarray,
-              mask: np.ndarray) -> dict[str, float]:
-        dev = self.critic.model_device
-
-        def tensor(a, dtype):
-            return torch.from_numpy(np.array(a, dtype=dtype, copy=True)).to(dev)
-
-        m = self.critic.train_step(tensor(tokens, np.int64), tensor(returns, np.float32),
-                                   tensor(prev_values, np.float32), tensor(mask, np.float32))
-        self.train_steps += 1
-        self.critic.completed_steps += 1
-        return m
-
-    def save(self, path: str) -> None:
-        """Write the critic's training checkpoint at ``path`` (collective over the server's ranks)."""
-        if self._save_fn is not None:
-            self._save_fn(path)
-            return
-        from nemo_rlhf.checkpoint.training_state import save_checkpoint_dir
-
-        save_checkpoint_dir(path, self.critic)
-
-    def load(self, path: str) -> dict[str, float]:
-        """Restore weights, optimizer, LR schedule, step and RNG from a :meth:`save` checkpoint.
-
-        Returns:
-            ``{"step": critic optimizer steps taken}``.
-
-        Raises:
-            CheckpointError: no complete checkpoint at ``path`` (the message names it).
-        """
-        from nemo_rlhf.checkpoint.training_state import load_training_checkpoint
-
-        load_training_checkpoint(path, self.critic)
-        self.train_steps = self.critic.completed_steps
-        return {"step": float(self.critic.completed_steps)}

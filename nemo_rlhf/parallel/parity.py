@@ -92,7 +92,8 @@ def build_ppo(model_cfg: dict[str, Any], optim_cfg: dict[str, Any] | None):
     layout (weights are loaded by :func:`load_ppo`)."""
     from nemo_rlhf.algorithms.ppo import PPOActorModule
     from nemo_rlhf.models.actor import GPTActorModel
-    from nemo_rlhf.models.critic import GPTCriticModel, MegatronCriticBackend
+    from nemo_rlhf.models.critic import GPTCriticModel
+    from nemo_rlhf.servers.megatron_backend import MegatronCriticBackend
     from nemo_rlhf.models.reward_model import GPTRewardModel
     from nemo_rlhf.servers.local import LocalCriticClient
 

@@ -12,6 +12,7 @@ import datetime
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 
@@ -170,3 +171,29 @@ def any_rank(flag: bool) -> bool:
 def is_rank_zero() -> bool:
     """True on global rank 0, or when torch.distributed is not initialised."""
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def setup_parallel(model_cfg: Mapping[str, Any], world_batch: tuple[int, int], accelerator: str,
+                   seed: int) -> int:
+    """Validate the layout, then initialise torch.distributed and megatron's groups.
+
+    Args:
+        model_cfg: the ``model:`` section (TP/PP sizes, heads, layers, ...).
+        world_batch: ``(global_batch_size, micro_batch_size)``.
+        accelerator: ``"cpu"`` (gloo) or ``"gpu"`` (NCCL).
+        seed: base seed (:func:`seed_everything`).
+
+    Returns:
+        the data-parallel size.
+
+    Raises:
+        LayoutError: every violation of the layout, in one message.
+    """
+    from nemo_rlhf.parallel.layout import validate_layout
+
+    gbs, mbs = world_batch
+    dp = validate_layout(model_cfg, read_dist_env().world_size, gbs, mbs)
+    initialize_distributed(int(model_cfg.get("tensor_model_parallel_size", 1) or 1),
+                           int(model_cfg.get("pipeline_model_parallel_size", 1) or 1),
+                           accelerator=accelerator, seed=int(seed))
+    return dp

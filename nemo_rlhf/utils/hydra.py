@@ -6,6 +6,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
@@ -18,6 +19,15 @@ def quiet_warnings() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*self.log.*trainer.*")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def to_dict(cfg: Any) -> Any:
+    """OmegaConf node -> plain Python containers (interpolations resolved); anything else as is."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
 
 
 def hydra_entry(config_name: str):

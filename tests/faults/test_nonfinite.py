@@ -126,7 +126,8 @@ class NaNRewardBackend:
 def test_ppo_nonfinite_reward_skips_actor_and_critic_updates(one_process_world):
     from nemo_rlhf.algorithms.ppo import PPOActorModule
     from nemo_rlhf.models.actor import GPTActorModel
-    from nemo_rlhf.models.critic import GPTCriticModel, MegatronCriticBackend
+    from nemo_rlhf.models.critic import GPTCriticModel
+    from nemo_rlhf.servers.megatron_backend import MegatronCriticBackend
     from nemo_rlhf.models.megatron_module import NonFiniteError
     from nemo_rlhf.models.reward_model import GPTRewardModel
     from nemo_rlhf.servers.local import LocalCriticClient

@@ -42,7 +42,8 @@ def train_reward_model(steps: int = 60):
 def test_ppo_mean_reward_rises(megatron_single_process, tmp_path):
     from nemo_rlhf.algorithms.ppo import PPOActorModule
     from nemo_rlhf.models.actor import GPTActorModel
-    from nemo_rlhf.models.critic import GPTCriticModel, MegatronCriticBackend
+    from nemo_rlhf.models.critic import GPTCriticModel
+    from nemo_rlhf.servers.megatron_backend import MegatronCriticBackend
     from nemo_rlhf.parallel.state import seed_everything
     from nemo_rlhf.servers.local import LocalCriticClient
 

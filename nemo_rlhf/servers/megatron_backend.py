@@ -1,0 +1,85 @@
+"""The critic server's model pair on megatron: a trainable critic and a frozen reward model.
+
+Implements :class:`nemo_rlhf.servers.protocol.CriticBackend` on numpy arrays; the PyTriton server
+(:mod:`nemo_rlhf.servers.critic_server`) validates every request before it reaches this class.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from nemo_rlhf.models.critic import GPTCriticModel
+
+
+class MegatronCriticBackend:
+    """The critic server's model: a trainable critic and a frozen reward model.
+
+    Implements :class:`nemo_rlhf.servers.protocol.CriticBackend` on numpy arrays.
+
+    Args:
+        critic: the value model (trained by ``train``).
+        reward_model: the frozen reward model (scores at the last token).
+        max_seq_len: longest accepted sequence (the models' ``max_position_embeddings``).
+            ``vocab_size`` (the critic's unpadded vocabulary) bounds the accepted token ids.
+        save_fn: ``(path) -> None`` that writes the critic checkpoint instead of the default
+            (a full training checkpoint: weights, optimizer, LR schedule, step, RNG, written
+            atomically with :func:`nemo_rlhf.checkpoint.training_state.save_checkpoint_dir`,
+            which :meth:`load` restores).
+    """
+
+    def __init__(self, critic: GPTCriticModel, reward_model, max_seq_len: int,
+                 save_fn: Callable[[str], None] | None = None):
+        self.critic = critic
+        self.reward_model = reward_model
+        self.vocab_size = int(critic.vocab_size)  # unpadded: token ids must be < this
+        self.max_seq_len = int(max_seq_len)
+        self._save_fn = save_fn
+        self.train_steps = 0
+
+    def infer(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        dev = self.critic.model_device
+        t = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).to(dev)
+        lens = torch.from_numpy(np.ascontiguousarray(lengths, dtype=np.int64)).reshape(-1).to(dev)
+        values = self.critic.values(t)
+        rewards = self.reward_model.score(t, lens)
+        return values.cpu().numpy().astype(np.float32), rewards.cpu().numpy().astype(np.float32)
+
+    def train(self, tokens: np.ndarray, returns: np.ndarray, prev_values: np.ndarray,
+              mask: np.ndarray) -> dict[str, float]:
+        dev = self.critic.model_device
+
+        def tensor(a, dtype):
+            return torch.from_numpy(np.array(a, dtype=dtype, copy=True)).to(dev)
+
+        m = self.critic.train_step(tensor(tokens, np.int64), tensor(returns, np.float32),
+                                   tensor(prev_values, np.float32), tensor(mask, np.float32))
+        self.train_steps += 1
+        self.critic.completed_steps += 1
+        return m
+
+    def save(self, path: str) -> None:
+        """Write the critic's training checkpoint at ``path`` (collective over the server's ranks)."""
+        if self._save_fn is not None:
+            self._save_fn(path)
+            return
+        from nemo_rlhf.checkpoint.training_state import save_checkpoint_dir
+
+        save_checkpoint_dir(path, self.critic)
+
+    def load(self, path: str) -> dict[str, float]:
+        """Restore weights, optimizer, LR schedule, step and RNG from a :meth:`save` checkpoint.
+
+        Returns:
+            ``{"step": critic optimizer steps taken}``.
+
+        Raises:
+            CheckpointError: no complete checkpoint at ``path`` (the message names it).
+        """
+        from nemo_rlhf.checkpoint.training_state import load_training_checkpoint
+
+        load_training_checkpoint(path, self.critic)
+        self.train_steps = self.critic.completed_steps
+        return {"step": float(self.critic.completed_steps)}

@@ -1,0 +1,80 @@
+"""The critic-server stage: build the critic + reward model from a Hydra config and serve them.
+
+``launchers/serve_critic.py`` is a thin wrapper around :func:`serve_critic`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from omegaconf import DictConfig
+
+from nemo_rlhf.data.tokenizer import tokenizer_from_config
+from nemo_rlhf.models.critic import GPTCriticModel
+from nemo_rlhf.models.reward_model import GPTRewardModel
+from nemo_rlhf.parallel.state import setup_parallel
+from nemo_rlhf.servers.megatron_backend import MegatronCriticBackend
+from nemo_rlhf.utils.hydra import to_dict
+
+LOG = logging.getLogger("nemo_rlhf")
+
+
+def build_critic_backend(cfg: DictConfig):
+    """The critic server's model pair: frozen reward model + critic initialised from it."""
+    setup_parallel(to_dict(cfg.model), (int(cfg.batch.global_batch_size), int(cfg.batch.micro_batch_size)),
+                   cfg.trainer.accelerator, int(cfg.seed))
+    tok = tokenizer_from_config(to_dict(cfg.tokenizer))
+    rm = GPTRewardModel(to_dict(cfg.model), None, tok.vocab_size, int(cfg.batch.micro_batch_size))
+    rm.load_weights(cfg.reward_model_path)
+    critic = GPTCriticModel(to_dict(cfg.model), to_dict(cfg.optim), tok.vocab_size,
+                            int(cfg.batch.micro_batch_size), value_clip=cfg.get("value_clip", 0.2))
+    init = cfg.get("critic_init_path") or cfg.reward_model_path
+    critic.load_weights(init, skip_prefixes=() if init == cfg.reward_model_path else ("output_layer.",))
+    max_seq = int(cfg.model.get("max_position_embeddings", 256))
+    return MegatronCriticBackend(critic, rm, max_seq)
+
+
+def serve_critic(cfg: DictConfig) -> None:
+    """Serve the critic and reward model over PyTriton until SIGTERM/SIGINT.
+
+    With several processes (``torchrun``/``srun``, world = TP x PP of ``model``), global rank 0
+    runs the server and broadcasts each request to the other ranks, which run the same collective
+    model calls (:mod:`nemo_rlhf.servers.distributed`). The server has no data parallelism: a
+    world that is not exactly TP x PP is refused.
+
+    Raises:
+        LayoutError: the server's layout does not match its world size.
+    """
+    from nemo_rlhf.parallel.layout import LayoutError
+    from nemo_rlhf.parallel.state import read_dist_env
+    from nemo_rlhf.servers.critic_server import CriticServer, triton_env_fix
+    from nemo_rlhf.servers.distributed import LeaderBackend, command_group, follow
+
+    world = read_dist_env().world_size
+    tp = int(cfg.model.get("tensor_model_parallel_size", 1) or 1)
+    pp = int(cfg.model.get("pipeline_model_parallel_size", 1) or 1)
+    if world != tp * pp:
+        raise LayoutError(
+            f"invalid critic-server layout: world size {world} != model.tensor_model_parallel_size={tp} "
+            f"* model.pipeline_model_parallel_size={pp}; the critic server runs one model replica "
+            f"(no data parallelism): launch it with {tp * pp} processes")
+    triton_env_fix()
+    backend = build_critic_backend(cfg)
+    group = command_group() if world > 1 else None
+    if group is not None and torch.distributed.get_rank() != 0:
+        follow(backend, group)
+        return
+    s = cfg.server
+    port = int(s.port)
+    server = CriticServer(LeaderBackend(backend, group) if group is not None else backend,
+                          host=s.host, http_port=port,
+                          grpc_port=int(s.get("grpc_port") or port + 1),
+                          metrics_port=int(s.get("metrics_port") or port + 2),
+                          max_batch_size=int(s.get("max_batch_size", 64)))
+    LOG.info("critic server starting at %s (world size %d, TP=%d, PP=%d)", server.url, world, tp, pp)
+    try:
+        server.run()
+    finally:
+        if group is not None:
+            server.backend.stop_followers()
