@@ -15,7 +15,9 @@ Errors:
       the server was ever reached (no successful call yet) the wait is bounded by
       ``init_timeout_s`` and not retried;
     * an error reply (e.g. a request that failed the server's validation) ->
-      :class:`CriticServerError` carrying the server's message, never retried;
+      :class:`CriticServerError` carrying the server's one-line message and its error id (under
+      which the server logged the traceback), never retried; a request refused by Triton for a
+      missing or wrong token (``auth_token``) is such an error reply too;
     * a server that answers with another ``instance`` id than the one first seen ->
       :class:`CriticServerRestarted` (its critic state since the last checkpoint is lost).
 
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -44,13 +47,15 @@ import urllib.error
 import urllib.request
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
 from nemo_rlhf.servers.critic_server import ERROR_MARKER
 from nemo_rlhf.servers.protocol import (
     ALL_MODELS,
+    AUTH_HEADER,
+    DEFAULT_AUTH_TOKEN_ENV,
     INFER_MODEL,
     LOAD_MODEL,
     SAVE_MODEL,
@@ -59,6 +64,7 @@ from nemo_rlhf.servers.protocol import (
     CriticServerError,
     CriticServerRestarted,
     CriticServerUnavailable,
+    resolve_auth_token,
 )
 
 LOG = logging.getLogger("nemo_rlhf.servers")
@@ -70,16 +76,29 @@ _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 _MODEL_NOT_LOADED = re.compile(r"Request for unknown model|has no available versions|is not ready")
 
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): .*$", re.MULTILINE)
+_MARKED = re.compile(re.escape(ERROR_MARKER) + r"(?: \(error id (?P<id>[0-9a-f]+)\))?: (?P<detail>.*)")
+# Triton's reply to a restricted API called without (or with a wrong) token.
+_AUTH_REFUSED = re.compile(r"restricted|access.token", re.IGNORECASE)
 
 
 def _server_message(text: str) -> str:
-    """The useful part of a PyTriton error reply (which may be a whole server-side traceback)."""
-    if ERROR_MARKER in text:
-        return text.split(ERROR_MARKER + ": ", 1)[-1].splitlines()[0]
+    """The useful part of a PyTriton error reply: the server's one-line detail (with its error id,
+    under which the server logged the traceback), or the last exception line of a traceback."""
+    match = _MARKED.search(text)
+    if match:
+        detail = match.group("detail").splitlines()[0] if match.group("detail") else ""
+        return detail + (f" [server error id {match.group('id')}]" if match.group("id") else "")
     lines = [m.group(0) for m in _EXCEPTION_LINE.finditer(text)]
     if "Traceback" in text and lines:
         return lines[-1]  # the exception raised in the server's inference callable
     return text.replace("Error occurred during inference request. Message: ", "")
+
+
+def _absolute(path: Any) -> str:
+    """``path`` made absolute against this process's working directory (empty stays empty, so the
+    server names the empty input)."""
+    text = str(path)
+    return os.path.abspath(text) if text else text
 
 
 def _is_model_not_loaded(text: str) -> bool:
@@ -117,6 +136,9 @@ class CriticClient:
             timeout after its first failure (a dead server refuses connections at once).
         retry_backoff_s: wait before the first retry (seconds); doubles at each retry.
         retry_backoff_max_s: largest wait between two retries (seconds).
+        auth_token: the server's shared token (sent as the ``triton-access-token`` header on
+            every request); ``None``: none sent. :meth:`from_config` reads it from an environment
+            variable instead of the config.
 
     Call :meth:`wait_until_ready` first: it records the server's instance id, which every later
     restart check compares with.
@@ -141,6 +163,7 @@ class CriticClient:
         retry_limit_s: float = 300.0,
         retry_backoff_s: float = 1.0,
         retry_backoff_max_s: float = 30.0,
+        auth_token: str | None = None,
     ):
         if retry_limit_s < 0 or retry_backoff_s < 0 or retry_backoff_max_s < 0:
             raise ValueError(
@@ -148,6 +171,7 @@ class CriticClient:
                 f"{retry_limit_s}, {retry_backoff_s}, {retry_backoff_max_s}"
             )
         self.url = f"http://{host}:{port}"
+        self._auth_token = resolve_auth_token(auth_token, None, config_prefix="critic") if auth_token else None
         self.infer_timeout_s = float(infer_timeout_s)
         self.train_timeout_s = float(train_timeout_s)
         self.init_timeout_s = float(init_timeout_s)
@@ -162,6 +186,49 @@ class CriticClient:
         self._reached = False  # some request was answered: from then on unavailability is retried
         self._instance: str | None = None
         self._instance_lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, critic_cfg: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> CriticClient:
+        """A client built from the actor's ``critic:`` config section (a dict or DictConfig).
+
+        Keys: ``host``, ``port`` (required); ``infer_timeout_s``, ``train_timeout_s``,
+        ``init_timeout_s``, ``max_workers``, ``retry_limit_s``, ``retry_backoff_s``,
+        ``retry_backoff_max_s`` (optional: the constructor's defaults when absent or null);
+        ``auth_token`` (optional, discouraged: it lands in logs and configs) and
+        ``auth_token_env`` (name of the environment variable holding the token, default
+        ``NEMO_RLHF_CRITIC_TOKEN``; null: do not read the environment). An explicit
+        ``auth_token`` wins over the environment variable; neither set means no token is sent.
+
+        Args:
+            critic_cfg: the ``critic:`` mapping.
+            environ: where to read ``auth_token_env`` (default ``os.environ``).
+
+        Raises:
+            KeyError: ``host`` or ``port`` is missing (the message names ``critic.<key>``).
+            ValueError: a malformed token (the message names its source, never the token).
+        """
+
+        def get(key: str) -> Any:
+            return critic_cfg.get(key)
+
+        for key in ("host", "port"):
+            if get(key) is None:
+                raise KeyError(f"critic.{key} is missing from the critic config")
+        kwargs: dict[str, Any] = {}
+        for key in ("infer_timeout_s", "train_timeout_s", "init_timeout_s", "retry_limit_s", "retry_backoff_s",
+                    "retry_backoff_max_s"):
+            if get(key) is not None:
+                kwargs[key] = float(get(key))
+        if get("max_workers") is not None:
+            kwargs["max_workers"] = int(get("max_workers"))
+        token_env = critic_cfg["auth_token_env"] if "auth_token_env" in critic_cfg else DEFAULT_AUTH_TOKEN_ENV
+        token = resolve_auth_token(get("auth_token"), token_env, environ, config_prefix="critic")
+        return cls(str(get("host")), int(get("port")), auth_token=token, **kwargs)
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether this client sends the ``triton-access-token`` header."""
+        return self._auth_token is not None
 
     @property
     def instance(self) -> str | None:
@@ -178,7 +245,9 @@ class CriticClient:
         from pytriton.client import ModelClient
 
         try:
-            with ModelClient(self.url, model, init_timeout_s=timeout_s, inference_timeout_s=timeout_s) as client:
+            with ModelClient(
+                self.url, model, init_timeout_s=timeout_s, inference_timeout_s=timeout_s, access_token=self._auth_token
+            ) as client:
                 client.wait_for_model(timeout_s)
                 config = client.model_config
         except Exception as e:
@@ -214,6 +283,7 @@ class CriticClient:
             inference_timeout_s=timeout_s,
             model_config=config,
             ensure_model_is_ready=False,
+            access_token=self._auth_token,
         )
         try:
             outputs = client.infer_batch(**inputs) if batched else client.infer_sample(**inputs)
@@ -221,9 +291,14 @@ class CriticClient:
             if _is_model_not_loaded(e.message):  # a (re)starting server: its models are loading
                 raise CriticServerUnavailable(self.url, model, timeout_s, f"model not loaded: {e.message}") from e
             self._reached = True
-            raise CriticServerError(
-                f"critic server {self.url} (model {model!r}) rejected the request: {_server_message(e.message)}"
-            ) from e
+            message = _server_message(e.message)
+            if ERROR_MARKER not in e.message and _AUTH_REFUSED.search(e.message):
+                message += (
+                    " (authentication: the server requires a token; the client sent "
+                    + ("one that does not match" if self._auth_token else "none")
+                    + f": set critic.auth_token_env / {DEFAULT_AUTH_TOKEN_ENV} to the server's token)"
+                )
+            raise CriticServerError(f"critic server {self.url} (model {model!r}) rejected the request: {message}") from e
         except Exception as e:
             if _is_unavailable(e):
                 raise CriticServerUnavailable(self.url, model, timeout_s, f"{type(e).__name__}: {e}") from e
@@ -236,8 +311,11 @@ class CriticClient:
     def _probe_ready(self, model: str, timeout_s: float) -> None:
         """Raise :class:`CriticServerUnavailable` unless ``GET /v2/models/<model>/ready`` answers 200."""
         timeout_s = max(0.1, min(timeout_s, 10.0))
+        request = urllib.request.Request(f"{self.url}/v2/models/{model}/ready")
+        if self._auth_token:
+            request.add_header(AUTH_HEADER, self._auth_token)
         try:
-            with _NO_PROXY.open(f"{self.url}/v2/models/{model}/ready", timeout=timeout_s) as response:
+            with _NO_PROXY.open(request, timeout=timeout_s) as response:
                 if response.status == 200:
                     return
                 cause = f"model not ready (HTTP {response.status})"
@@ -439,16 +517,20 @@ class CriticClient:
         return metrics
 
     def save(self, path: str) -> None:
-        """Ask the server to write a critic checkpoint to ``path`` (a path on the server's machine).
+        """Ask the server to write a critic checkpoint to the directory ``path``.
 
-        The server's instance is checked before and after (a restarted server's critic is not the
-        one trained with the actor); unavailability is retried (a save rewrites the same path).
+        ``path`` is made absolute here (``os.path.abspath``: the actor and the server must see the
+        same filesystem at the same paths) and must lie inside the server's checkpoint root
+        (``server.checkpoint_root``); an existing ``path`` that is not a nemo-rlhf checkpoint is
+        refused by the server and left as it is. The server's instance is checked before and after
+        (a restarted server's critic is not the one trained with the actor); unavailability is
+        retried (a save rewrites the same path).
 
         Raises:
             CriticServerError / CriticServerUnavailable: as for :meth:`train`.
             CriticServerRestarted: the server was restarted since this client last saw it.
         """
-        inputs = {"path": np.array([str(path).encode("utf-8")], dtype=np.object_)}
+        inputs = {"path": np.array([_absolute(path).encode("utf-8")], dtype=np.object_)}
         self.status()
         outputs, _ = self._with_retries(
             SAVE_MODEL,
@@ -463,7 +545,8 @@ class CriticClient:
     def load(self, path: str) -> dict[str, float]:
         """Ask the server to restore the critic from a :meth:`save` checkpoint at ``path``.
 
-        Unavailability is retried (loading twice gives the same state). Afterwards the server's
+        ``path`` is made absolute as for :meth:`save` and must be a complete checkpoint inside the
+        server's checkpoint root. Unavailability is retried (loading twice gives the same state). Afterwards the server's
         critic is the checkpoint's, so the instance it reports becomes this client's reference:
         loading the paired checkpoint into a restarted server is how a run recovers.
 
@@ -471,10 +554,11 @@ class CriticClient:
             the critic's state, at least ``{"step": n}`` (critic optimizer steps taken).
 
         Raises:
-            CriticServerError: no complete checkpoint at ``path`` (the message names it).
+            CriticServerError: no complete checkpoint at ``path``, or ``path`` outside the server's
+                checkpoint root (the message names it).
             CriticServerUnavailable: as for :meth:`train`.
         """
-        inputs = {"path": np.array([str(path).encode("utf-8")], dtype=np.object_)}
+        inputs = {"path": np.array([_absolute(path).encode("utf-8")], dtype=np.object_)}
         outputs, _ = self._with_retries(
             LOAD_MODEL, self.train_timeout_s, lambda: self._call(LOAD_MODEL, self.train_timeout_s, False, inputs)
         )

@@ -27,11 +27,15 @@ Five Triton models are bound (names in :mod:`nemo_rlhf.servers.protocol`):
     ``backend.train`` call (one optimizer step).
 ``critic_save`` (batching off)
     input ``path`` ``[1]`` bytes (UTF-8); output ``ok`` ``[1]`` bool. Writes a full training
-    checkpoint of the critic (weights, optimizer, LR schedule, step, RNG) at ``path``.
+    checkpoint of the critic (weights, optimizer, LR schedule, step, RNG) at ``path``, which must
+    resolve (``..`` and symbolic links) to a path inside the server's checkpoint root; an existing
+    ``path`` (or ``path.tmp``/``path.old``) that is not a complete nemo-rlhf checkpoint is refused
+    and nothing on disk changes (:mod:`nemo_rlhf.servers.paths`).
 ``critic_load`` (batching off)
     input ``path`` ``[1]`` bytes (UTF-8); output ``state`` ``[1]`` bytes (JSON, at least
-    ``{"step": n}``). Restores a ``critic_save`` checkpoint: the PPO actor calls it on resume with
-    the critic checkpoint paired with its own, so both continue from the same step.
+    ``{"step": n}``). Restores a ``critic_save`` checkpoint (inside the checkpoint root, with the
+    ``COMPLETE`` marker): the PPO actor calls it on resume with the critic checkpoint paired with
+    its own, so both continue from the same step.
 ``critic_status`` (batching off)
     input ``ping`` ``[1]`` int64 (ignored); output ``status`` ``[1]`` bytes: JSON
     ``{"instance": <uuid4 drawn when this server object was created>, "train_steps": <backend
@@ -40,19 +44,24 @@ Five Triton models are bound (names in :mod:`nemo_rlhf.servers.protocol`):
     training step. A client that sees the instance change knows the server was restarted and
     that the critic state it trained since its last checkpoint is gone.
 
+With an ``auth_token``, Triton refuses any inference request without the header
+``triton-access-token: <token>`` (its restricted-API feature) before the request reaches Python.
+
 Every request is validated before the backend sees it. Triton itself rejects a wrong dtype, a
 wrong rank and (for ``critic_infer``) ``B > max_batch_size`` with an error reply naming the
 input; PyTriton's stub cannot carry zero-size tensors (the client refuses empty batches before
 sending). Everything else (rows of ``sequence_lengths`` vs ``B``, lengths outside ``[1, S]``,
-``S > backend.max_seq_len``, shapes that disagree between training inputs, ``B >
-max_batch_size`` for training, NaN/Inf) raises ``ValueError`` inside the inference callable.
-PyTriton 0.7 turns an exception raised there into an error reply carrying the traceback text
-(``pytriton/proxy/inference.py``, ``_handle_requests``): any exception except
-``PyTritonUnrecoverableError`` is sent back with the ERROR flag and the server keeps serving;
-``PyTritonUnrecoverableError`` would shut Triton down, so it is never raised here. Validation
-never calls the backend, so a rejected training request changes nothing (``train_steps`` is
-unchanged). The client recovers the message from the marker ``CRITIC_REQUEST_ERROR`` (see
-:func:`request_error`). Exceptions raised by the backend itself become error replies the same way.
+``S > backend.max_seq_len``, token ids outside ``[0, backend.vocab_size)``, shapes that disagree
+between training inputs, ``B > max_batch_size`` for training, NaN/Inf, paths outside the
+checkpoint root) raises :class:`CriticRequestError` inside the inference callable. PyTriton 0.7
+turns an exception raised there into an error reply (``pytriton/proxy/inference.py``,
+``_handle_requests``): any exception except ``PyTritonUnrecoverableError`` is sent back with the
+ERROR flag and the server keeps serving; ``PyTritonUnrecoverableError`` would shut Triton down, so
+it is never raised here. Every callable is wrapped (:meth:`CriticServer._guard`) so that the reply
+is one line, ``CriticRequestError: CRITIC_REQUEST_ERROR (error id <id>): <detail>``, with no
+traceback; the traceback is logged at DEBUG under that error id. Validation never calls the
+backend, so a rejected training request changes nothing (``train_steps`` is unchanged).
+Exceptions raised by the backend itself become one-line error replies the same way.
 ``critic_train``'s ``request_id`` (1 to 128 bytes of UTF-8) and the ``path`` of
 ``critic_save``/``critic_load`` (non-empty UTF-8, no NUL) are checked the same way; Triton checks
 the dtype and shape of ``critic_status``'s (otherwise ignored) ``ping``.
@@ -67,14 +76,16 @@ import json
 import logging
 import os
 import signal
+import sys
 import sysconfig
 import threading
 import uuid
 from collections import OrderedDict
-from typing import Any, MutableMapping
+from typing import Any, Callable, MutableMapping
 
 import numpy as np
 
+from nemo_rlhf.servers.paths import PathRejected, check_load_path, check_save_path, real_root
 from nemo_rlhf.servers.protocol import (
     INFER_MODEL,
     LOAD_MODEL,
@@ -83,6 +94,7 @@ from nemo_rlhf.servers.protocol import (
     TRAIN_MODEL,
     CriticBackend,
     CriticServerError,
+    validate_auth_token,
 )
 
 LOGGER = logging.getLogger(__name__)
@@ -90,6 +102,12 @@ LOGGER = logging.getLogger(__name__)
 # Prefix of every validation error message sent back to the client; the client extracts the text
 # after it from PyTriton's traceback reply.
 ERROR_MARKER = "CRITIC_REQUEST_ERROR"
+
+# Longest error detail sent back (characters); the rest is cut (the server log has all of it).
+MAX_ERROR_DETAIL_CHARS = 1000
+# Triton APIs that need the token when authentication is on: PyTriton's defaults plus inference.
+# Health, metadata and model-config stay open (readiness probes, clients fetching model configs).
+AUTH_RESTRICTED_APIS = ("shared-memory", "model-repository", "statistics", "trace", "logging", "inference")
 
 # How many applied critic_train request ids (with their metrics) the server remembers.
 TRAIN_DEDUP_SIZE = 64
@@ -127,9 +145,111 @@ def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def request_error(message: str) -> ValueError:
-    """A ``ValueError`` whose text the client can find in PyTriton's error reply."""
-    return ValueError(f"{ERROR_MARKER}: {message}")
+def _one_line(text: str, limit: int = MAX_ERROR_DETAIL_CHARS) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class CriticRequestError(ValueError):
+    """A request the server refuses (or that failed in the backend); becomes a one-line error reply.
+
+    ``str(error)`` is ``CRITIC_REQUEST_ERROR: <detail>``, or with an error id
+    ``CRITIC_REQUEST_ERROR (error id <id>): <detail>``; ``detail`` names the input, what was wrong
+    and what was expected, on one line.
+
+    PyTriton 0.7 formats an exception raised by an inference callable with
+    ``traceback.format_exception(None, e, e.__traceback__)`` and sends that text as the reply
+    (``pytriton/proxy/inference.py``). This class reports no ``__traceback__`` at Python level (the
+    interpreter still tracks the real one, so ``sys.exc_info()`` and the server's DEBUG log have
+    it), and it is raised ``from None``, so the reply is the single line
+    ``CriticRequestError: CRITIC_REQUEST_ERROR (error id <id>): <detail>`` with no file paths.
+
+    Attributes:
+        detail: the one-line message without the marker.
+        error_id: the id the server logged the traceback under (``None`` before the server adds it).
+    """
+
+    __module__ = "builtins"  # the reply shows "CriticRequestError: ...", not the module path
+
+    def __init__(self, detail: str, error_id: str | None = None):
+        self.detail = _one_line(detail)
+        self.error_id = error_id
+        tag = ERROR_MARKER if error_id is None else f"{ERROR_MARKER} (error id {error_id})"
+        super().__init__(f"{tag}: {self.detail}")
+
+    @property
+    def __traceback__(self):  # noqa: D401 - see the class docstring
+        return None
+
+    @__traceback__.setter
+    def __traceback__(self, value) -> None:
+        pass
+
+
+def request_error(message: str) -> CriticRequestError:
+    """A :class:`CriticRequestError` (a ``ValueError``) whose text the client finds in the error reply."""
+    return CriticRequestError(message)
+
+
+class _DropPyTritonDuplicate(logging.Filter):
+    """Drops PyTriton's own WARNING (with the full traceback) for an error this server already
+    logged: one line at WARNING/ERROR plus the traceback at DEBUG under the error id."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            return ERROR_MARKER not in record.getMessage()
+        except Exception:  # noqa: BLE001 - never break logging
+            return True
+
+
+_PYTRITON_FILTER = _DropPyTritonDuplicate()
+
+# PyTriton 0.7.0's python-backend model (pytriton/proxy/model.py, copied into Triton's model
+# repository and run by the stub process) re-raises the callable's error inside ``execute``, and
+# the stub then wraps it in its own traceback ("Model execute error: Traceback ... /tmp/folderXYZ/
+# 1/model.py ... At: ..."). _patch_stub_model makes ``execute`` return one error response per
+# request instead, carrying only the callable's message (Triton's documented per-request error).
+_STUB_RAISE = "                    raise triton_responses_or_error\n"
+_STUB_RETURN = "                    return _nemo_rlhf_error_responses(triton_requests, triton_responses_or_error)\n"
+_STUB_HELPER = '''
+
+def _nemo_rlhf_error_responses(triton_requests, error):
+    """Added by nemo_rlhf.servers.critic_server: the error as one response per request, no traceback."""
+    message = error.message() if callable(getattr(error, "message", None)) else str(error)
+    return [pb_utils.InferenceResponse(error=pb_utils.TritonError(message.strip())) for _ in triton_requests]
+'''
+
+
+def _patch_stub_model(source: bytes) -> bytes:
+    """PyTriton's stub ``model.py`` with error replies as per-request error responses (see above).
+
+    Returns the source unchanged (and logs a WARNING: replies then carry the stub's traceback) if
+    this PyTriton version's ``model.py`` does not have the expected line exactly once.
+    """
+    text = source.decode("utf-8")
+    if text.count(_STUB_RAISE) != 1 or "import triton_python_backend_utils as pb_utils" not in text:
+        LOGGER.warning("PyTriton's stub model.py has an unexpected layout: error replies will carry its traceback")
+        return source
+    return (text.replace(_STUB_RAISE, _STUB_RETURN) + _STUB_HELPER).encode("utf-8")
+
+
+def _one_line_error_replies(triton: Any) -> None:
+    """Make every model bound on ``triton`` ship the patched stub (:func:`_patch_stub_model`)."""
+    models = getattr(getattr(triton, "_model_manager", None), "_models", None)
+    if not isinstance(models, dict):
+        LOGGER.warning("PyTriton's model manager has an unexpected layout: error replies will carry a traceback")
+        return
+    for model in models.values():
+        original = model.get_proxy_model_files
+
+        def patched(original=original) -> dict:
+            files = dict(original())
+            for key in files:
+                if key.endswith("/model.py"):
+                    files[key] = _patch_stub_model(files[key])
+            return files
+
+        model.get_proxy_model_files = patched
 
 
 def _check_array(name: str, array: Any, dtype: type, ndim: int) -> np.ndarray:
@@ -142,7 +262,7 @@ def _check_array(name: str, array: Any, dtype: type, ndim: int) -> np.ndarray:
     return array
 
 
-def _check_tokens(tokens: Any, max_seq_len: int, max_batch_size: int) -> tuple[int, int]:
+def _check_tokens(tokens: Any, max_seq_len: int, max_batch_size: int, vocab_size: int | None) -> tuple[int, int]:
     tokens = _check_array("tokens", tokens, np.int64, 2)
     batch_size, seq_len = tokens.shape
     if batch_size < 1:
@@ -151,23 +271,34 @@ def _check_tokens(tokens: Any, max_seq_len: int, max_batch_size: int) -> tuple[i
         raise request_error(f"input 'tokens' has batch size B = {batch_size}; expected B <= {max_batch_size}")
     if seq_len < 1 or seq_len > max_seq_len:
         raise request_error(f"input 'tokens' has sequence length S = {seq_len}; expected 1 <= S <= {max_seq_len}")
+    if vocab_size is not None:
+        bad = (tokens < 0) | (tokens >= vocab_size)
+        if bad.any():  # every position, padding included: the model embeds them all
+            row, col = (int(i) for i in np.argwhere(bad)[0])
+            raise request_error(
+                f"input 'tokens' row {row}, column {col} is {int(tokens[row, col])}; expected a token id "
+                f"0 <= id < vocab_size = {vocab_size}"
+            )
     return batch_size, seq_len
 
 
-def validate_infer_request(tokens: Any, lengths: Any, max_seq_len: int, max_batch_size: int) -> None:
+def validate_infer_request(
+    tokens: Any, lengths: Any, max_seq_len: int, max_batch_size: int, vocab_size: int | None = None
+) -> None:
     """Check an inference request before it reaches the backend.
 
     Args:
-        tokens: ``[B, S]`` int64.
+        tokens: ``[B, S]`` int64 with ``0 <= tokens < vocab_size``.
         lengths: ``[B]`` int64 with ``1 <= lengths[b] <= S``.
         max_seq_len: the backend's largest ``S``.
         max_batch_size: the largest ``B``.
+        vocab_size: the backend's vocabulary size (``None``: token ids are not checked).
 
     Raises:
         ValueError: naming the input and what was expected (message starts with
             ``CRITIC_REQUEST_ERROR``).
     """
-    batch_size, seq_len = _check_tokens(tokens, max_seq_len, max_batch_size)
+    batch_size, seq_len = _check_tokens(tokens, max_seq_len, max_batch_size, vocab_size)
     lengths = _check_array("sequence_lengths", lengths, np.int64, 1)
     if lengths.shape[0] != batch_size:
         raise request_error(
@@ -182,21 +313,28 @@ def validate_infer_request(tokens: Any, lengths: Any, max_seq_len: int, max_batc
 
 
 def validate_train_request(
-    tokens: Any, returns: Any, prev_values: Any, mask: Any, max_seq_len: int, max_batch_size: int
+    tokens: Any,
+    returns: Any,
+    prev_values: Any,
+    mask: Any,
+    max_seq_len: int,
+    max_batch_size: int,
+    vocab_size: int | None = None,
 ) -> None:
     """Check a training request before it reaches the backend.
 
     Args:
-        tokens: ``[B, S]`` int64.
+        tokens: ``[B, S]`` int64 with ``0 <= tokens < vocab_size``.
         returns, prev_values, mask: ``[B, S]`` float32, all finite.
         max_seq_len: the backend's largest ``S``.
         max_batch_size: the largest ``B``.
+        vocab_size: the backend's vocabulary size (``None``: token ids are not checked).
 
     Raises:
         ValueError: naming the input and what was expected (message starts with
             ``CRITIC_REQUEST_ERROR``).
     """
-    _check_tokens(tokens, max_seq_len, max_batch_size)
+    _check_tokens(tokens, max_seq_len, max_batch_size, vocab_size)
     for name, array in (("returns", returns), ("prev_values", prev_values), ("mask", mask)):
         array = _check_array(name, array, np.float32, 2)
         if array.shape != tokens.shape:
@@ -249,12 +387,15 @@ class CriticServer:
     Use ``run()`` to serve until interrupted (blocking), or ``start()``/``stop()`` (or ``with
     CriticServer(...) as server:``) to serve from background threads of this process.
 
-    PyTriton has no authentication and no TLS: anyone who can reach the ports can run, train and
-    save the critic. Keep the default loopback ``host`` for local runs; on a cluster bind the
-    node's private address and keep the ports inside the cluster network (docs/cluster.md).
+    There is no TLS. With ``auth_token`` set, Triton itself refuses every inference request
+    (``critic_infer/train/save/load/status``) without the header ``triton-access-token: <token>``
+    before any Python runs; without it anyone who can reach the ports can run, train and save the
+    critic. Keep the default loopback ``host`` for local runs; on a cluster bind the node's
+    private address and keep the ports inside the cluster network (docs/cluster.md).
 
     Args:
-        backend: the critic model; ``backend.max_seq_len`` bounds ``S``.
+        backend: the critic model; ``backend.max_seq_len`` bounds ``S`` and
+            ``backend.vocab_size`` bounds the token ids.
         host: address the HTTP/gRPC/metrics endpoints bind to.
         http_port, grpc_port, metrics_port: TCP ports (Triton defaults 8000/8001/8002).
         max_batch_size: largest number of rows ``B`` in one ``critic_infer``/``critic_train``
@@ -262,6 +403,11 @@ class CriticServer:
         max_queue_delay_us: how long (microseconds) Triton's dynamic batcher may hold an
             inference request to merge it with others.
         log_verbose: Triton's verbose log level (0 = off).
+        checkpoint_root: the only directory tree ``critic_save``/``critic_load`` may touch (paths
+            are judged after resolving ``..`` and symbolic links; relative paths are relative to
+            it); ``None`` refuses every save and load. See :mod:`nemo_rlhf.servers.paths`.
+        auth_token: shared secret (16 to 512 characters of ``A-Z a-z 0-9 _ . ~ -``); ``None``:
+            no authentication. Never logged.
 
     Attributes:
         instance: uuid4 string drawn when this object is created; reported by ``critic_status``
@@ -270,7 +416,9 @@ class CriticServer:
         train_duplicates: ``critic_train`` requests answered from the request-id cache.
 
     Raises:
-        ValueError: for a non-positive ``max_batch_size``/``backend.max_seq_len``.
+        ValueError: for a non-positive ``max_batch_size``/``backend.max_seq_len``/
+            ``backend.vocab_size``, a malformed ``auth_token``, or a ``checkpoint_root`` that is
+            not a directory.
     """
 
     def __init__(
@@ -283,11 +431,19 @@ class CriticServer:
         max_batch_size: int = 64,
         max_queue_delay_us: int = 2000,
         log_verbose: int = 0,
+        checkpoint_root: str | os.PathLike | None = None,
+        auth_token: str | None = None,
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if int(backend.max_seq_len) < 1:
             raise ValueError(f"backend.max_seq_len must be >= 1, got {backend.max_seq_len}")
+        vocab_size = getattr(backend, "vocab_size", None)
+        if vocab_size is None or int(vocab_size) < 1:
+            raise ValueError(f"backend.vocab_size must be an int >= 1 (token ids are checked against it), got {vocab_size!r}")
+        self.vocab_size = int(vocab_size)
+        self.checkpoint_root = None if checkpoint_root is None else real_root(checkpoint_root)
+        self._auth_token = None if auth_token is None else validate_auth_token(auth_token, "auth_token")
         self.backend = backend
         self.host = host
         self.http_port = http_port
@@ -315,6 +471,11 @@ class CriticServer:
         }
 
     @property
+    def auth_enabled(self) -> bool:
+        """Whether Triton requires the token on the inference API."""
+        return self._auth_token is not None
+
+    @property
     def url(self) -> str:
         """HTTP endpoint, e.g. ``http://127.0.0.1:8000``."""
         return f"http://{self.host}:{self.http_port}"
@@ -323,7 +484,7 @@ class CriticServer:
 
     def _infer_fn(self, tokens: np.ndarray, sequence_lengths: np.ndarray) -> dict[str, np.ndarray]:
         lengths = sequence_lengths.reshape(-1) if sequence_lengths.ndim == 2 else sequence_lengths
-        validate_infer_request(tokens, lengths, self.backend.max_seq_len, self.max_batch_size)
+        validate_infer_request(tokens, lengths, self.backend.max_seq_len, self.max_batch_size, self.vocab_size)
         with self._lock:
             values, rewards = self.backend.infer(tokens, lengths)
         values = np.asarray(values, dtype=np.float32)
@@ -347,6 +508,7 @@ class CriticServer:
                 request["mask"],
                 self.backend.max_seq_len,
                 self.max_batch_size,
+                self.vocab_size,
             )
             # PyTriton's Request has no .get(); an optional input that was not sent is absent.
             request_ids.append(validate_request_id(request["request_id"]) if "request_id" in request else None)
@@ -409,12 +571,25 @@ class CriticServer:
         status = json.dumps(self.status()).encode()
         return [{"status": np.array([status], dtype=np.object_)} for _ in requests]
 
+    def _checked_path(self, text: str, check: Callable[[str, str], str]) -> str:
+        if self.checkpoint_root is None:
+            raise request_error(
+                "input 'path': this server has no checkpoint root, so critic_save and critic_load are disabled; "
+                "expected a server started with server.checkpoint_root (or run_dir) set"
+            )
+        try:
+            return check(self.checkpoint_root, text)
+        except PathRejected as e:
+            raise request_error(str(e)) from None
+
     def _save_fn(self, requests: list) -> list[dict[str, np.ndarray]]:
         responses = []
         for request in requests:
-            text = _path_input(request, "a file path")
-            with self._lock:
-                self.backend.save(text)
+            text = _path_input(request, "a checkpoint directory")
+            with self._lock:  # checked under the lock: no other save/load runs in between
+                path = self._checked_path(text, check_save_path)
+                self.backend.save(path)
+            LOGGER.info("critic_save: wrote %s", path)
             responses.append({"ok": np.array([True])})
         return responses
 
@@ -423,19 +598,48 @@ class CriticServer:
         for request in requests:
             text = _path_input(request, "a checkpoint directory")
             with self._lock:
-                state = self.backend.load(text)
+                path = self._checked_path(text, check_load_path)
+                state = self.backend.load(path)
+            LOGGER.info("critic_load: restored %s", path)
             state = {str(k): float(v) for k, v in dict(state).items()}
             responses.append({"state": np.array([json.dumps(state).encode()], dtype=np.object_)})
         return responses
+
+    def _guard(self, model: str, fn: Callable) -> Callable:
+        """Wrap an inference callable so that every exception becomes a one-line error reply.
+
+        A refused request is logged at WARNING (one line), a backend failure at ERROR (one line);
+        in both cases the traceback goes to this module's logger at DEBUG under a fresh error id,
+        which the reply carries: ``CRITIC_REQUEST_ERROR (error id <id>): <detail>``.
+        """
+
+        def guarded(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - every error becomes a reply
+                error_id = uuid.uuid4().hex[:16]
+                if isinstance(exc, CriticRequestError):
+                    detail = exc.detail
+                    LOGGER.warning("%s: refused a request (error id %s): %s", model, error_id, detail)
+                else:
+                    detail = f"the backend failed: {type(exc).__name__}: {exc}"
+                    LOGGER.error("%s: backend error (error id %s): %s", model, error_id, _one_line(detail))
+                LOGGER.debug("%s: traceback of error id %s", model, error_id, exc_info=sys.exc_info())
+                raise CriticRequestError(detail, error_id=error_id) from None
+
+        return guarded
 
     # ---- lifecycle ----
 
     def _make_triton(self):
         from pytriton.decorators import batch
         from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-        from pytriton.triton import Triton, TritonConfig
+        from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
         triton_env_fix()
+        pytriton_logger = logging.getLogger("pytriton.proxy.inference")
+        if _PYTRITON_FILTER not in pytriton_logger.filters:
+            pytriton_logger.addFilter(_PYTRITON_FILTER)
         config = TritonConfig(
             http_address=self.host,
             http_port=self.http_port,
@@ -447,10 +651,15 @@ class CriticServer:
             exit_on_error=True,
             strict_readiness=True,
         )
-        triton = Triton(config=config)
+        security = None  # PyTriton's default: a random token on its management APIs only
+        if self._auth_token is not None:
+            security = TritonSecurityConfig(
+                access_token=self._auth_token, restricted_endpoints=list(AUTH_RESTRICTED_APIS)
+            )
+        triton = Triton(config=config, security_config=security)
         triton.bind(
             model_name=INFER_MODEL,
-            infer_func=batch(self._infer_fn),
+            infer_func=self._guard(INFER_MODEL, batch(self._infer_fn)),
             inputs=[
                 Tensor(name="tokens", dtype=np.int64, shape=(-1,)),
                 Tensor(name="sequence_lengths", dtype=np.int64, shape=(1,)),
@@ -468,7 +677,7 @@ class CriticServer:
         float_2d = dict(dtype=np.float32, shape=(-1, -1))
         triton.bind(
             model_name=TRAIN_MODEL,
-            infer_func=self._train_fn,
+            infer_func=self._guard(TRAIN_MODEL, self._train_fn),
             inputs=[
                 Tensor(name="tokens", dtype=np.int64, shape=(-1, -1)),
                 Tensor(name="returns", **float_2d),
@@ -484,25 +693,26 @@ class CriticServer:
         )
         triton.bind(
             model_name=SAVE_MODEL,
-            infer_func=self._save_fn,
+            infer_func=self._guard(SAVE_MODEL, self._save_fn),
             inputs=[Tensor(name="path", dtype=np.bytes_, shape=(1,))],
             outputs=[Tensor(name="ok", dtype=np.bool_, shape=(1,))],
             config=ModelConfig(batching=False),
         )
         triton.bind(
             model_name=LOAD_MODEL,
-            infer_func=self._load_fn,
+            infer_func=self._guard(LOAD_MODEL, self._load_fn),
             inputs=[Tensor(name="path", dtype=np.bytes_, shape=(1,))],
             outputs=[Tensor(name="state", dtype=np.bytes_, shape=(1,))],
             config=ModelConfig(batching=False),
         )
         triton.bind(
             model_name=STATUS_MODEL,
-            infer_func=self._status_fn,
+            infer_func=self._guard(STATUS_MODEL, self._status_fn),
             inputs=[Tensor(name="ping", dtype=np.int64, shape=(1,))],
             outputs=[Tensor(name="status", dtype=np.bytes_, shape=(1,))],
             config=ModelConfig(batching=False),
         )
+        _one_line_error_replies(triton)
         return triton
 
     def start(self) -> CriticServer:
@@ -525,7 +735,8 @@ class CriticServer:
             triton.stop()
             raise
         self._triton = triton
-        LOGGER.info("critic server ready at %s (instance %s)", self.url, self.instance)
+        LOGGER.info("critic server ready at %s (instance %s, authentication %s, checkpoint root %s)", self.url,
+                    self.instance, "on" if self.auth_enabled else "off", self.checkpoint_root)
         return self
 
     def stop(self) -> None:
@@ -545,7 +756,8 @@ class CriticServer:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         self._triton = self._make_triton()
-        LOGGER.info("critic server starting at %s (instance %s)", self.url, self.instance)
+        LOGGER.info("critic server starting at %s (instance %s, authentication %s, checkpoint root %s)", self.url,
+                    self.instance, "on" if self.auth_enabled else "off", self.checkpoint_root)
         try:
             self._triton.serve()
         finally:

@@ -47,6 +47,7 @@ class LeaderBackend:
         self.backend = backend
         self.group = group
         self.max_seq_len = backend.max_seq_len
+        self.vocab_size = backend.vocab_size
         self._lock = threading.Lock()
 
     def _run(self, op: str, *arrays: np.ndarray):

@@ -9,7 +9,9 @@ Names of the Triton models and their tensors are defined here so that server and
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import os
+import re
+from typing import Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -27,14 +29,20 @@ class CriticBackend(Protocol):
     """What :class:`~nemo_rlhf.servers.critic_server.CriticServer` calls.
 
     The server guarantees that the arrays it passes were validated (dtype, rank, shapes,
-    ``1 <= lengths <= S <= max_seq_len``, finite floats) and that calls never overlap
+    ``1 <= lengths <= S <= max_seq_len``, ``0 <= tokens < vocab_size``, finite floats), that a
+    ``save``/``load`` path is resolved and inside the server's checkpoint root, that ``save``
+    replaces nothing but a complete checkpoint, and that ``load`` gets a complete checkpoint and that calls never overlap
     (one lock around every call), so implementations need not be thread-safe.
 
     Attributes:
         max_seq_len: largest sequence length ``S`` the backend accepts (tokens).
+        vocab_size: number of token ids the model was built for (the unpadded vocabulary); the
+            server refuses any token id outside ``0 <= id < vocab_size`` before the backend sees
+            it (an out-of-range embedding index is a device-side assert on a GPU).
     """
 
     max_seq_len: int
+    vocab_size: int
 
     def infer(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Value estimates of the critic and the sequence reward.
@@ -71,8 +79,11 @@ class CriticBackend(Protocol):
         ...
 
     def save(self, path: str) -> None:
-        """Write a checkpoint of the critic to ``path`` (a file or directory path): everything
-        :meth:`load` needs to continue training exactly (weights, optimizer, step, RNG)."""
+        """Write a checkpoint of the critic to the directory ``path``: everything :meth:`load`
+        needs to continue training exactly (weights, optimizer, step, RNG), in the layout of
+        :func:`nemo_rlhf.checkpoint.training_state.save_checkpoint_dir` (written atomically through
+        ``path.tmp``, with ``state.json`` holding ``"step"`` and the ``COMPLETE`` marker last), so
+        that the server recognises it as a checkpoint it may replace or load."""
         ...
 
     def load(self, path: str) -> dict[str, float]:
@@ -166,3 +177,59 @@ class CriticServerRestarted(CriticServerError):
 
     def __reduce__(self):
         return (type(self), (self.url, self.old_instance, self.new_instance))
+
+
+# ---- authentication (Triton's restricted-API header) ----
+
+# Environment variable read for the shared token when the config names none (server and client).
+DEFAULT_AUTH_TOKEN_ENV = "NEMO_RLHF_CRITIC_TOKEN"
+# The HTTP header Triton checks on restricted APIs (PyTriton's TRITON_ACCESS_HEADER).
+AUTH_HEADER = "triton-access-token"
+_TOKEN_PATTERN = re.compile(r"^[A-Za-z0-9_.~-]{16,512}$")
+
+
+def validate_auth_token(token: str, source: str) -> str:
+    """Check a shared token and return it.
+
+    Args:
+        token: the token text.
+        source: where it came from (a config key or environment variable), for the message.
+
+    Raises:
+        ValueError: not 16 to 512 characters of ``A-Z a-z 0-9 _ . ~ -`` (Triton parses the token
+            out of ``--http-restricted-api=<apis>:<header>=<token>``, so separators are not
+            allowed); the message names ``source`` but never contains the token.
+    """
+    if not isinstance(token, str) or not _TOKEN_PATTERN.match(token):
+        length = len(token) if isinstance(token, str) else type(token).__name__
+        raise ValueError(
+            f"critic auth token from {source} is invalid (length {length}); expected 16 to 512 characters of "
+            f"A-Z a-z 0-9 _ . ~ - (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+    return token
+
+
+def resolve_auth_token(
+    token: str | None = None,
+    token_env: str | None = DEFAULT_AUTH_TOKEN_ENV,
+    environ: Mapping[str, str] | None = None,
+    config_prefix: str = "server",
+) -> str | None:
+    """The shared token of the critic server and its clients, or ``None`` (authentication off).
+
+    ``token`` (``<prefix>.auth_token``) wins when set; otherwise the environment variable named
+    ``token_env`` (``<prefix>.auth_token_env``, default :data:`DEFAULT_AUTH_TOKEN_ENV`) when it is
+    set and non-empty. Prefer the environment variable: a token in a config file ends up in logs
+    and on shared filesystems.
+
+    Raises:
+        ValueError: the token is malformed (see :func:`validate_auth_token`).
+    """
+    environ = os.environ if environ is None else environ
+    if token not in (None, ""):
+        return validate_auth_token(str(token), f"{config_prefix}.auth_token")
+    if token_env:
+        value = environ.get(str(token_env), "")
+        if value:
+            return validate_auth_token(value, f"environment variable {token_env} ({config_prefix}.auth_token_env)")
+    return None

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import sys
 import sysconfig
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +44,17 @@ def backend() -> TinyCriticBackend:
 
 
 @pytest.fixture(scope="module")
-def server(backend):
+def root(tmp_path_factory) -> Path:
+    """The server's checkpoint root (resolved)."""
+    return Path(os.path.realpath(tmp_path_factory.mktemp("checkpoint_root")))
+
+
+@pytest.fixture(scope="module")
+def server(backend, root):
     http, grpc, metrics = find_free_ports(3)
-    with CriticServer(backend, http_port=http, grpc_port=grpc, metrics_port=metrics, max_batch_size=MAX_BATCH) as srv:
+    with CriticServer(
+        backend, http_port=http, grpc_port=grpc, metrics_port=metrics, max_batch_size=MAX_BATCH, checkpoint_root=root
+    ) as srv:
         yield srv
 
 
@@ -86,11 +98,13 @@ def test_triton_env_fix_prefixes_libpython_dir_once():
         (np.zeros((0, 4), np.int64), np.ones(0, np.int64), r"empty batch \(B = 0\)"),
         (np.zeros((9, 4), np.int64), np.ones(9, np.int64), "B = 9; expected B <= 8"),
         (np.zeros((2, 4), np.int64), np.array([4, 5]), "row 1 is 5; expected 1 <= length <= S = 4"),
+        (np.array([[1, 2], [3, 32]]), np.ones(2, np.int64), r"'tokens' row 1, column 1 is 32; expected a token id 0 <= id < vocab_size = 32"),
+        (np.array([[1, -2], [3, 4]]), np.ones(2, np.int64), r"'tokens' row 0, column 1 is -2; expected a token id 0 <= id < vocab_size = 32"),
     ],
 )
 def test_infer_validator_names_input(tokens, lengths, message):
     with pytest.raises(ValueError, match=message):
-        validate_infer_request(tokens, lengths, max_seq_len=16, max_batch_size=8)
+        validate_infer_request(tokens, lengths, max_seq_len=16, max_batch_size=8, vocab_size=32)
 
 
 def test_train_validator_names_input():
@@ -100,6 +114,10 @@ def test_train_validator_names_input():
         validate_train_request(tokens, returns, prev_values, mask.astype(np.float64), 4, 2)
     with pytest.raises(ValueError, match="S = 4; expected 1 <= S <= 3"):
         validate_train_request(tokens, returns, prev_values, mask, 3, 2)
+    bad = tokens.copy()
+    bad[1, 2] = 99999999
+    with pytest.raises(ValueError, match=r"'tokens' row 1, column 2 is 99999999; expected a token id 0 <= id < vocab_size = 32"):
+        validate_train_request(bad, returns, prev_values, mask, 4, 2, vocab_size=32)
     returns[1, 3] = -np.inf
     with pytest.raises(ValueError, match=r"input 'returns' has a non-finite value -inf at \[1, 3\]"):
         validate_train_request(tokens, returns, prev_values, mask, 4, 2)
@@ -164,10 +182,11 @@ def test_train_request_id_is_applied_once_and_status_counts_steps(client, server
     assert backend.train_calls == calls + 2 + TRAIN_DEDUP_SIZE
 
 
-def test_save_then_load_restores_weights_optimizer_and_step(client, backend, tmp_path):
-    path = tmp_path / "critic.pt"
+def test_save_then_load_restores_weights_optimizer_and_step(client, backend, root):
+    path = root / "roundtrip" / "critic"
     client.save(str(path))
-    state = torch.load(path, weights_only=True)
+    assert (path / "COMPLETE").is_file() and json.loads((path / "state.json").read_text())["step"] == backend.train_calls
+    state = torch.load(path / "model.pt", weights_only=True)
     for key, value in backend.model.state_dict().items():
         assert torch.equal(state["model"][key], value)
     saved = {k: v.clone() for k, v in backend.model.state_dict().items()}
@@ -177,8 +196,10 @@ def test_save_then_load_restores_weights_optimizer_and_step(client, backend, tmp
     assert backend.train_calls == calls
     for key, value in backend.model.state_dict().items():
         assert torch.equal(saved[key], value)
-    with pytest.raises(CriticServerError, match="no-such-file"):
-        client.load(str(tmp_path / "no-such-file.pt"))
+    with pytest.raises(CriticServerError, match="no-such-dir.*missing COMPLETE"):
+        client.load(str(root / "no-such-dir"))
+    client.save(str(path))  # an existing checkpoint of ours is replaced
+    assert client.load(str(path)) == {"step": float(calls)}
 
 
 def _infer_req(tokens, lengths):
@@ -225,6 +246,8 @@ BAD_REQUESTS = {
     "prev_values shape": (_train_req(prev_values=_F[:, :8].copy()), "input 'prev_values' has shape (4, 8)"),
     "returns float64": (_train_req(returns=_F.astype(np.float64)), "input 'returns' data-type is 'FP64'"),
     "train tokens rank 1": (_train_req(tokens=np.zeros(16, np.int64)), "unexpected shape for input 'tokens'"),
+    "train token id too large": (_train_req(tokens=np.full((4, 16), 32, np.int64)), "'tokens' row 0, column 0 is 32"),
+    "infer token id negative": (_infer_req(np.full((2, 8), -1, np.int64), _L), "'tokens' row 0, column 0 is -1"),
     "train B > max_batch_size": (
         _train_req(**dict(zip(("tokens", "returns", "prev_values", "mask"), _train_inputs(b=MAX_BATCH + 1)))),
         f"B = {MAX_BATCH + 1}; expected B <= {MAX_BATCH}",
@@ -276,6 +299,11 @@ def test_backend_exception_is_an_error_reply_and_server_keeps_serving(client, ba
     with pytest.raises(CriticServerError, match="RuntimeError: simulated CUDA OOM") as info:
         client.infer(_T, _L)
     assert not isinstance(info.value, CriticServerUnavailable)
+    assert "[server error id " in str(info.value) and "Traceback" not in str(info.value)
+    backend.raise_next = RuntimeError("simulated\nmulti-line failure")
+    status, message = raw_infer(client.url, "critic_infer", _raw_infer_inputs(_T, _L))
+    assert status >= 400 and _one_line_reply(message)
+    assert "the backend failed: RuntimeError: simulated multi-line failure" in message
     np.testing.assert_array_equal(client.infer(_T, _L)[1], backend.infer(_T, _L)[1])
 
 
@@ -351,3 +379,154 @@ def _not_zombie(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+# ------------------------------------------------------------------ raw KServe-v2 HTTP (issue 9)
+
+
+def _tensor(name: str, array: np.ndarray) -> dict:
+    array = np.asarray(array)
+    if array.dtype == object:
+        return {"name": name, "datatype": "BYTES", "shape": list(array.shape), "data": [x.decode() for x in array.ravel()]}
+    datatype = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}[array.dtype]
+    return {"name": name, "datatype": datatype, "shape": list(array.shape), "data": array.ravel().tolist()}
+
+
+def _raw_infer_inputs(tokens, lengths) -> list[dict]:
+    return [_tensor("tokens", tokens), _tensor("sequence_lengths", np.asarray(lengths, np.int64).reshape(-1, 1))]
+
+
+def _raw_train_inputs(tokens) -> list[dict]:
+    f = np.zeros(tokens.shape, np.float32)
+    return [_tensor("tokens", tokens), _tensor("returns", f), _tensor("prev_values", f), _tensor("mask", f + 1)]
+
+
+def _raw_path(path: str) -> list[dict]:
+    return [_tensor("path", np.array([path.encode()], dtype=object))]
+
+
+def raw_infer(url: str, model: str, inputs: list[dict], token: str | None = None) -> tuple[int, str]:
+    """POST ``/v2/models/<model>/infer`` (KServe v2 JSON) with urllib: ``(HTTP status, body or error text)``."""
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["triton-access-token"] = token
+    request = urllib.request.Request(
+        f"{url}/v2/models/{model}/infer", data=json.dumps({"inputs": inputs}).encode(), headers=headers
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        body = e.read().decode()
+        try:
+            return e.code, json.loads(body)["error"]
+        except (ValueError, KeyError):
+            return e.code, body
+
+
+def _one_line_reply(message: str) -> bool:
+    return "\n" not in message.strip() and "Traceback" not in message and "CRITIC_REQUEST_ERROR (error id " in message
+
+
+@pytest.mark.parametrize(
+    "model, tokens, where",
+    [
+        ("critic_infer", np.array([[1, 2, 99999999]], np.int64), "row 0, column 2 is 99999999"),
+        ("critic_infer", np.array([[1, 2, 3], [4, -2, 5]], np.int64), "row 1, column 1 is -2"),
+        ("critic_train", np.array([[1, 2], [3, 32]], np.int64), "row 1, column 1 is 32"),
+        ("critic_train", np.array([[-7, 2]], np.int64), "row 0, column 0 is -7"),
+    ],
+)
+def test_raw_out_of_range_token_ids_are_refused_before_the_model(client, server, backend, model, tokens, where):
+    calls = backend.train_calls
+    inputs = _raw_infer_inputs(tokens, [tokens.shape[1]] * tokens.shape[0]) if model == "critic_infer" else _raw_train_inputs(tokens)
+    status, message = raw_infer(server.url, model, inputs)
+    assert status >= 400, message
+    assert _one_line_reply(message), message
+    assert f"input 'tokens' {where}; expected a token id 0 <= id < vocab_size = 32" in message
+    assert backend.train_calls == calls
+    status, _ = raw_infer(server.url, "critic_infer", _raw_infer_inputs(_T, _L))
+    assert status == 200
+
+
+def _tree(path: Path) -> dict[str, object]:
+    """relative path -> file bytes / ('dir',) / ('link', target): a snapshot of everything under ``path``."""
+    out: dict[str, object] = {}
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            full = Path(dirpath) / name
+            rel = str(full.relative_to(path))
+            if full.is_symlink():
+                out[rel] = ("link", os.readlink(full))
+            elif full.is_dir():
+                out[rel] = ("dir",)
+            else:
+                out[rel] = full.read_bytes()
+    return out
+
+
+def test_raw_save_never_replaces_a_foreign_directory_or_file(server, root, backend):
+    foreign = root / "foreign"
+    foreign.mkdir()
+    payload = os.urandom(4096) + b"\nuser data\n"
+    (foreign / "data.txt").write_bytes(payload)
+    (root / "notes.txt").write_text("not a checkpoint")
+    (root / "partial.tmp").mkdir()  # the temporary directory a save to 'partial' would reuse
+    (root / "partial.tmp" / "keep.bin").write_bytes(b"\x00\x01")
+    fake = root / "fake"  # has a COMPLETE marker but no state.json: not ours either
+    fake.mkdir()
+    (fake / "COMPLETE").write_text("ok\n")
+    before = _tree(root)
+    for target, why in [
+        (str(foreign), "exists and has no COMPLETE marker"),
+        ("foreign", "exists and has no COMPLETE marker"),  # relative: inside the root
+        (str(root / "notes.txt"), "exists and is not a directory"),
+        (str(root / "partial"), "partial.tmp exists"),
+        (str(fake), "exists and has no state.json"),
+    ]:
+        status, message = raw_infer(server.url, "critic_save", _raw_path(target))
+        assert status >= 400 and _one_line_reply(message), message
+        assert why in message and "nothing was changed" in message, message
+    assert (foreign / "data.txt").read_bytes() == payload
+    assert _tree(root) == before
+
+
+def test_raw_save_and_load_cannot_escape_the_root(server, root, tmp_path, client):
+    outside = Path(os.path.realpath(tmp_path)) / "outside"
+    outside.mkdir()
+    (outside / "data.txt").write_bytes(b"outside data")
+    client.save(str(root / "good"))  # a real checkpoint, then a copy of it outside the root
+    shutil.copytree(root / "good", outside / "ckpt")
+    (root / "link_out").symlink_to(outside, target_is_directory=True)
+    (root / "ckpt_link").symlink_to(outside / "ckpt", target_is_directory=True)
+    (root / "sub").mkdir()
+    before_root, before_outside = _tree(root), _tree(outside)
+    escapes = [
+        f"{root}/../{root.name}_escape",
+        "../escape",
+        "sub/../../escape",
+        str(outside / "new"),
+        str(root / "link_out" / "new"),
+        str(root / "link_out"),
+        str(root / "ckpt_link"),
+        str(root),
+        "/",
+    ]
+    for path in escapes:
+        status, message = raw_infer(server.url, "critic_save", _raw_path(path))
+        assert status >= 400 and _one_line_reply(message), (path, message)
+        assert "not inside the server's checkpoint root" in message, (path, message)
+    for path in ["../outside/ckpt", str(root / "ckpt_link"), str(outside / "ckpt"), f"{root}/sub/../../outside/ckpt"]:
+        status, message = raw_infer(server.url, "critic_load", _raw_path(path))
+        assert status >= 400 and _one_line_reply(message), (path, message)
+        assert "not inside the server's checkpoint root" in message, (path, message)
+    assert _tree(root) == before_root and _tree(outside) == before_outside
+    assert not (root.parent / f"{root.name}_escape").exists() and not (root.parent / "escape").exists()
+    # The same checkpoint inside the root loads; without its COMPLETE marker it is refused.
+    status, message = raw_infer(server.url, "critic_load", _raw_path(str(root / "good")))
+    assert status == 200, message
+    shutil.copytree(root / "good", root / "unmarked")
+    (root / "unmarked" / "COMPLETE").unlink()
+    status, message = raw_infer(server.url, "critic_load", _raw_path("unmarked"))
+    assert status >= 400 and _one_line_reply(message) and "missing COMPLETE marker" in message, message

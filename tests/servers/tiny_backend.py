@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from nemo_rlhf.checkpoint.weights import COMPLETE_MARKER, begin_atomic_dir, commit_atomic_dir
 
 
 class TinyCriticBackend:
@@ -15,11 +19,16 @@ class TinyCriticBackend:
     Training: one Adam step on the masked mean squared error
     ``sum(mask * (values - returns)^2) / max(sum(mask), 1)`` (no value clipping; ``prev_values``
     is only checked for shape).
+
+    ``save(path)`` writes a checkpoint directory in the project's layout (``model.pt``,
+    ``state.json`` with ``"step"``, ``COMPLETE`` last, atomically through ``path.tmp`` with
+    :func:`begin_atomic_dir`/:func:`commit_atomic_dir`), as the megatron backend does.
     """
 
     def __init__(self, vocab_size: int = 32, hidden: int = 8, max_seq_len: int = 256, lr: float = 1e-2, seed: int = 0):
         torch.manual_seed(seed)
         self.max_seq_len = max_seq_len
+        self.vocab_size = vocab_size
         self.model = torch.nn.Sequential(torch.nn.Embedding(vocab_size, hidden), torch.nn.Linear(hidden, 1))
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
         self.train_calls = 0
@@ -68,11 +77,17 @@ class TinyCriticBackend:
 
     def save(self, path: str) -> None:
         self._injected_delay("save")
+        final = Path(path)
+        tmp = begin_atomic_dir(final)
         torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "train_calls": self.train_calls}, path)
+                    "train_calls": self.train_calls}, tmp / "model.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": self.train_calls}))
+        commit_atomic_dir(tmp, final)
 
     def load(self, path: str) -> dict[str, float]:
-        state = torch.load(path, weights_only=True)
+        if not (Path(path) / COMPLETE_MARKER).exists():
+            raise FileNotFoundError(f"no complete checkpoint at {path} (missing {COMPLETE_MARKER} marker)")
+        state = torch.load(Path(path) / "model.pt", weights_only=True)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.train_calls = int(state["train_calls"])
@@ -84,7 +99,9 @@ def main(argv: list[str] | None = None) -> None:
 
     Test-only fault-injection options: ``--delay-{infer,train,save}-s SECONDS`` makes the first
     ``--delay-{infer,train,save}-calls N`` calls of that kind (default -1: every call) sleep that
-    long; ``--max-batch-size``, ``--max-seq-len`` size the server.
+    long; ``--max-batch-size``, ``--max-seq-len`` size the server; ``--checkpoint-root`` confines
+    save/load; ``--auth-token-env NAME`` turns authentication on with the token in that environment
+    variable; ``--debug-log`` logs ``nemo_rlhf.servers`` at DEBUG (error tracebacks).
     """
     import argparse
     import logging
@@ -98,8 +115,21 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(f"--delay-{kind}-calls", type=int, default=-1)
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--max-seq-len", type=int, default=256)
+    parser.add_argument("--checkpoint-root", default=None)
+    parser.add_argument("--auth-token-env", default=None)
+    parser.add_argument("--debug-log", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.debug_log:
+        logging.getLogger("nemo_rlhf.servers").setLevel(logging.DEBUG)
+    token = None
+    if args.auth_token_env:
+        import os
+
+        from nemo_rlhf.servers.protocol import resolve_auth_token
+
+        token = resolve_auth_token(None, args.auth_token_env)
+        os.environ.pop(args.auth_token_env, None)  # not inherited by tritonserver, not in its env dump
     backend = TinyCriticBackend(max_seq_len=args.max_seq_len)
     for kind in ("infer", "train", "save"):
         delay = getattr(args, f"delay_{kind}_s")
@@ -108,7 +138,13 @@ def main(argv: list[str] | None = None) -> None:
             setattr(backend, f"{kind}_delay_calls", getattr(args, f"delay_{kind}_calls"))
     http_port, grpc_port, metrics_port = args.ports
     CriticServer(
-        backend, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, max_batch_size=args.max_batch_size
+        backend,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        max_batch_size=args.max_batch_size,
+        checkpoint_root=args.checkpoint_root,
+        auth_token=token,
     ).run()
 
 
