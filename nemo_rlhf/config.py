@@ -1,0 +1,1098 @@
+"""Typed configuration: one dataclass per config section, defaults written once.
+
+Every section of a stage's Hydra config (``model:``, ``optim:``, ``batch:``, ``data:``,
+``tokenizer:``, ``trainer:``, ``checkpoint:``, ``ppo:``, ``critic:``, ``server:``, ``logger:``) is a
+dataclass below; the stages are :class:`SFTStageConfig`, :class:`RewardModelStageConfig`,
+:class:`PPOActorStageConfig`, :class:`CriticServerStageConfig` and the demo :class:`DemoConfig`.
+
+Where defaults live:
+
+* the dataclass defaults are the values every stage used unless its YAML said otherwise (today's
+  ``conf/gpt_sft.yaml`` base, the code defaults for keys no YAML set, and the YAML value where the
+  code and the YAML disagreed: the YAML is what ran);
+* ``conf/<stage>.yaml`` holds only that stage's recipe (steps, learning-rate schedule, ...), and
+  ``conf/model/<size>.yaml`` the model's shape and layout.
+
+Validation (as megatron-core's ``TransformerConfig``): each section checks its types and ranges in
+``__post_init__`` and names the field (``optim.lr must be > 0, got -1``); the stage configs check
+sizes that must fit each other (``batch.global_batch_size`` vs ``batch.micro_batch_size``,
+``ppo.num_minibatches``, ``data.max_heldout_prompts``). :func:`parse_config` turns a DictConfig or
+dict into the dataclass tree and refuses an unknown key, naming the key, its section and the
+nearest valid key. Checks that need the data-parallel size or the size of the held-out split run
+when the trainer knows them: :func:`check_sizes`, :func:`check_heldout_size`.
+
+Typical use in a trainer::
+
+    cfg = load_stage_config(SFTStageConfig, hydra_cfg)      # ConfigError on any bad value
+    dp = setup_parallel(to_plain(cfg.model), ...)
+    check_sizes(cfg, dp)                                    # batch / mini-batch vs DP size
+    ...
+    check_heldout_size(len(val_ds), cfg.batch.global_batch_size, dp, data=cfg.data)
+
+:func:`to_plain` gives the plain-dict form that today's code (``model_cfg_with_defaults``,
+``OPTIM_DEFAULTS`` merges, ``build_kl_controller``) expects. :func:`register_configs` stores the
+stage dataclasses in Hydra's ``ConfigStore`` as schemas (``<config name>_schema``) so that a YAML
+listing the schema first in its ``defaults`` gets every key (and its type checks) from here, and
+``trainer.max_steps=5`` works on the command line without a ``+``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, List, Optional
+
+MISSING = "???"  # omegaconf.MISSING: a value the user must give (e.g. ``init_from``)
+
+__all__ = [
+    "MISSING", "ConfigError", "ConfigTypeError",
+    "ModelConfig", "OptimConfig", "BatchConfig", "DataConfig", "TokenizerConfig", "TrainerConfig",
+    "CheckpointConfig", "KLControllerConfig", "SamplingConfig", "ValSamplingConfig", "PPOConfig",
+    "CriticClientConfig", "ServerConfig", "LoggerConfig",
+    "SFTStageConfig", "RewardModelStageConfig", "PPOActorStageConfig", "CriticServerStageConfig",
+    "DemoConfig", "STAGE_CONFIGS",
+    "parse_config", "load_stage_config", "to_plain", "unknown_key_message", "explain_unknown_key",
+    "check_sizes", "check_heldout_size", "demo_stage_node", "register_configs",
+]
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown, out of range or does not fit another value. The message
+    names the field (``optim.lr``) and, for an unknown key, the nearest valid key."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """A config value has the wrong type (``trainer.max_steps must be an integer, got 2.5``)."""
+
+
+# ----------------------------------------------------------------------------- helpers
+def _hints(cls) -> dict[str, Any]:
+    cache = cls.__dict__.get("_hints_cache")
+    if cache is None:
+        cache = typing.get_type_hints(cls)
+        setattr(cls, "_hints_cache", cache)
+    return cache
+
+
+def _fields(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _is_missing(value: Any) -> bool:
+    return isinstance(value, str) and value == MISSING
+
+
+def _kind(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """``value`` converted to the annotated type ``tp``, or ConfigTypeError naming ``path``."""
+    if tp is Any or _is_missing(value):
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], path)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return _parse(tp, value, path)
+    if origin in (list, List):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigTypeError(f"{path} must be a list, got {_kind(value)}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, Mapping):
+            raise ConfigTypeError(f"{path} must be a mapping, got {_kind(value)}")
+        return _plain_container(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigTypeError(f"{path} must be true or false, got {_kind(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigTypeError(f"{path} must be an integer, got {_kind(value)}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigTypeError(f"{path} must be a number, got {_kind(value)}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise ConfigTypeError(f"{path} must be a string, got {_kind(value)}")
+        return str(value)
+    raise TypeError(f"unsupported config annotation {tp!r} for {path}")  # pragma: no cover
+
+
+def _plain_container(node: Any) -> Any:
+    """OmegaConf node (interpolations resolved, ``???`` kept) / mapping / sequence -> plain Python."""
+    try:
+        from omegaconf import OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf is a declared dependency
+        OmegaConf = None
+    if OmegaConf is not None and OmegaConf.is_config(node):
+        return OmegaConf.to_container(node, resolve=True, throw_on_missing=False)
+    if isinstance(node, Mapping):
+        return {k: _plain_container(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_plain_container(v) for v in node]
+    return node
+
+
+def unknown_key_message(cls: type, key: str, section: str = "") -> str:
+    """``unknown key 'lrr' in section 'optim' (did you mean 'lr'?)`` for a key that is not a field
+    of the dataclass ``cls``; without a close match, the valid keys are listed instead."""
+    where = f"in section {section!r}" if section else "at the top level"
+    valid = _fields(cls)
+    close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else f"; valid keys: {', '.join(valid)}"
+    return f"unknown key {key!r} {where}{hint}"
+
+
+def _join(section: str, key: str) -> str:
+    return f"{section}.{key}" if section else key
+
+
+class _Section:
+    """Base of every config dataclass: type coercion, then the section's own checks (``_validate``).
+
+    ``SECTION`` is the dotted name the section has in a stage config; error messages use it.
+    """
+
+    SECTION: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            object.__setattr__(self, f.name, _coerce(value, hints[f.name], self._path(f.name)))
+        self._validate()
+
+    def _validate(self) -> None:
+        """Range, choice and cross-field checks of this section (override)."""
+
+    # -- small checks; each skips a value that is still MISSING (``???``)
+    def _path(self, name: str) -> str:
+        return _join(self.SECTION, name)
+
+    def _get(self, name: str) -> Any:
+        value = getattr(self, name)
+        return None if _is_missing(value) else value
+
+    def _choice(self, name: str, choices) -> None:
+        value = self._get(name)
+        if value is not None and value not in choices:
+            raise ConfigError(f"{self._path(name)} must be one of {list(choices)}, got {value!r}")
+
+    def _greater(self, name: str, bound: float, or_equal: bool = False) -> None:
+        value = self._get(name)
+        if value is None:
+            return
+        op = ">=" if or_equal else ">"
+        if not (value >= bound if or_equal else value > bound):
+            raise ConfigError(f"{self._path(name)} must be {op} {bound:g}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{self._path(name)} must be finite, got {value!r}")
+
+    def _between(self, name: str, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
+        value = self._get(name)
+        if value is None:
+            return
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+        if not ok:
+            lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+            raise ConfigError(f"{self._path(name)} must be in {lo}{low:g}, {high:g}{hi}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------- sections
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "squared_relu", "swiglu", "geglu")
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+PARAMS_DTYPES = ("fp32", "32", "bf16", "16", "fp16")
+POSITION_EMBEDDINGS = ("rope", "learned_absolute")
+
+
+@dataclass
+class ModelConfig(_Section):
+    """``model:`` — GPT architecture and its parallel layout (the keys of ``models/builder.py``'s
+    ``MODEL_DEFAULTS``). Defaults: the tiny CPU model (``conf/model/tiny.yaml``); ``conf/model/*.yaml``
+    name a size. Sizes are counts; ``layernorm_epsilon``, dropouts and ``init_method_std`` are plain
+    floats.
+
+    Raises:
+        ConfigError: a size < 1, an unknown activation/normalization/dtype/position embedding,
+            ``hidden_size`` not divisible by ``num_attention_heads`` (without ``kv_channels``),
+            ``num_attention_heads`` not divisible by ``num_query_groups``, dropout outside [0, 1).
+    """
+
+    SECTION: ClassVar[str] = "model"
+
+    num_layers: int = 2
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # None: multi-head attention (= num_attention_heads)
+    ffn_hidden_size: Optional[int] = 512  # None: 4 * hidden_size
+    kv_channels: Optional[int] = None  # None: hidden_size / num_attention_heads
+    max_position_embeddings: int = 256
+    vocab_size: Optional[int] = None  # None: from the tokenizer
+    make_vocab_size_divisible_by: int = 128
+    position_embedding_type: str = "rope"  # rope | learned_absolute
+    rotary_base: int = 10000
+    rotary_percent: float = 1.0
+    normalization: str = "LayerNorm"  # LayerNorm | RMSNorm
+    layernorm_epsilon: float = 1e-5
+    activation: str = "gelu"  # gelu | gelu_tanh | relu | squared_relu | swiglu | geglu
+    add_bias_linear: bool = True
+    add_qkv_bias: bool = False
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_method_std: float = 0.02
+    share_embeddings_and_output_weights: bool = True
+    params_dtype: str = "fp32"  # fp32 | bf16 | fp16 (also "32", "16")
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_cpu_initialization: Optional[bool] = None  # None: True on CPU runs, False on GPU
+
+    def _validate(self) -> None:
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+                     "kv_channels", "max_position_embeddings", "vocab_size", "make_vocab_size_divisible_by",
+                     "rotary_base", "tensor_model_parallel_size", "pipeline_model_parallel_size"):
+            self._greater(name, 1, or_equal=True)
+        self._between("rotary_percent", 0.0, 1.0, low_open=True)
+        self._greater("layernorm_epsilon", 0.0)
+        self._greater("init_method_std", 0.0)
+        self._between("hidden_dropout", 0.0, 1.0, high_open=True)
+        self._between("attention_dropout", 0.0, 1.0, high_open=True)
+        self._choice("activation", ACTIVATIONS)
+        self._choice("normalization", NORMALIZATIONS)
+        self._choice("params_dtype", PARAMS_DTYPES)
+        self._choice("position_embedding_type", POSITION_EMBEDDINGS)
+        heads, hidden, groups = self._get("num_attention_heads"), self._get("hidden_size"), self._get("num_query_groups")
+        if self.kv_channels is None and heads and hidden and hidden % heads:
+            raise ConfigError(f"model.hidden_size={hidden} is not divisible by model.num_attention_heads={heads} "
+                              f"(set model.kv_channels or change one of them)")
+        if groups and heads and heads % groups:
+            raise ConfigError(f"model.num_attention_heads={heads} is not divisible by model.num_query_groups={groups}")
+
+
+OPTIMIZERS = ("adam", "sgd")
+DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root")
+
+
+@dataclass
+class OptimConfig(_Section):
+    """``optim:`` — megatron optimizer and LR schedule (the keys of ``OPTIM_DEFAULTS``). Steps count
+    optimizer steps; ``lr``/``min_lr`` are per-step learning rates.
+
+    Raises:
+        ConfigError: ``lr`` <= 0, ``min_lr`` < 0 or > ``lr``, ``betas`` not two values in [0, 1),
+            ``eps``/``clip_grad`` <= 0, negative steps, ``warmup_steps`` > ``decay_steps``, unknown
+            ``optimizer``/``decay_style``.
+    """
+
+    SECTION: ClassVar[str] = "optim"
+
+    optimizer: str = "adam"  # adam (AdamW: decoupled weight decay) | sgd
+    sgd_momentum: float = 0.0
+    lr: float = 1e-4
+    min_lr: Optional[float] = None  # None: lr / 10
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 0
+    decay_steps: Optional[int] = None  # None: no decay (constant after warm-up)
+    decay_style: str = "cosine"  # cosine | linear | constant | inverse-square-root
+    distributed_optimizer: bool = False
+    max_nonfinite_in_a_row: int = 5  # NaN/Inf loss or gradient: skipped; this many in a row abort
+
+    def _validate(self) -> None:
+        self._choice("optimizer", OPTIMIZERS)
+        self._choice("decay_style", DECAY_STYLES)
+        self._greater("lr", 0.0)
+        self._greater("min_lr", 0.0, or_equal=True)
+        self._greater("weight_decay", 0.0, or_equal=True)
+        self._between("sgd_momentum", 0.0, 1.0, high_open=True)
+        self._greater("eps", 0.0)
+        self._greater("clip_grad", 0.0)
+        self._greater("warmup_steps", 0, or_equal=True)
+        self._greater("decay_steps", 1, or_equal=True)
+        self._greater("max_nonfinite_in_a_row", 0, or_equal=True)
+        if self.min_lr is not None and self.min_lr > self.lr:
+            raise ConfigError(f"optim.min_lr={self.min_lr:g} must be <= optim.lr={self.lr:g}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.decay_steps is not None and self.warmup_steps > self.decay_steps:
+            raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be <= optim.decay_steps={self.decay_steps}")
+
+
+@dataclass
+class BatchConfig(_Section):
+    """``batch:`` — ``global_batch_size`` samples (SFT), pairs (RM), prompts (PPO) or rows per
+    ``critic_train`` request (server) per optimizer step over all DP ranks; ``micro_batch_size``
+    per forward/backward on one DP rank.
+
+    Raises:
+        ConfigError: a size < 1, or ``global_batch_size`` not a multiple of ``micro_batch_size``.
+    """
+
+    SECTION: ClassVar[str] = "batch"
+
+    global_batch_size: int = 16
+    micro_batch_size: int = 8
+
+    def _validate(self) -> None:
+        self._greater("global_batch_size", 1, or_equal=True)
+        self._greater("micro_batch_size", 1, or_equal=True)
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"batch.global_batch_size={self.global_batch_size} is not a multiple of "
+                f"batch.micro_batch_size={self.micro_batch_size}: change one of them")
+
+
+OVERLONG = ("truncate", "skip")
+ON_ERROR = ("skip", "error")
+
+
+@dataclass
+class DataConfig(_Section):
+    """``data:`` — the HH-RLHF files and how they are split and cut. Lengths are in tokens.
+
+    Raises:
+        ConfigError: ``heldout_fraction`` outside (0, 1), ``max_prompt_len`` >= ``max_seq_len``,
+            a size < 1, unknown ``overlong``/``on_error``, no ``files``.
+    """
+
+    SECTION: ClassVar[str] = "data"
+
+    data_dir: Optional[str] = None  # None: $NEMO_RLHF_DATA_DIR or <repo>/../shared/data
+    files: List[str] = field(default_factory=lambda: [
+        "hh-rlhf/helpful-base_test.jsonl.gz",
+        "hh-rlhf/harmless-base_test.jsonl.gz",
+        "hh-rlhf/helpful-rejection-sampled_test.jsonl.gz",
+    ])
+    heldout_fraction: float = 0.05  # by prompt hash; no training step ever sees these prompts
+    split_seed: int = 1234
+    max_seq_len: int = 256
+    max_prompt_len: int = 160  # longer prompts are left-truncated (latest turns kept) or skipped
+    overlong: str = "truncate"  # truncate | skip
+    on_error: str = "skip"  # skip (count) | error: what to do with malformed rows
+    max_rows: Optional[int] = None  # None: every row
+    max_heldout_prompts: Optional[int] = None  # PPO: evaluate on at most this many; None: all
+
+    def _validate(self) -> None:
+        self._choice("overlong", OVERLONG)
+        self._choice("on_error", ON_ERROR)
+        self._between("heldout_fraction", 0.0, 1.0, low_open=True, high_open=True)
+        for name in ("max_seq_len", "max_prompt_len", "max_rows", "max_heldout_prompts"):
+            self._greater(name, 1, or_equal=True)
+        if not self.files:
+            raise ConfigError("data.files must name at least one file")
+        if self.max_prompt_len >= self.max_seq_len:
+            raise ConfigError(f"data.max_prompt_len={self.max_prompt_len} must be < data.max_seq_len="
+                              f"{self.max_seq_len} (room for the response)")
+
+
+TOKENIZER_TYPES = ("train_bpe", "gpt2_bpe", "tokenizer_json")
+
+
+@dataclass
+class TokenizerConfig(_Section):
+    """``tokenizer:`` — ``train_bpe`` trains a byte-level BPE of ``vocab_size`` ids on the SFT
+    training split (saved as ``<run_dir>/tokenizer.json``); ``tokenizer_json`` loads ``path``;
+    ``gpt2_bpe`` loads ``vocab_file`` + ``merges_file``.
+
+    Raises:
+        ConfigError: unknown ``type``, ``vocab_size`` < 257 for ``train_bpe``, or the file(s) the
+            type needs are not set.
+    """
+
+    SECTION: ClassVar[str] = "tokenizer"
+
+    type: str = "train_bpe"  # train_bpe | gpt2_bpe | tokenizer_json
+    vocab_size: int = 2048  # train_bpe only
+    path: Optional[str] = None  # tokenizer_json
+    vocab_file: Optional[str] = None  # gpt2_bpe
+    merges_file: Optional[str] = None  # gpt2_bpe
+
+    def _validate(self) -> None:
+        self._choice("type", TOKENIZER_TYPES)
+        if self.type == "train_bpe":
+            self._greater("vocab_size", 257, or_equal=True)
+        needs = {"tokenizer_json": ("path",), "gpt2_bpe": ("vocab_file", "merges_file")}.get(self.type, ())
+        for name in needs:
+            if getattr(self, name) is None:
+                raise ConfigError(f"tokenizer.{name} is required for tokenizer.type={self.type!r}")
+
+
+ACCELERATORS = ("cpu", "gpu")
+
+
+@dataclass
+class TrainerConfig(_Section):
+    """``trainer:`` — run length and cadence, in optimizer steps (PPO: PPO steps, one rollout batch
+    each). ``limit_val_batches``: held-out batches per evaluation (None: all).
+
+    Raises:
+        ConfigError: unknown ``accelerator``, ``max_steps`` < 1, ``val_check_interval``,
+            ``limit_val_batches`` or ``log_every_n_steps`` < 1.
+    """
+
+    SECTION: ClassVar[str] = "trainer"
+
+    accelerator: str = "cpu"  # cpu (gloo) | gpu (NCCL)
+    max_steps: int = 200
+    val_check_interval: Optional[int] = 100  # steps between evaluations; None: only before/after
+    limit_val_batches: Optional[int] = 4  # None: every held-out batch
+    log_every_n_steps: int = 10
+
+    def _validate(self) -> None:
+        self._choice("accelerator", ACCELERATORS)
+        for name in ("max_steps", "val_check_interval", "limit_val_batches", "log_every_n_steps"):
+            self._greater(name, 1, or_equal=True)
+
+
+@dataclass
+class CheckpointConfig(_Section):
+    """``checkpoint:`` — training checkpoints (weights, optimizer, RNG, data position).
+
+    Raises:
+        ConfigError: ``every_n_steps`` < 0 or ``keep_last`` < 1.
+    """
+
+    SECTION: ClassVar[str] = "checkpoint"
+
+    dir: Optional[str] = None  # None: <run_dir>/checkpoints/<stage>
+    every_n_steps: int = 100  # 0: only at the end (and on SIGTERM/SIGUSR1)
+    keep_last: int = 2
+    resume: bool = True  # continue from the newest complete checkpoint in dir, if any
+
+    def _validate(self) -> None:
+        self._greater("every_n_steps", 0, or_equal=True)
+        self._greater("keep_last", 1, or_equal=True)
+
+
+KL_CONTROLLERS = ("fixed", "adaptive")
+KL_ESTIMATORS = ("k1", "k2", "k3", "abs")  # as nemo_rlhf.rl.kl.KL_ESTIMATORS
+
+
+@dataclass
+class KLControllerConfig(_Section):
+    """``ppo.kl_controller:`` — ``fixed`` keeps ``init_kl_coef``; ``adaptive`` (Ziegler et al. 2019,
+    sec. 2.2) moves it towards ``target`` nats per response, by at most a factor
+    ``1 +- 0.2 * batch / horizon`` per step (``horizon`` in rollouts).
+
+    Raises:
+        ConfigError: unknown ``type``, ``init_kl_coef`` < 0, ``target``/``horizon`` <= 0.
+    """
+
+    SECTION: ClassVar[str] = "ppo.kl_controller"
+
+    type: str = "adaptive"  # fixed | adaptive
+    init_kl_coef: float = 0.1
+    target: float = 6.0
+    horizon: float = 256
+
+    def _validate(self) -> None:
+        self._choice("type", KL_CONTROLLERS)
+        self._greater("init_kl_coef", 0.0, or_equal=True)
+        self._greater("target", 0.0)
+        self._greater("horizon", 0.0)
+
+
+def _check_sampling(s, prefix: str) -> None:
+    def bad(name, want):
+        raise ConfigError(f"{prefix}.{name} must be {want}, got {getattr(s, name)!r}")
+
+    if s.max_new_tokens is not None and s.max_new_tokens < 1:
+        bad("max_new_tokens", ">= 1")
+    if s.temperature is not None and not (s.temperature >= 0 and math.isfinite(s.temperature)):
+        bad("temperature", ">= 0 (0: greedy)")
+    if s.top_k is not None and s.top_k < 0:
+        bad("top_k", ">= 0 (0: off)")
+    if s.top_p is not None and not 0.0 < s.top_p <= 1.0:
+        bad("top_p", "in (0, 1] (1: off)")
+
+
+@dataclass
+class SamplingConfig(_Section):
+    """``ppo.sampling:`` — rollout sampling (:class:`nemo_rlhf.generation.sampling.SamplingParams`
+    without the seed, which comes from ``ppo.seed``). ``max_new_tokens``: response budget in tokens.
+
+    Raises:
+        ConfigError: ``max_new_tokens`` < 1, ``temperature`` < 0, ``top_k`` < 0, ``top_p`` outside (0, 1].
+    """
+
+    SECTION: ClassVar[str] = "ppo.sampling"
+
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    greedy: bool = False
+
+    def _validate(self) -> None:
+        _check_sampling(self, self.SECTION)
+
+
+@dataclass
+class ValSamplingConfig(_Section):
+    """``ppo.val_sampling:`` — held-out evaluation sampling: each field that is set overrides
+    ``ppo.sampling`` (None: the same value); seeded ``ppo.seed + 1`` so the k1 KL is unbiased and
+    evaluations repeat. :meth:`resolve` gives the effective :class:`SamplingConfig`.
+
+    Raises:
+        ConfigError: as :class:`SamplingConfig` for the fields that are set.
+    """
+
+    SECTION: ClassVar[str] = "ppo.val_sampling"
+
+    max_new_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    greedy: Optional[bool] = None
+
+    def _validate(self) -> None:
+        _check_sampling(self, self.SECTION)
+
+    def overrides(self) -> dict[str, Any]:
+        """The fields that are set (the mapping today's code merges over ``sampling``)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def resolve(self, sampling: SamplingConfig) -> SamplingConfig:
+        """``sampling`` with this section's set fields replaced."""
+        return dataclasses.replace(sampling, **self.overrides())
+
+
+@dataclass
+class PPOConfig(_Section):
+    """``ppo:`` — the PPO algorithm (the keys of ``algorithms/ppo.py``'s ``PPO_DEFAULTS``; where it
+    and ``conf/gpt_ppo_actor.yaml`` disagreed, the YAML's values, which ran: ``ppo_epochs`` 2,
+    ``num_minibatches`` 2, ``kl_controller.init_kl_coef`` 0.1, ``kl_controller.horizon`` 256).
+    ``num_minibatches``: optimizer steps per epoch over one DP rank's rollout batch.
+
+    Raises:
+        ConfigError: counts < 1, ``clip_eps``/``clip_eps_high`` <= 0, ``entropy_coef`` < 0,
+            ``gamma``/``lam`` outside [0, 1], unknown ``kl_estimator``.
+    """
+
+    SECTION: ClassVar[str] = "ppo"
+
+    rollout_micro_batch_size: int = 8  # sequences per forward when computing log-probs
+    ppo_epochs: int = 2
+    num_minibatches: int = 2
+    clip_eps: float = 0.2
+    clip_eps_high: Optional[float] = None  # None: symmetric clip (= clip_eps)
+    entropy_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_estimator: str = "k1"  # k1 | k2 | k3 | abs
+    kl_controller: KLControllerConfig = field(default_factory=KLControllerConfig)
+    whiten_advantages: bool = True
+    reference_offload: bool = False  # keep the reference policy on the CPU between uses (GPU runs)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    val_sampling: ValSamplingConfig = field(default_factory=ValSamplingConfig)
+    seed: int = 1234
+
+    def _validate(self) -> None:
+        for name in ("rollout_micro_batch_size", "ppo_epochs", "num_minibatches"):
+            self._greater(name, 1, or_equal=True)
+        self._greater("clip_eps", 0.0)
+        self._greater("clip_eps_high", 0.0)
+        self._greater("entropy_coef", 0.0, or_equal=True)
+        self._between("gamma", 0.0, 1.0)
+        self._between("lam", 0.0, 1.0)
+        self._choice("kl_estimator", KL_ESTIMATORS)
+
+
+@dataclass
+class CriticClientConfig(_Section):
+    """``critic:`` (PPO actor) — where the critic/reward server is and how long to wait (seconds).
+    An unavailable server is retried with exponential backoff (``retry_backoff_s``, doubling, at
+    most ``retry_backoff_max_s``) until ``retry_limit_s`` after the first failure.
+
+    Raises:
+        ConfigError: ``port`` outside 1..65535, a timeout <= 0, a retry value < 0.
+    """
+
+    SECTION: ClassVar[str] = "critic"
+
+    host: str = "127.0.0.1"
+    port: int = 5555
+    infer_timeout_s: float = 120.0  # one critic_infer / critic_status request
+    train_timeout_s: float = 600.0  # one critic_train / critic_save / critic_load request
+    init_timeout_s: float = 60.0  # waiting for the server to be ready at start
+    retry_limit_s: float = 300.0
+    retry_backoff_s: float = 1.0
+    retry_backoff_max_s: float = 30.0
+    # Authentication: the critic server's shared token (server.auth_token of the server), sent as
+    # the triton-access-token header. Prefer the environment variable named by auth_token_env (a
+    # token written here lands in logs and configs); auth_token wins when both are set; neither
+    # set: no token sent. The token itself is checked by servers.protocol.validate_auth_token.
+    auth_token: Optional[str] = None
+    auth_token_env: Optional[str] = "NEMO_RLHF_CRITIC_TOKEN"
+
+    def _validate(self) -> None:
+        self._between("port", 1, 65535)
+        for name in ("infer_timeout_s", "train_timeout_s", "init_timeout_s"):
+            self._greater(name, 0.0)
+        for name in ("retry_limit_s", "retry_backoff_s", "retry_backoff_max_s"):
+            self._greater(name, 0.0, or_equal=True)
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # case-insensitive
+
+
+@dataclass
+class ServerConfig(_Section):
+    """``server:`` (critic server) — PyTriton endpoint. No TLS, and authentication only with a
+    token: bind loopback for local runs; on a cluster the node's private address, ports inside the
+    cluster network. ``grpc_port`` and
+    ``metrics_port`` default to ``port + 1`` and ``port + 2``; ``max_batch_size`` in rows.
+
+    Raises:
+        ConfigError: a port outside 1..65535, ``max_batch_size`` < 1, unknown ``log_level``.
+    """
+
+    SECTION: ClassVar[str] = "server"
+
+    host: str = "127.0.0.1"
+    port: int = 5555  # HTTP
+    grpc_port: Optional[int] = None  # None: port + 1
+    metrics_port: Optional[int] = None  # None: port + 2
+    max_batch_size: int = 64
+    # critic_save / critic_load only touch paths inside this directory (after resolving '..' and
+    # symlinks; relative request paths are relative to it); None: run_dir. The PPO actor's
+    # checkpoint directory must be under it.
+    checkpoint_root: Optional[str] = None
+    # Authentication: when a token is set, Triton refuses every request without the header
+    # triton-access-token: <token>. Prefer the environment variable named by auth_token_env (a
+    # token written here lands in logs and configs); auth_token wins when both are set; neither
+    # set: no authentication. 16-512 characters of A-Z a-z 0-9 _ . ~ - (checked by
+    # servers.protocol.validate_auth_token, whose messages never contain the token).
+    auth_token: Optional[str] = None
+    auth_token_env: Optional[str] = "NEMO_RLHF_CRITIC_TOKEN"
+    log_level: str = "INFO"  # of the nemo_rlhf.servers loggers; DEBUG adds each error reply's traceback
+
+    def _validate(self) -> None:
+        for name in ("port", "grpc_port", "metrics_port"):
+            self._between(name, 1, 65535)
+        self._greater("max_batch_size", 1, or_equal=True)
+        if str(self.log_level).upper() not in LOG_LEVELS:
+            raise ConfigError(f"server.log_level must be one of {list(LOG_LEVELS)}, got {self.log_level!r}")
+
+
+try:  # the ``logger:`` section is defined with the loggers it configures
+    from nemo_rlhf.utils.loggers import LoggerConfig
+except ModuleNotFoundError as _exc:  # pragma: no cover - only before nemo_rlhf/utils/loggers.py exists
+    if _exc.name != "nemo_rlhf.utils.loggers":
+        raise
+
+    @dataclass
+    class LoggerConfig(_Section):  # type: ignore[no-redef]
+        """``logger:`` — placeholder until ``nemo_rlhf/utils/loggers.py`` defines the section."""
+
+        SECTION: ClassVar[str] = "logger"
+
+        jsonl: bool = True
+
+
+# ----------------------------------------------------------------------------- stages
+def _missing_paths(obj: Any, prefix: str = "") -> list[str]:
+    out = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        path = _join(prefix, f.name)
+        if _is_missing(value):
+            out.append(path)
+        elif dataclasses.is_dataclass(value):
+            out.extend(_missing_paths(value, path))
+    return out
+
+
+class _Stage(_Section):
+    """A stage config: required values set, cross-section sizes checked (with DP size 1)."""
+
+    def _validate(self) -> None:
+        missing = _missing_paths(self)
+        if missing:
+            raise ConfigError("missing required value(s): " + ", ".join(missing)
+                              + " (set them in the YAML or on the command line, e.g. "
+                              + f"{missing[0]}=...)")
+        check_sizes(self, dp=1)
+
+
+def _json_tokenizer() -> TokenizerConfig:
+    return TokenizerConfig(type="tokenizer_json", path=MISSING)
+
+
+@dataclass
+class SFTStageConfig(_Stage):
+    """``conf/gpt_sft.yaml``: supervised fine-tuning on prompt + chosen response."""
+
+    run_dir: str = "runs/sft"
+    seed: int = 1234
+    init_from: Optional[str] = None  # weights directory to start from; None: random init
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+@dataclass
+class RewardModelStageConfig(_Stage):
+    """``conf/gpt_rm.yaml``: Bradley-Terry reward model initialised from the SFT weights
+    (``init_from``, required) with the SFT tokenizer (``tokenizer.path``, required)."""
+
+    run_dir: str = "runs/rm"
+    seed: int = 1234
+    init_from: str = MISSING  # the SFT weights directory
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=_json_tokenizer)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+@dataclass
+class PPOActorStageConfig(_Stage):
+    """``conf/gpt_ppo_actor.yaml``: the PPO actor against a critic server (``critic:``); policy and
+    frozen reference from ``init_from`` (required), tokenizer ``tokenizer.path`` (required).
+    ``batch.global_batch_size`` counts prompts (rollouts) per PPO step over all DP ranks."""
+
+    run_dir: str = "runs/ppo"
+    seed: int = 1234
+    init_from: str = MISSING  # SFT weights: initial policy and the frozen reference policy
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=_json_tokenizer)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    critic: CriticClientConfig = field(default_factory=CriticClientConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+@dataclass
+class CriticServerStageConfig(_Stage):
+    """``conf/gpt_ppo_critic.yaml``: the critic + frozen reward model server. ``reward_model_path``
+    (required) scores rollouts; the critic starts from ``critic_init_path`` (None: the reward
+    model). ``value_clip``: PPO value clipping (None: off). ``data:`` is not read by the server; it
+    is accepted because the demo merges its ``common`` section into every stage."""
+
+    run_dir: str = "runs/critic"
+    seed: int = 1234
+    reward_model_path: str = MISSING
+    critic_init_path: Optional[str] = None
+    value_clip: Optional[float] = 0.2
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=_json_tokenizer)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+    def _validate(self) -> None:
+        super()._validate()
+        self._greater("value_clip", 0.0)
+
+
+STAGE_CONFIGS: dict[str, type] = {
+    "gpt_sft": SFTStageConfig,
+    "gpt_rm": RewardModelStageConfig,
+    "gpt_ppo_actor": PPOActorStageConfig,
+    "gpt_ppo_critic": CriticServerStageConfig,
+}
+# demo section -> (stage config name, stage class)
+DEMO_STAGES: dict[str, tuple[str, type]] = {
+    "sft": ("gpt_sft", SFTStageConfig),
+    "rm": ("gpt_rm", RewardModelStageConfig),
+    "critic": ("gpt_ppo_critic", CriticServerStageConfig),
+    "ppo": ("gpt_ppo_actor", PPOActorStageConfig),
+}
+
+
+def _check_partial(cls: type, node: Any, section: str) -> None:
+    """Every key of the (partial) mapping ``node`` is a field of ``cls`` (recursively)."""
+    if node is None:
+        return
+    if not isinstance(node, Mapping):
+        raise ConfigTypeError(f"{section or 'config'} must be a mapping, got {_kind(node)}")
+    hints = _hints(cls)
+    names = set(_fields(cls))
+    for key, value in node.items():
+        if key not in names:
+            raise ConfigError(unknown_key_message(cls, key, section))
+        tp = hints[key]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        if dataclasses.is_dataclass(tp):
+            _check_partial(tp, value, _join(section, key))
+
+
+@dataclass
+class DemoConfig(_Section):
+    """``conf/demo.yaml``: SFT -> reward model -> critic server -> PPO. Each stage's config is
+    ``conf/<stage>.yaml`` merged with ``common`` and then with the stage's section (see
+    :func:`demo_stage_node`); the sections are partial stage configs and their keys are checked
+    here against the stage dataclasses (``common`` against every stage it is merged into).
+
+    Raises:
+        ConfigError: an unknown key in a section (named with the nearest valid key),
+            ``server_ready_timeout_s`` <= 0, ``server_port`` outside 1..65533.
+    """
+
+    SECTION: ClassVar[str] = ""
+
+    run_dir: str = "runs/demo"
+    server_ready_timeout_s: float = 300.0
+    server_port: Optional[int] = None  # None: free ports on 127.0.0.1 (HTTP, gRPC = +1, metrics = +2)
+    common: Dict[str, Any] = field(default_factory=dict)  # merged into every stage's config
+    sft: Dict[str, Any] = field(default_factory=dict)
+    rm: Dict[str, Any] = field(default_factory=dict)
+    critic: Dict[str, Any] = field(default_factory=dict)
+    ppo: Dict[str, Any] = field(default_factory=dict)
+
+    def _validate(self) -> None:
+        self._greater("server_ready_timeout_s", 0.0)
+        self._between("server_port", 1, 65533)
+        for section, (_, cls) in DEMO_STAGES.items():
+            _check_partial(cls, self.common, "common")
+            _check_partial(cls, getattr(self, section), section)
+
+
+# ----------------------------------------------------------------------------- parse / convert
+def parse_config(cls: type, node: Any, section: Optional[str] = None):
+    """Build the dataclass ``cls`` (and its nested sections) from a DictConfig, a mapping or None.
+
+    Interpolations are resolved; keys not given take the dataclass defaults; every value is
+    checked by the dataclasses' ``__post_init__``.
+
+    Args:
+        cls: a config dataclass of this module.
+        node: DictConfig / dict / None (all defaults) / an instance of ``cls`` (returned as is).
+        section: dotted name used in messages (default: ``cls.SECTION``, e.g. ``"optim"``).
+
+    Raises:
+        ConfigError: unknown key (``unknown key 'lrr' in section 'optim' (did you mean 'lr'?)``),
+            a value out of range or sizes that do not fit (naming the fields), a required value
+            (``???``) not set.
+        ConfigTypeError: (also a TypeError) a value of the wrong type, naming the field.
+    """
+    section = getattr(cls, "SECTION", "") if section is None else section
+    obj = _parse(cls, node, section)
+    if not isinstance(obj, _Stage):  # stages report every missing value themselves
+        missing = _missing_paths(obj, section)
+        if missing:
+            raise ConfigError(f"missing required value(s): {', '.join(missing)}")
+    return obj
+
+
+def _parse(cls: type, node: Any, section: str):
+    if isinstance(node, cls):
+        return node
+    data = _plain_container(node) if node is not None else {}
+    if not isinstance(data, Mapping):
+        raise ConfigTypeError(f"{section or 'config'} must be a mapping, got {_kind(data)}")
+    hints = _hints(cls)
+    names = set(_fields(cls))
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(unknown_key_message(cls, key, section))
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if value is None:
+                raise ConfigTypeError(f"{_join(section, key)} must be a mapping, got None")
+            value = _parse(tp, value, _join(section, key))
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as exc:  # a section defined elsewhere (nemo_rlhf.utils.loggers.LoggerConfig)
+        raise ConfigTypeError(str(exc)) from exc
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def load_stage_config(cls: type, hydra_cfg: Any, stage: Optional[str] = None):
+    """The typed config of one stage from its composed Hydra config (``cfg`` of a launcher, or a
+    demo stage node from :func:`demo_stage_node`).
+
+    Args:
+        cls: :class:`SFTStageConfig`, :class:`RewardModelStageConfig`, :class:`PPOActorStageConfig`
+            or :class:`CriticServerStageConfig`.
+        stage: optional name prefixed to error messages (``"[ppo] optim.lr must be > 0 ..."``),
+            e.g. for the demo, whose stage configs are merged from several sections.
+
+    Raises:
+        ConfigError / ConfigTypeError: as :func:`parse_config`.
+    """
+    try:
+        return parse_config(cls, hydra_cfg, section="")
+    except ConfigError as exc:
+        if stage is None:
+            raise
+        raise type(exc)(f"[{stage}] {exc}") from exc
+
+
+def to_plain(cfg: Any) -> Any:
+    """Dataclass tree -> plain dicts / lists (the mapping form today's code reads).
+
+    ``ppo.val_sampling`` keeps only its set fields (overrides of ``ppo.sampling``), as before.
+    ``parse_config(type(cfg), to_plain(cfg)) == cfg``.
+    """
+    if isinstance(cfg, ValSamplingConfig):
+        return cfg.overrides()
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: to_plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, Mapping):
+        return {k: to_plain(v) for k, v in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return [to_plain(v) for v in cfg]
+    return cfg
+
+
+def explain_unknown_key(exc: BaseException, cls: type) -> Optional[str]:
+    """For an exception raised while Hydra composed a config against a schema of this module
+    (``Could not override 'optim.lrr'`` / ``Key 'lrr' not in 'OptimConfig'``): the message of
+    :func:`unknown_key_message` with the nearest valid key, or None when ``exc`` is not about an
+    unknown key. Launchers can print it in place of Hydra's message::
+
+        except hydra.errors.ConfigCompositionException as exc:
+            raise ConfigError(explain_unknown_key(exc, SFTStageConfig) or str(exc)) from exc
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        full_key = getattr(exc, "full_key", None)
+        if full_key and " not in " in str(exc):
+            *parents, key = str(full_key).split(".")
+            owner = cls
+            for part in parents:
+                tp = _hints(owner).get(part)
+                if typing.get_origin(tp) in (typing.Union, types.UnionType):
+                    tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+                if not dataclasses.is_dataclass(tp):
+                    return None
+                owner = tp
+            return unknown_key_message(owner, key, ".".join(parents))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+# ----------------------------------------------------------------------------- size checks
+def check_sizes(cfg: Any, dp: int = 1) -> None:
+    """Sizes of a stage config that must fit each other and the data-parallel size ``dp``.
+
+    Run by every stage config with ``dp=1`` at parse time; a trainer calls it again once it knows
+    ``dp`` (after ``setup_parallel``).
+
+    Raises:
+        ConfigError: one line naming both numbers and the keys to change:
+            ``batch.global_batch_size`` not a multiple of ``batch.micro_batch_size * dp``;
+            (PPO) ``ppo.num_minibatches`` does not divide the per-DP rollout batch;
+            (PPO) ``data.max_heldout_prompts`` smaller than ``batch.global_batch_size`` (no
+            held-out batch to evaluate).
+    """
+    batch = getattr(cfg, "batch", None)
+    if batch is None:
+        return
+    gbs, mbs = batch.global_batch_size, batch.micro_batch_size
+    if dp < 1:
+        raise ConfigError(f"data-parallel size must be >= 1, got {dp}")
+    if gbs % (mbs * dp):
+        raise ConfigError(f"batch.global_batch_size={gbs} is not a multiple of batch.micro_batch_size={mbs} "
+                          f"* data-parallel size {dp}: change batch.global_batch_size or batch.micro_batch_size")
+    ppo = getattr(cfg, "ppo", None)
+    if ppo is not None:
+        per_dp = gbs // dp
+        if per_dp % ppo.num_minibatches:
+            raise ConfigError(
+                f"ppo.num_minibatches={ppo.num_minibatches} does not divide the rollout batch of {per_dp} per "
+                f"data-parallel rank (batch.global_batch_size={gbs} / data-parallel size {dp}): change "
+                f"ppo.num_minibatches or batch.global_batch_size")
+        cap = cfg.data.max_heldout_prompts
+        if cap is not None and cap < gbs:
+            raise ConfigError(
+                f"data.max_heldout_prompts={cap} < batch.global_batch_size={gbs}: held-out evaluation runs "
+                f"whole batches, so it would have none; raise data.max_heldout_prompts or lower "
+                f"batch.global_batch_size")
+
+
+def check_heldout_size(n_heldout: int, global_batch_size: int, dp: int = 1, *, data: Any = None,
+                       unit: str = "samples") -> None:
+    """Refuse a held-out split too small for one evaluation batch (evaluation runs whole batches of
+    ``global_batch_size / dp`` per DP rank; fewer than ``global_batch_size`` held-out items gives
+    no batch at all and, today, a ZeroDivisionError deep in evaluation).
+
+    Call it once the split is built, before the model: ``check_heldout_size(len(val_ds),
+    cfg.batch.global_batch_size, dp, data=cfg.data)`` (PPO: ``unit="prompts"``).
+
+    Args:
+        n_heldout: held-out items (SFT samples, RM pairs, PPO prompts) after filtering.
+        data: the :class:`DataConfig`, to quote its current values in the message.
+
+    Raises:
+        ConfigError: one line naming both numbers and the keys to change.
+    """
+    if n_heldout >= global_batch_size:
+        return
+    if data is not None:
+        keys = [f"data.heldout_fraction (now {data.heldout_fraction:g})",
+                f"data.max_rows (now {data.max_rows})"]
+        if unit == "prompts" and data.max_heldout_prompts is not None:
+            keys.append(f"data.max_heldout_prompts (now {data.max_heldout_prompts})")
+    else:
+        keys = ["data.heldout_fraction", "data.max_rows"]
+    raise ConfigError(
+        f"held-out split has {n_heldout} {unit} but one evaluation batch needs batch.global_batch_size="
+        f"{global_batch_size} (data-parallel size {dp}): raise {' or '.join(keys)}, "
+        f"or lower batch.global_batch_size")
+
+
+# ----------------------------------------------------------------------------- Hydra
+def demo_stage_node(stage_node: Any, demo_cfg: Any, section: str, **extra: Any):
+    """A demo stage's config as ``launchers/run_demo.py`` builds it: the composed
+    ``conf/<stage>.yaml`` (``stage_node``) merged with the demo's ``common``, then its ``section``,
+    then ``extra``. Returns a DictConfig (struct mode off) for :func:`load_stage_config`."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(_plain_container(stage_node)) if not OmegaConf.is_config(stage_node) else stage_node
+    OmegaConf.set_struct(cfg, False)
+    return OmegaConf.merge(cfg, demo_cfg["common"], demo_cfg[section], extra)
+
+
+def register_configs() -> None:
+    """Store the stage dataclasses in Hydra's ``ConfigStore`` as ``<config name>_schema``
+    (``gpt_sft_schema``, ``gpt_rm_schema``, ``gpt_ppo_actor_schema``, ``gpt_ppo_critic_schema``,
+    ``demo_schema``). A YAML whose ``defaults`` list starts with its schema gets every key, default
+    and type from here. Idempotent; must run before Hydra composes (launchers: before
+    ``hydra_entry``)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    for name, cls in {**STAGE_CONFIGS, "demo": DemoConfig}.items():
+        cs.store(name=f"{name}_schema", node=cls)
