@@ -877,8 +877,14 @@ class DemoConfig(_Section):
     def _validate(self) -> None:
         self._greater("server_ready_timeout_s", 0.0)
         self._between("server_port", 1, 65533)
+        classes = [cls for _, cls in DEMO_STAGES.values()]
+        for key, value in self.common.items():  # a common section goes to the stages that have it
+            owners = [cls for cls in classes if key in _fields(cls)]
+            if not owners:
+                raise ConfigError(unknown_key_message(PPOActorStageConfig, key, "common"))
+            for cls in owners:
+                _check_partial(cls, {key: value}, "common")
         for section, (_, cls) in DEMO_STAGES.items():
-            _check_partial(cls, self.common, "common")
             _check_partial(cls, getattr(self, section), section)
 
 
@@ -1076,13 +1082,16 @@ def check_heldout_size(n_heldout: int, global_batch_size: int, dp: int = 1, *, d
 # ----------------------------------------------------------------------------- Hydra
 def demo_stage_node(stage_node: Any, demo_cfg: Any, section: str, **extra: Any):
     """A demo stage's config as ``launchers/run_demo.py`` builds it: the composed
-    ``conf/<stage>.yaml`` (``stage_node``) merged with the demo's ``common``, then its ``section``,
-    then ``extra``. Returns a DictConfig (struct mode off) for :func:`load_stage_config`."""
+    ``conf/<stage>.yaml`` (``stage_node``) merged with the demo's ``common`` (only the sections this
+    stage has: e.g. the critic server has no ``checkpoint:``), then its ``section``, then ``extra``.
+    Returns a DictConfig (struct mode off) for :func:`load_stage_config`."""
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.create(_plain_container(stage_node)) if not OmegaConf.is_config(stage_node) else stage_node
     OmegaConf.set_struct(cfg, False)
-    return OmegaConf.merge(cfg, demo_cfg["common"], demo_cfg[section], extra)
+    stage_cls = DEMO_STAGES[section][1]
+    common = {k: v for k, v in _plain_container(demo_cfg["common"]).items() if k in _fields(stage_cls)}
+    return OmegaConf.merge(cfg, common, demo_cfg[section], extra)
 
 
 def register_configs() -> None:

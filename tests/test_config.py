@@ -307,6 +307,8 @@ def test_slim_schema_accepts_overrides_without_plus_and_rejects_typos():
         (DataConfig, {"zzz": 1}, "unknown key 'zzz' in section 'data'; valid keys: data_dir, files"),
         (DemoConfig, {"sft": {"optim": {"lrr": 1}}}, "unknown key 'lrr' in section 'sft.optim' (did you mean 'lr'?)"),
         (DemoConfig, {"common": {"modell": {}}}, "unknown key 'modell' in section 'common' (did you mean 'model'?)"),
+        (DemoConfig, {"common": {"checkpoint": {"keep_lst": 1}}},
+         "unknown key 'keep_lst' in section 'common.checkpoint' (did you mean 'keep_last'?)"),
         (SFTStageConfig, {"ppo": {}}, "unknown key 'ppo' at the top level"),  # PPO keys are no SFT keys
     ],
 )
@@ -465,6 +467,16 @@ def test_interpolations_are_resolved():
 
     node = OmegaConf.create({"trainer": {"max_steps": 30}, "optim": {"decay_steps": "${trainer.max_steps}"}})
     assert parse_config(SFTStageConfig, node).optim.decay_steps == 30
+
+
+def test_demo_common_sections_go_to_the_stages_that_have_them():
+    demo = parse_config(DemoConfig, {"common": {"checkpoint": {"keep_last": 5}, "trainer": {"accelerator": "cpu"}}})
+    critic = load_stage_config(CriticServerStageConfig, demo_stage_node(
+        to_plain(parse_config(CriticServerStageConfig, REQUIRED[CriticServerStageConfig])), to_plain(demo), "critic"))
+    assert critic.trainer.accelerator == "cpu"
+    ppo = load_stage_config(PPOActorStageConfig, demo_stage_node(
+        to_plain(parse_config(PPOActorStageConfig, REQUIRED[PPOActorStageConfig])), to_plain(demo), "ppo"))
+    assert ppo.checkpoint.keep_last == 5
 
 
 def test_demo_stage_node_merges_like_run_demo():
