@@ -27,9 +27,15 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
     "psutil==7.2.2",  # megatron-core dist_checkpointing
     "safetensors==0.8.0",
+    "tqdm==4.70.1",  # nemo_rlhf.utils.progress (stage progress bars)
 ]
+# Experiment loggers beyond metrics.jsonl (nemo_rlhf.utils.loggers; logger.tensorboard/wandb/mlflow=true).
+# tensorboard and wandb also arrive with nemo_toolkit; mlflow-skinny is the client without the
+# server/UI (Lightning's MLFlowLogger works with it; `mlflow ui` needs the full `mlflow` package).
+LOGGERS = ["tensorboard==2.21.0", "wandb==0.31.0", "mlflow-skinny==3.17.2"]
 EXTRAS = {
-    "test": ["pytest==9.2.0", "transformers==5.23.0"],
+    "test": ["pytest==9.2.0", "transformers==5.23.0", *LOGGERS],
+    "loggers": LOGGERS,
     "hf": ["transformers==5.23.0"],
     "bnb": ["bitsandbytes"],  # 8-bit Adam on GPU
 }

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import logging
-import os
-import warnings
+import functools
 from pathlib import Path
 from typing import Any
 
+from nemo_rlhf.utils.console import configure_console_logging, level_from_env, quiet_warnings, rank_zero_from_env
+
+__all__ = ["CONF_DIR", "hydra_entry", "quiet_warnings", "to_dict"]  # quiet_warnings: re-exported
+
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-
-
-def quiet_warnings() -> None:
-    """Silence the import-time notices megatron-core prints when apex/TE are absent (CPU runs)."""
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
-    warnings.filterwarnings("ignore", message=".*Falling back to Torch Norm.*")
-    warnings.filterwarnings("ignore", message=".*cuda_graph_scope.*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*self.log.*trainer.*")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def to_dict(cfg: Any) -> Any:
@@ -35,17 +27,30 @@ def hydra_entry(config_name: str):
 
     Uses ``nemo.core.config.hydra_runner`` (no per-run output directory, cwd unchanged) when
     nemo_toolkit is installed, else plain ``hydra.main``.
+
+    Console logging (:func:`nemo_rlhf.utils.console.configure_console_logging`) is set up twice:
+    here, so that import-time chatter is already filtered, and again as the job starts, because
+    Hydra's job logging replaces the root handler. The level is ``cfg.log_level`` when the config
+    has that key, else ``$NEMO_RLHF_LOG_LEVEL``, else INFO; ranks other than 0 show only warnings
+    and errors of their own.
     """
-    quiet_warnings()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_console_logging(level_from_env(), is_rank_zero=rank_zero_from_env())
+
+    def with_console_logging(fn):
+        @functools.wraps(fn)
+        def job(cfg, *args, **kwargs):
+            level = cfg.get("log_level", None) if hasattr(cfg, "get") else None
+            configure_console_logging(level or level_from_env(), is_rank_zero=rank_zero_from_env())
+            return fn(cfg, *args, **kwargs)
+
+        return job
+
     try:
         from nemo.core.config import hydra_runner
 
-        return hydra_runner(config_path=CONF_DIR, config_name=config_name)
+        runner = hydra_runner(config_path=CONF_DIR, config_name=config_name)
     except ImportError:  # pragma: no cover - nemo_toolkit is a declared dependency
         import hydra
 
-        def deco(fn):
-            return hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")(fn)
-
-        return deco
+        runner = hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")
+    return lambda fn: runner(with_console_logging(fn))
