@@ -207,10 +207,20 @@ _PYTRITON_FILTER = _DropPyTritonDuplicate()
 # PyTriton 0.7.0's python-backend model (pytriton/proxy/model.py, copied into Triton's model
 # repository and run by the stub process) re-raises the callable's error inside ``execute``, and
 # the stub then wraps it in its own traceback ("Model execute error: Traceback ... /tmp/folderXYZ/
-# 1/model.py ... At: ..."). _patch_stub_model makes ``execute`` return one error response per
-# request instead, carrying only the callable's message (Triton's documented per-request error).
-_STUB_RAISE = "                    raise triton_responses_or_error\n"
-_STUB_RETURN = "                    return _nemo_rlhf_error_responses(triton_requests, triton_responses_or_error)\n"
+# 1/model.py ... At: ..."), as it does for a failure in the stub itself (e.g. a zero-size tensor
+# it cannot serialize). _patch_stub_model makes ``execute`` return one error response per request
+# instead (Triton's documented per-request error), carrying only the callable's message, or the
+# last line (exception type and message) of the stub's own traceback.
+_STUB_EDITS = (
+    (
+        "                    raise triton_responses_or_error\n",
+        "                    return _nemo_rlhf_error_responses(triton_requests, triton_responses_or_error)\n",
+    ),
+    (
+        '            raise pb_utils.TritonModelException(f"Model execute error: {msg}") from None',
+        '            return _nemo_rlhf_error_responses(triton_requests, "Model execute error: " + msg.strip().splitlines()[-1])',
+    ),
+)
 _STUB_HELPER = '''
 
 def _nemo_rlhf_error_responses(triton_requests, error):
@@ -227,10 +237,12 @@ def _patch_stub_model(source: bytes) -> bytes:
     this PyTriton version's ``model.py`` does not have the expected line exactly once.
     """
     text = source.decode("utf-8")
-    if text.count(_STUB_RAISE) != 1 or "import triton_python_backend_utils as pb_utils" not in text:
+    if "import triton_python_backend_utils as pb_utils" not in text or any(text.count(old) != 1 for old, _ in _STUB_EDITS):
         LOGGER.warning("PyTriton's stub model.py has an unexpected layout: error replies will carry its traceback")
         return source
-    return (text.replace(_STUB_RAISE, _STUB_RETURN) + _STUB_HELPER).encode("utf-8")
+    for old, new in _STUB_EDITS:
+        text = text.replace(old, new)
+    return (text + _STUB_HELPER).encode("utf-8")
 
 
 def _one_line_error_replies(triton: Any) -> None:

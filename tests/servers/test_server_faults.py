@@ -1,17 +1,23 @@
 """Critic-server faults seen from the client (issue 5): a server killed mid-infer, mid-train and
 mid-save, a slow server, a restarted server, lost training replies, and a fuzz of malformed
-requests. Servers are TinyCriticBackend subprocesses (tests/servers/tiny_backend.py) on loopback,
-started concurrently in the background while earlier tests run.
+requests (issue 9: also out-of-range token ids, paths escaping the checkpoint root, foreign
+directories, and requests without/with a wrong token to a server with authentication on). Servers
+are TinyCriticBackend subprocesses (tests/servers/tiny_backend.py) on loopback, started
+concurrently in the background while earlier tests run.
 
 Detection times and the fuzz count are printed (``pytest -s``)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
+import shutil
 import signal
 import sys
 import time
+import urllib.request
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,6 +36,7 @@ from nemo_rlhf.servers.local import LocalCriticClient
 from nemo_rlhf.servers.process import ServerProcess, _descendants
 
 sys.path.insert(0, str(Path(__file__).parent))
+from raw_http import raw_infer, raw_infer_inputs, raw_path, tree  # noqa: E402
 from tiny_backend import TinyCriticBackend  # noqa: E402
 
 pytestmark = [pytest.mark.faults, pytest.mark.server]
@@ -46,8 +53,15 @@ SERVERS = {
     "kill_save": ["--delay-save-s", "30"],
     "slow": ["--delay-infer-s", "2", "--delay-infer-calls", "1", "--delay-train-s", "3"],
     "restart": ["--delay-train-s", "30"],
-    "fuzz": ["--max-batch-size", "8", "--max-seq-len", "32"],
+    "fuzz": ["--max-batch-size", "8", "--max-seq-len", "32", "--auth-token-env", "NEMO_RLHF_TEST_FUZZ_TOKEN",
+             "--debug-log"],
 }
+_NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+_ERROR_ID = re.compile(r"error id ([0-9a-f]{16})")
+# The fuzz server's token (authentication on), handed over in the environment like the sbatch script does.
+FUZZ_TOKEN = "fuzz-" + os.urandom(16).hex()
+# Filled by the ``servers`` fixture: the servers' checkpoint root and their log directory.
+STATE: dict[str, Path] = {}
 
 T = np.zeros((2, 8), dtype=np.int64)
 L = np.array([8, 3], dtype=np.int64)
@@ -56,6 +70,7 @@ ONES = np.ones((2, 8), dtype=np.float32)
 
 
 def _start(ports: list[int], extra: list[str], log_path: Path) -> ServerProcess:
+    extra = ["--checkpoint-root", str(STATE["root"]), *extra]
     code = (
         f"import sys; sys.path[:0] = {[str(REPO_ROOT), str(Path(__file__).parent)]!r}; "
         "import tiny_backend; tiny_backend.main()"
@@ -83,6 +98,9 @@ def _kill_hard(proc: ServerProcess) -> None:
 def servers(tmp_path_factory):
     """name -> Future of (ServerProcess, [http, grpc, metrics])."""
     logs = tmp_path_factory.mktemp("server_faults")
+    STATE["logs"] = logs
+    STATE["root"] = Path(os.path.realpath(tmp_path_factory.mktemp("fault_checkpoint_root")))
+    os.environ["NEMO_RLHF_TEST_FUZZ_TOKEN"] = FUZZ_TOKEN  # only the fuzz server reads it (--auth-token-env)
     pool = ThreadPoolExecutor(max_workers=3)
     futures: dict[str, Future] = {}
     for name, extra in SERVERS.items():
@@ -271,7 +289,7 @@ def _kill_during(servers, name, call, caplog):
     [
         ("kill_infer", "critic_infer", lambda c: c.infer(T, L)),
         ("kill_train", "critic_train", lambda c: c.train(T, F, F, ONES)),
-        ("kill_save", "critic_save", lambda c: c.save("/tmp/nemo_rlhf_fault_test_critic.pt")),
+        ("kill_save", "critic_save", lambda c: c.save(str(STATE["root"] / "kill_save" / "critic"))),
     ],
 )
 def test_server_killed_mid_request_is_detected_within_the_retry_limit(servers, caplog, name, model, call):
@@ -340,7 +358,8 @@ def test_restarted_server_is_detected_and_load_re_pairs(servers, tmp_path):
     _, ports = servers["restart"].result()
     client = _client(port, retry_limit_s=120, retry_backoff_s=0.2, retry_backoff_max_s=1.0)
     old = client.instance
-    client.save(str(tmp_path / "critic.pt"))
+    ckpt = STATE["root"] / "restart" / "critic"
+    client.save(str(ckpt))
     with ThreadPoolExecutor(2) as pool:
         train = pool.submit(client.train, T, F, F, ONES)
         time.sleep(1.0)
@@ -364,7 +383,7 @@ def test_restarted_server_is_detected_and_load_re_pairs(servers, tmp_path):
                 assert fresh.status() == {"instance": new, "train_steps": 0, "train_duplicates": 0}
             with pytest.raises(CriticServerRestarted):
                 client.status()  # stays restarted ...
-            assert client.load(str(tmp_path / "critic.pt")) == {"step": 0.0}  # ... until the resume loads
+            assert client.load(str(ckpt)) == {"step": 0.0}  # ... until the resume loads
             assert client.instance == new
             assert "loss" in client.train(T, F, F, ONES)
             assert client.status()["train_steps"] == 1
@@ -373,22 +392,104 @@ def test_restarted_server_is_detected_and_load_re_pairs(servers, tmp_path):
             new_proc.stop(timeout_s=5)
 
 
+# ------------------------------------------------------------------ auth (issue 9)
+
+
+def test_auth_refuses_requests_without_the_right_token_before_any_python_runs(servers, tmp_path):
+    _, port = _server(servers, "fuzz")
+    url = f"http://127.0.0.1:{port}"
+    root = STATE["root"]
+    infer = raw_infer_inputs(T, L)
+    save = raw_path(str(root / "auth_probe"))
+    for token in (None, "wrong-" + "x" * 20, FUZZ_TOKEN[:-1]):
+        for model, inputs in (("critic_infer", infer), ("critic_save", save), ("critic_status", [
+                {"name": "ping", "datatype": "INT64", "shape": [1], "data": [0]}])):
+            status, message = raw_infer(url, model, inputs, token=token)
+            assert status == 403 and "restricted" in message and "triton-access-token" in message, (token, message)
+            assert "Traceback" not in message and "CRITIC_REQUEST_ERROR" not in message  # refused by Triton itself
+    assert not (root / "auth_probe").exists()
+    status, body = raw_infer(url, "critic_infer", infer, token=FUZZ_TOKEN)
+    assert status == 200 and json.loads(body)["outputs"], body
+    with _NO_PROXY_OPENER.open(f"{url}/v2/health/ready", timeout=10) as response:  # readiness needs no token
+        assert response.status == 200
+    with CriticClient("127.0.0.1", port, init_timeout_s=30, retry_limit_s=5) as anonymous:
+        with pytest.raises(CriticServerError, match="requires a token; the client sent none") as info:
+            anonymous.infer(T, L)
+        assert not isinstance(info.value, CriticServerUnavailable)
+    with CriticClient("127.0.0.1", port, init_timeout_s=30, retry_limit_s=5, auth_token="y" * 24) as wrong:
+        with pytest.raises(CriticServerError, match="one that does not match"):
+            wrong.infer(T, L)
+    os.environ["NEMO_RLHF_TEST_CLIENT_TOKEN"] = FUZZ_TOKEN
+    try:
+        cfg = {"host": "127.0.0.1", "port": port, "infer_timeout_s": 10, "auth_token_env": "NEMO_RLHF_TEST_CLIENT_TOKEN"}
+        with CriticClient.from_config(cfg) as client:
+            assert client.auth_enabled
+            client.wait_until_ready()
+            np.testing.assert_array_equal(client.infer(T, L)[0], TinyCriticBackend(max_seq_len=MAX_S).infer(T, L)[0])
+            assert client.status()["train_steps"] == 0
+    finally:
+        del os.environ["NEMO_RLHF_TEST_CLIENT_TOKEN"]
+    log = (STATE["logs"] / "fuzz.log").read_text()
+    assert FUZZ_TOKEN not in log and "authentication on" in log
+
+
 # ------------------------------------------------------------------ fuzz
 
 FUZZ_N = 1000
 MAX_B, MAX_S = 8, 32
+VOCAB = 32  # TinyCriticBackend's default vocab_size
 
 
-def _fuzz_case(rng: np.random.Generator) -> tuple[str, str, dict[str, np.ndarray]]:
-    """(model, description, inputs) of one malformed request."""
+def _fuzz_layout(root: Path, outside: Path) -> dict[str, list[str]]:
+    """Foreign files, symlinks and checkpoints around the fuzz server's root; returns the bad paths
+    that critic_save / critic_load requests name (each must be refused, nothing may change)."""
+    fuzz = root / "fuzz"
+    (fuzz / "foreign").mkdir(parents=True)
+    (fuzz / "foreign" / "data.txt").write_bytes(os.urandom(1024))
+    (fuzz / "notes.txt").write_text("not a checkpoint\n")
+    (fuzz / "partial.tmp").mkdir()
+    (fuzz / "partial.tmp" / "junk").write_bytes(b"junk")
+    (fuzz / "marker_only").mkdir()
+    (fuzz / "marker_only" / "COMPLETE").write_text("ok\n")
+    outside.mkdir()
+    (outside / "data.txt").write_bytes(os.urandom(1024))
+    (fuzz / "link_out").symlink_to(outside, target_is_directory=True)
+    (fuzz / "file_link").symlink_to(outside / "data.txt")
+    escapes = [
+        "../fuzz_escape", "fuzz/../../fuzz_escape", f"{root}/fuzz/../../fuzz_escape", str(outside / "new"),
+        str(outside), f"{fuzz}/link_out", f"{fuzz}/link_out/new", f"{fuzz}/file_link", str(root), "/",
+        "/tmp", "fuzz/link_out/../../../x",
+    ]
+    foreign = [f"{fuzz}/foreign", "fuzz/foreign", f"{fuzz}/foreign/data.txt", f"{fuzz}/notes.txt",
+               f"{fuzz}/partial", f"{fuzz}/marker_only"]
+    return {"critic_save": escapes + foreign,
+            "critic_load": escapes + foreign + [f"{fuzz}/missing", f"{fuzz}/partial.tmp", str(outside / "ckpt")]}
+
+
+def _fuzz_case(rng: np.random.Generator, bad_paths: dict[str, list[str]]) -> tuple[str, str, dict[str, np.ndarray]]:
+    """(model, description, inputs) of one malformed request; model "auth" is a valid request
+    sent without / with a wrong token."""
     b = int(rng.integers(1, MAX_B + 1))
     s = int(rng.integers(2, MAX_S + 1))
-    tokens = rng.integers(0, 32, size=(b, s), dtype=np.int64)
+    tokens = rng.integers(0, VOCAB, size=(b, s), dtype=np.int64)
     lengths = rng.integers(1, s + 1, size=(b, 1), dtype=np.int64)
     floats = {k: rng.normal(size=(b, s)).astype(np.float32) for k in ("returns", "prev_values", "mask")}
-    model = str(rng.choice(["critic_infer", "critic_train", "critic_save", "critic_load", "critic_status"], p=[0.35, 0.4, 0.1, 0.1, 0.05]))
+    model = str(rng.choice(["critic_infer", "critic_train", "critic_save", "critic_load", "critic_status", "auth"],
+                           p=[0.3, 0.35, 0.1, 0.1, 0.05, 0.1]))
+
+    def bad_token_ids(kind: str) -> None:
+        high = VOCAB + int(rng.choice([0, 1, 1000, 99999999, 2**62]))
+        low = -int(rng.choice([1, 2, 1000, 2**62]))
+        tokens[int(rng.integers(b)), int(rng.integers(s))] = high if kind == "token_high" else low
+
+    if model == "auth":
+        kind = str(rng.choice(["no token", "wrong token"]))
+        target = str(rng.choice(["critic_infer", "critic_save", "critic_status"]))
+        return "auth", f"auth {kind} {target}", {"target": target}
     if model == "critic_infer":
-        kind = str(rng.choice(["dtype", "rank", "negative", "zero", "too_long", "rows", "seq", "batch", "empty", "lengths_dtype"]))
+        kind = str(rng.choice(["dtype", "rank", "negative", "zero", "too_long", "rows", "seq", "batch", "empty",
+                               "lengths_dtype", "token_high", "token_negative"],
+                              p=[0.08] * 10 + [0.1, 0.1]))
         inputs = {"tokens": tokens, "sequence_lengths": lengths}
         if kind == "dtype":
             inputs["tokens"] = tokens.astype(rng.choice([np.int32, np.float32, np.uint8, np.float64]))
@@ -408,11 +509,14 @@ def _fuzz_case(rng: np.random.Generator) -> tuple[str, str, dict[str, np.ndarray
         elif kind == "batch":
             b2 = MAX_B + int(rng.integers(1, 8))
             inputs = {"tokens": np.zeros((b2, s), np.int64), "sequence_lengths": np.full((b2, 1), s, np.int64)}
+        elif kind in ("token_high", "token_negative"):
+            bad_token_ids(kind)
         else:  # empty
             inputs = {"tokens": np.zeros((0, s), np.int64), "sequence_lengths": np.zeros((0, 1), np.int64)}
         return model, f"infer {kind}", inputs
     if model == "critic_train":
-        kind = str(rng.choice(["nonfinite", "dtype", "rank", "shape", "seq", "batch", "empty", "request_id", "missing"]))
+        kind = str(rng.choice(["nonfinite", "dtype", "rank", "shape", "seq", "batch", "empty", "request_id", "missing",
+                               "token_high", "token_negative"], p=[0.08] * 9 + [0.14, 0.14]))
         inputs = {"tokens": tokens, **floats, "request_id": np.array([f"fuzz-{rng.integers(1 << 62)}".encode()], dtype=object)}
         name = str(rng.choice(["returns", "prev_values", "mask"]))
         if kind == "nonfinite":
@@ -443,10 +547,15 @@ def _fuzz_case(rng: np.random.Generator) -> tuple[str, str, dict[str, np.ndarray
                 np.array([7], dtype=np.int64),
                 np.array([b"a", b"b"], dtype=object),
             ][int(rng.integers(5))]
+        elif kind in ("token_high", "token_negative"):
+            bad_token_ids(kind)
         else:  # missing
             del inputs[name]
         return model, f"train {kind}", inputs
     if model in ("critic_save", "critic_load"):
+        if rng.random() < 0.6:  # a well-formed path the server must refuse
+            path = bad_paths[model][int(rng.integers(len(bad_paths[model])))]
+            return model, f"{model} refused path", {"path": np.array([path.encode()], dtype=object)}
         paths = [
             np.array([b""], dtype=object),
             np.array([b"/tmp/a\x00b"], dtype=object),
@@ -459,24 +568,65 @@ def _fuzz_case(rng: np.random.Generator) -> tuple[str, str, dict[str, np.ndarray
     return model, "status bad ping", {"ping": bad_pings[int(rng.integers(len(bad_pings)))]}
 
 
-def test_fuzz_malformed_requests_all_get_error_replies_and_the_server_keeps_serving(servers, caplog):
+
+
+def _check_error_text(i: int, kind: str, message: str) -> None:
+    """An error reply is one line without a traceback; the server's own carry an error id."""
+    assert "Traceback" not in message and "\n" not in message.strip(), (i, kind, message)
+    if any(word in kind for word in ("token_", "refused path", "nonfinite", "too_long", "zero")):
+        assert "CRITIC_REQUEST_ERROR (error id " in message, (i, kind, message)
+
+
+def test_fuzz_malformed_requests_all_get_error_replies_and_the_server_keeps_serving(servers, caplog, tmp_path):
     from pytriton.client import ModelClient
     from pytriton.client.exceptions import PyTritonClientInferenceServerError
 
     _, port = _server(servers, "fuzz")
     url = f"http://127.0.0.1:{port}"
+    root = STATE["root"]
+    outside = Path(os.path.realpath(tmp_path)) / "outside"
+    bad_paths = _fuzz_layout(root, outside)
     rng = np.random.default_rng(20261121)
-    client = _client(port, retry_limit_s=60)  # an error reply must never be retried
+    client = _client(port, retry_limit_s=60, auth_token=FUZZ_TOKEN)  # an error reply must never be retried
+    # A complete checkpoint outside the root (a copy of a real one): loading it must still be refused.
+    client.save(str(root / "fuzz" / "seed_ckpt"))
+    shutil.copytree(root / "fuzz" / "seed_ckpt", outside / "ckpt")
+    before_root, before_outside = tree(root), tree(outside)
     raw = {}
     kinds: dict[str, int] = {}
+    error_ids: set[str] = set()
     start = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="nemo_rlhf.servers"):
         try:
             for model in ("critic_infer", "critic_train", "critic_save", "critic_load", "critic_status"):
-                raw[model] = ModelClient(url, model, init_timeout_s=30, inference_timeout_s=10)
+                raw[model] = ModelClient(url, model, init_timeout_s=30, inference_timeout_s=10, access_token=FUZZ_TOKEN)
             for i in range(FUZZ_N):
-                model, kind, inputs = _fuzz_case(rng)
+                model, kind, inputs = _fuzz_case(rng, bad_paths)
                 kinds[kind] = kinds.get(kind, 0) + 1
+                if model == "auth":  # a valid request, refused by Triton for its token
+                    target = inputs["target"]
+                    body = {"critic_infer": raw_infer_inputs(T, L), "critic_save": raw_path(str(root / "fuzz" / "auth")),
+                            "critic_status": [{"name": "ping", "datatype": "INT64", "shape": [1], "data": [0]}]}[target]
+                    token = None if "no token" in kind else "z" * 32
+                    status, message = raw_infer(url, target, body, token=token)
+                    assert status == 403 and "restricted" in message, (i, kind, message)
+                    continue
+                if kind.startswith(("infer token", "train token")) or "refused path" in kind:
+                    # Raw KServe-v2 JSON over urllib, with the token.
+                    if model == "critic_infer":
+                        body = raw_infer_inputs(inputs["tokens"], inputs["sequence_lengths"])
+                    elif model == "critic_train":
+                        body = [{"name": k, "datatype": "INT64" if k == "tokens" else "FP32", "shape": list(v.shape),
+                                 "data": v.ravel().tolist()} for k, v in inputs.items() if k != "request_id"]
+                    else:
+                        body = raw_path(inputs["path"][0].decode())
+                    status, message = raw_infer(url, model, body, token=FUZZ_TOKEN)
+                    assert status >= 400, (i, kind, message)
+                    _check_error_text(i, kind, message)
+                    error_ids.update(_ERROR_ID.findall(message))
+                    if "token" in kind:
+                        assert "expected a token id 0 <= id < vocab_size = 32" in message, (i, kind, message)
+                    continue
                 via_client = i % 5 == 0 and model in ("critic_infer", "critic_train") and "empty" not in kind
                 if via_client and kind != "train missing" and "request_id" not in kind:
                     with pytest.raises(CriticServerError) as info:
@@ -485,11 +635,13 @@ def test_fuzz_malformed_requests_all_get_error_replies_and_the_server_keeps_serv
                         else:
                             client.train(*(inputs[k] for k in ("tokens", "returns", "prev_values", "mask")))
                     assert not isinstance(info.value, CriticServerUnavailable), (i, kind, info.value)
+                    assert "Traceback" not in str(info.value), (i, kind, info.value)
                     continue
                 sender = raw[model].infer_batch if model == "critic_infer" else raw[model].infer_sample
                 try:
                     sender(**inputs)
-                except PyTritonClientInferenceServerError:
+                except PyTritonClientInferenceServerError as e:
+                    _check_error_text(i, kind, e.message)
                     continue
                 pytest.fail(f"malformed request {i} ({kind}) got no error reply")
             elapsed = time.monotonic() - start
@@ -503,9 +655,24 @@ def test_fuzz_malformed_requests_all_get_error_replies_and_the_server_keeps_serv
             np.testing.assert_array_equal(values, TinyCriticBackend(max_seq_len=MAX_S).infer(T, L)[0])
             assert np.isfinite(client.train(T, F, F, ONES)["loss"])
             assert client.status()["train_steps"] == 1
+            # The one checkpoint the test asks for; nothing else under the root (or outside it) changed.
+            client.save(str(root / "fuzz" / "asked"))
+            assert client.load(str(root / "fuzz" / "asked")) == {"step": 1.0}
         finally:
             for c in raw.values():
                 c.close()
             client.close()
+    after_root = tree(root)
+    assert {k: after_root.get(k) for k in before_root} == before_root
+    added = sorted(set(after_root) - set(before_root))
+    assert added and all(k == "fuzz/asked" or k.startswith("fuzz/asked/") for k in added), added
+    assert "fuzz/asked/COMPLETE" in added
+    assert tree(outside) == before_outside
+    assert not (root.parent / "fuzz_escape").exists()
     assert not _retry_warnings(caplog)
     assert elapsed < 120
+    # The server logged each refused request's traceback at DEBUG under the id its reply carried.
+    log = (STATE["logs"] / "fuzz.log").read_text()
+    assert error_ids and FUZZ_TOKEN not in log
+    for error_id in sorted(error_ids)[:20]:
+        assert f"traceback of error id {error_id}\nTraceback (most recent call last):" in log, error_id

@@ -8,8 +8,6 @@ import shutil
 import socket
 import sys
 import sysconfig
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +27,9 @@ from nemo_rlhf.servers.critic_server import validate_infer_request, validate_tra
 from nemo_rlhf.servers.process import _descendants
 
 sys.path.insert(0, str(Path(__file__).parent))
+from raw_http import one_line_reply as _one_line_reply  # noqa: E402
+from raw_http import raw_infer, raw_infer_inputs as _raw_infer_inputs, raw_path as _raw_path  # noqa: E402
+from raw_http import raw_train_inputs as _raw_train_inputs, tree as _tree  # noqa: E402
 from tiny_backend import TinyCriticBackend  # noqa: E402
 
 pytestmark = pytest.mark.server
@@ -384,51 +385,6 @@ def _not_zombie(pid: int) -> bool:
 # ------------------------------------------------------------------ raw KServe-v2 HTTP (issue 9)
 
 
-def _tensor(name: str, array: np.ndarray) -> dict:
-    array = np.asarray(array)
-    if array.dtype == object:
-        return {"name": name, "datatype": "BYTES", "shape": list(array.shape), "data": [x.decode() for x in array.ravel()]}
-    datatype = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}[array.dtype]
-    return {"name": name, "datatype": datatype, "shape": list(array.shape), "data": array.ravel().tolist()}
-
-
-def _raw_infer_inputs(tokens, lengths) -> list[dict]:
-    return [_tensor("tokens", tokens), _tensor("sequence_lengths", np.asarray(lengths, np.int64).reshape(-1, 1))]
-
-
-def _raw_train_inputs(tokens) -> list[dict]:
-    f = np.zeros(tokens.shape, np.float32)
-    return [_tensor("tokens", tokens), _tensor("returns", f), _tensor("prev_values", f), _tensor("mask", f + 1)]
-
-
-def _raw_path(path: str) -> list[dict]:
-    return [_tensor("path", np.array([path.encode()], dtype=object))]
-
-
-def raw_infer(url: str, model: str, inputs: list[dict], token: str | None = None) -> tuple[int, str]:
-    """POST ``/v2/models/<model>/infer`` (KServe v2 JSON) with urllib: ``(HTTP status, body or error text)``."""
-    headers = {"Content-Type": "application/json"}
-    if token is not None:
-        headers["triton-access-token"] = token
-    request = urllib.request.Request(
-        f"{url}/v2/models/{model}/infer", data=json.dumps({"inputs": inputs}).encode(), headers=headers
-    )
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(request, timeout=30) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as e:
-        body = e.read().decode()
-        try:
-            return e.code, json.loads(body)["error"]
-        except (ValueError, KeyError):
-            return e.code, body
-
-
-def _one_line_reply(message: str) -> bool:
-    return "\n" not in message.strip() and "Traceback" not in message and "CRITIC_REQUEST_ERROR (error id " in message
-
-
 @pytest.mark.parametrize(
     "model, tokens, where",
     [
@@ -448,22 +404,6 @@ def test_raw_out_of_range_token_ids_are_refused_before_the_model(client, server,
     assert backend.train_calls == calls
     status, _ = raw_infer(server.url, "critic_infer", _raw_infer_inputs(_T, _L))
     assert status == 200
-
-
-def _tree(path: Path) -> dict[str, object]:
-    """relative path -> file bytes / ('dir',) / ('link', target): a snapshot of everything under ``path``."""
-    out: dict[str, object] = {}
-    for dirpath, dirnames, filenames in os.walk(path):
-        for name in dirnames + filenames:
-            full = Path(dirpath) / name
-            rel = str(full.relative_to(path))
-            if full.is_symlink():
-                out[rel] = ("link", os.readlink(full))
-            elif full.is_dir():
-                out[rel] = ("dir",)
-            else:
-                out[rel] = full.read_bytes()
-    return out
 
 
 def test_raw_save_never_replaces_a_foreign_directory_or_file(server, root, backend):
