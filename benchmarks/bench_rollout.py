@@ -36,21 +36,22 @@ def main() -> None:
     from nemo_rlhf.utils.hydra import quiet_warnings
 
     quiet_warnings()
-    from nemo_rlhf.algorithms.ppo import PPOActorModule
+    from nemo_rlhf.algorithms.ppo import PPOTrainer
+    from nemo_rlhf.config import PPOActorStageConfig, parse_config
     from nemo_rlhf.generation.sampling import SamplingParams
-    from nemo_rlhf.models.actor import GPTActorModel
     from nemo_rlhf.models.critic import GPTCriticModel
-    from nemo_rlhf.servers.megatron_backend import MegatronCriticBackend
+    from nemo_rlhf.models.policy import GPTPolicyModel
     from nemo_rlhf.models.reward_model import GPTRewardModel
     from nemo_rlhf.parallel.state import initialize_distributed
     from nemo_rlhf.servers.local import LocalCriticClient
+    from nemo_rlhf.servers.megatron_backend import MegatronCriticBackend
 
     initialize_distributed(1, 1, args.accelerator, seed=1)
     dev = torch.device("cuda") if args.accelerator == "gpu" else torch.device("cpu")
     mc = dict(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
               ffn_hidden_size=4 * args.hidden, max_position_embeddings=args.prompt + args.new_tokens)
     mbs = args.batch
-    actor_ref = GPTActorModel(mc, None, args.vocab, mbs, eos_id=0, pad_id=0).to(dev)
+    actor_ref = GPTPolicyModel(mc, None, args.vocab, mbs, eos_id=0, pad_id=0).to(dev)
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(1, args.vocab, (args.batch, args.prompt), generator=gen).to(dev)
     plens = torch.full((args.batch,), args.prompt, device=dev)
@@ -90,9 +91,11 @@ def main() -> None:
     critic = GPTCriticModel(mc, dict(lr=1e-4), args.vocab, mbs).to(dev)
     rm = GPTRewardModel(mc, None, args.vocab, mbs).to(dev)
     backend = MegatronCriticBackend(critic, rm, args.prompt + args.new_tokens, lambda path: None)
-    actor = PPOActorModule(mc, dict(lr=1e-5), args.vocab, mbs, 0, 0,
-                           dict(sampling=dict(max_new_tokens=args.new_tokens)),
-                           LocalCriticClient(backend), actor_ref).to(dev)
+    actor = GPTPolicyModel(mc, dict(lr=1e-5), args.vocab, mbs, eos_id=0, pad_id=0).to(dev)
+    cfg = parse_config(PPOActorStageConfig, {
+        "run_dir": ".", "init_from": "none", "batch": {"global_batch_size": args.batch, "micro_batch_size": mbs},
+        "ppo": {"ppo_epochs": 1, "num_minibatches": 1, "sampling": {"max_new_tokens": args.new_tokens}}})
+    trainer = PPOTrainer.from_models(cfg, actor, actor_ref, LocalCriticClient(backend))
     phases: dict[str, float] = {}
     ro = actor.generate(prompts, plens, params)
     phases["generate_s"] = timed(lambda: actor.generate(prompts, plens, params))
@@ -100,7 +103,7 @@ def main() -> None:
     phases["reference_logprobs_s"] = timed(lambda: actor_ref.logprobs(ro.tokens))
     phases["critic_infer_s"] = timed(lambda: backend.infer(ro.tokens.cpu().numpy(), ro.lengths.cpu().numpy()))
     batch = {"prompts": prompts, "prompt_lengths": plens}
-    phases["full_ppo_step_s"] = timed(lambda: actor.training_step(batch, 0), repeats=max(1, args.repeats - 1))
+    phases["full_ppo_step_s"] = timed(lambda: trainer.train_step(batch), repeats=max(1, args.repeats - 1))
 
     print(json.dumps({
         "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),

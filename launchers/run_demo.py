@@ -9,23 +9,28 @@ then the PPO actor trains against it. The run directory gets every stage's check
 """
 
 import json
+import os
+import secrets
 import sys
 import time
 from pathlib import Path
 
+from nemo_rlhf.config import register_configs
 from nemo_rlhf.utils.hydra import hydra_entry
+
+register_configs()  # the typed schemas the YAMLs in conf/ extend
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def stage_config(name: str, demo_cfg, section: str, **extra):
-    """conf/<name>.yaml merged with demo `common`, the demo's stage section and `extra`."""
+    """conf/<name>.yaml merged with the demo's `common` (the sections that stage has), the demo's
+    stage section and `extra` (see nemo_rlhf.config.demo_stage_node)."""
     from hydra import compose
-    from omegaconf import OmegaConf
 
-    cfg = compose(config_name=name)
-    OmegaConf.set_struct(cfg, False)
-    return OmegaConf.merge(cfg, demo_cfg.common, demo_cfg[section], extra)
+    from nemo_rlhf.config import demo_stage_node
+
+    return demo_stage_node(compose(config_name=name), demo_cfg, section, **extra)
 
 
 def format_report(rep: dict) -> str:
@@ -51,7 +56,9 @@ def format_report(rep: dict) -> str:
 
 @hydra_entry("demo")
 def main(cfg) -> None:
-    from nemo_rlhf.algorithms.stages import run_ppo, run_reward_model, run_sft
+    from nemo_rlhf.algorithms.ppo import run_ppo
+    from nemo_rlhf.algorithms.reward_model import run_reward_model
+    from nemo_rlhf.algorithms.sft import run_sft
     from nemo_rlhf.parallel.state import destroy_distributed
     from nemo_rlhf.servers.client import CriticClient
     from nemo_rlhf.servers.process import find_free_ports, start_server_process
@@ -82,6 +89,8 @@ def main(cfg) -> None:
         for key, value in critic_cfg.model.items():
             overrides.append(f"model.{key}={'null' if value is None else value}")
         cmd = [sys.executable, str(REPO / "launchers" / "serve_critic.py"), *overrides]
+        # One access token per demo run (inherited by the server process, read by the client).
+        os.environ.setdefault("NEMO_RLHF_CRITIC_TOKEN", secrets.token_urlsafe(32))
         t = time.time()
         server = start_server_process(cmd, "127.0.0.1", port, float(cfg.server_ready_timeout_s),
                                       run_dir / "critic_server.log")
@@ -90,11 +99,8 @@ def main(cfg) -> None:
             ppo_cfg = stage_config("gpt_ppo_actor", cfg, "ppo", run_dir=str(run_dir), init_from=sft["checkpoint"],
                                    tokenizer={"type": "tokenizer_json", "path": tok_path},
                                    critic={"host": "127.0.0.1", "port": port})
-            c = ppo_cfg.critic
             t = time.time()
-            with CriticClient("127.0.0.1", port, infer_timeout_s=float(c.infer_timeout_s),
-                              train_timeout_s=float(c.train_timeout_s),
-                              init_timeout_s=float(c.init_timeout_s)) as client:
+            with CriticClient.from_config(ppo_cfg.critic) as client:
                 ppo = run_ppo(ppo_cfg, critic=client)
             wall["ppo"] = time.time() - t
         finally:

@@ -5,12 +5,15 @@ environment); set `model.tensor_model_parallel_size` / `model.pipeline_model_par
 `trainer.accelerator=gpu` on GPU clusters.
 """
 
+from nemo_rlhf.config import register_configs
 from nemo_rlhf.utils.hydra import hydra_entry
+
+register_configs()  # the typed schemas the YAMLs in conf/ extend
 
 
 @hydra_entry("gpt_sft")
 def main(cfg) -> None:
-    from nemo_rlhf.algorithms.stages import run_sft
+    from nemo_rlhf.algorithms.sft import run_sft
     from nemo_rlhf.parallel.state import destroy_distributed
 
     try:

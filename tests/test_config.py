@@ -4,9 +4,8 @@ and the effective values of every stage (launchers and demo) kept exactly as bef
 ``tests/config_effective_values.json`` holds the effective values the code read at commit 214b4b6
 (conf/ YAMLs + the code defaults ``MODEL_DEFAULTS``, ``OPTIM_DEFAULTS``, ``PPO_DEFAULTS`` and the
 ``.get(key, default)`` calls of stages.py / serve.py / run_demo.py), recorded with
-``python tests/test_config.py --record <dir with the old conf/ tree>``. Both the YAMLs in ``conf/``
-and the slimmed ones in ``conf/slim/`` (schema-based: every default from the dataclasses) must
-parse to those values.
+``python tests/test_config.py --record <dir with the old conf/ tree>``. The YAMLs in ``conf/``
+(schema-based: every default from the dataclasses) must parse to those values.
 """
 
 from __future__ import annotations
@@ -51,7 +50,7 @@ from nemo_rlhf.config import (
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED_FILE = Path(__file__).with_name("config_effective_values.json")
-CONF_DIRS = {"conf": REPO / "conf", "conf_slim": REPO / "conf" / "slim"}
+CONF_DIRS = {"conf": REPO / "conf"}
 
 # Placeholders for the paths and port the demo / the user pass on the command line.
 RUN, SFT_W, RM_W, TOK, PORT = "/runs/demo", "/runs/demo/sft_weights", "/runs/demo/rm_weights", "/runs/demo/tokenizer.json", 6100
@@ -240,7 +239,7 @@ def test_slim_yamls_hold_no_copy_of_a_default():
     """A key in a slimmed YAML that only repeats the dataclass default is a second copy of it."""
     from omegaconf import OmegaConf
 
-    slim = CONF_DIRS["conf_slim"]
+    slim = CONF_DIRS["conf"]
     for name, cls in (("gpt_sft", SFTStageConfig), ("gpt_rm", RewardModelStageConfig),
                       ("gpt_ppo_actor", PPOActorStageConfig), ("gpt_ppo_critic", CriticServerStageConfig)):
         node = OmegaConf.to_container(OmegaConf.load(slim / f"{name}.yaml"))
@@ -260,7 +259,7 @@ def test_slim_schema_accepts_overrides_without_plus_and_rejects_typos():
     from hydra.errors import ConfigCompositionException
 
     register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIRS["conf_slim"]), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIRS["conf"]), version_base="1.3"):
         cfg = compose("gpt_sft", ["trainer.max_steps=2", "data.max_rows=200"])
         assert cfg.trainer.max_steps == 2 and cfg.data.max_rows == 200
         assert cfg.trainer.limit_val_batches == 4  # from TrainerConfig, not the YAML

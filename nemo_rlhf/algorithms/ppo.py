@@ -1,70 +1,70 @@
-"""PPO for RLHF (Ziegler et al. 2019; Ouyang et al. 2022), actor side.
+"""PPO for RLHF (Ziegler et al. 2019; Ouyang et al. 2022): the actor's trainer.
 
-One PPO step, as data (every line below is one call in :meth:`PPOActorModule.training_step`)::
+One PPO step (:meth:`PPOTrainer.train_step`), as data::
 
-    prompts [B, P] -> actor.generate -> tokens [B, L], lengths [B]
-      -> critic.infer_async (remote, a future)      : values [B, L], scores [B]
-      -> actor.logprobs / reference.logprobs (local, overlapping the remote call): [B, L-1]
-      -> kl_penalty -> per_token_rewards -> compute_gae -> masked_whiten (over DP)
-      -> critic.train (remote, in a background thread) || actor.ppo_step x mini-batches (local)
+    prompts [B, P] -> policy.generate ................. tokens [B, L], lengths [B]
+      -> critic.infer_async (remote, a future) ......... values [B, L], scores [B]
+      -> policy.logprobs / reference.logprobs (local, overlapping the remote call): [B, L-1]
+      -> rl.kl_penalty -> rl.ppo_advantages (per-token rewards, GAE, whitening over DP)
+      -> for each epoch and mini-batch: critic.train_async (remote, background thread)
+                                        || policy.train_on(rl.ppo_policy_loss) (local)
       -> KL controller update -> metrics
 
-The critic and reward model live in a separate server process (PyTriton); this module only talks
-to it through a client with ``infer_async`` / ``train`` / ``save``. Only the first rank of each
-model-parallel (TP x PP) group calls the server; results are broadcast to the rest of the group.
+The critic and reward model live in a separate server process (PyTriton) behind
+:class:`~nemo_rlhf.servers.critic_handle.CriticHandle`; ``launchers/train_ppo_actor.py``
+(config ``conf/gpt_ppo_actor.yaml``) calls :func:`run_ppo`.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 
-from nemo_rlhf.generation.sampling import SamplingParams
-from nemo_rlhf.models.actor import GPTActorModel
-from nemo_rlhf.rl.advantages import compute_gae, per_token_rewards
-from nemo_rlhf.rl.kl import build_kl_controller, kl_penalty
-from nemo_rlhf.rl.masked import masked_whiten
-
-PPO_DEFAULTS: dict[str, Any] = dict(
-    rollout_micro_batch_size=8,  # sequences per forward when computing log-probs
-    ppo_epochs=1,
-    num_minibatches=1,  # optimizer steps per epoch over the rollout batch
-    clip_eps=0.2,
-    clip_eps_high=None,
-    entropy_coef=0.0,
-    gamma=1.0,
-    lam=0.95,
-    kl_estimator="k1",
-    kl_controller=dict(type="adaptive", init_kl_coef=0.05, target=6.0, horizon=10000),
-    whiten_advantages=True,
-    reference_offload=False,  # keep the reference policy on the CPU between uses (GPU runs)
-    sampling=dict(max_new_tokens=32, temperature=1.0, top_k=0, top_p=1.0),
-    val_sampling=dict(),  # overrides of `sampling` for held-out evaluation (seeded identically)
-    seed=1234,
+from nemo_rlhf.algorithms.base import (
+    Trainer,
+    dp_mean,
+    heldout_loader,
+    load_split_pairs,
+    step_loader,
+    write_result,
 )
+from nemo_rlhf.checkpoint.training_state import latest_checkpoint, save_checkpoint_dir
+from nemo_rlhf.checkpoint.weights import load_weights, save_model_weights
+from nemo_rlhf.config import PPOActorStageConfig, check_heldout_size, check_sizes, load_stage_config, to_plain
+from nemo_rlhf.data import PromptDataset, collate_prompts
+from nemo_rlhf.data.tokenizer import tokenizer_from_config
+from nemo_rlhf.generation.sampling import SamplingParams
+from nemo_rlhf.models.policy import GPTPolicyModel
+from nemo_rlhf.parallel.state import any_rank, setup_parallel
+from nemo_rlhf.rl.advantages import ppo_advantages, response_mask
+from nemo_rlhf.rl.kl import build_kl_controller, kl_penalty
+from nemo_rlhf.rl.losses import ppo_policy_loss
+from nemo_rlhf.rl.masked import masked_mean
+from nemo_rlhf.servers.client import CriticClient
+from nemo_rlhf.servers.critic_handle import CriticHandle, is_server_caller
+from nemo_rlhf.servers.protocol import CriticServerError
 
-
-def response_mask(prompt_lengths: torch.Tensor, lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """``[B, L-1]`` float32 mask of log-prob positions that score response tokens.
-
-    Position t scores token t+1, so a row with prompt length P and total length Lr has response
-    positions ``P-1 <= t <= Lr-2``.
-    """
-    t = torch.arange(seq_len - 1, device=lengths.device).unsqueeze(0)
-    return ((t >= prompt_lengths.unsqueeze(1) - 1) & (t <= lengths.unsqueeze(1) - 2)).float()
+LOG = logging.getLogger("nemo_rlhf")
 
 
 @dataclass
 class Rollout:
-    """One batch of experience. Shapes: B rollouts, L = prompt + response budget.
+    """One batch of rollouts on this data-parallel rank. B rollouts, L = prompt + response length.
 
-    tokens ``[B, L]`` int64; lengths, prompt_lengths ``[B]`` int64; scores ``[B]`` reward-model
-    scores; values ``[B, L]`` critic values (server layout); logprobs, ref_logprobs, mask, kl,
-    rewards, advantages, returns ``[B, L-1]`` float32.
+    Attributes:
+        tokens: ``[B, L]`` int64 prompt + response, right padded.
+        lengths, prompt_lengths: ``[B]`` int64 (tokens).
+        scores: ``[B]`` float32 reward-model scores.
+        values: ``[B, L]`` float32 critic values in the server's layout (``values[:, t]`` is the
+            value after reading ``tokens[:, :t+1]``; ``values[:, :-1]`` aligns with log-probs).
+        logprobs, ref_logprobs: ``[B, L-1]`` float32 actor / reference-policy log-probs.
+        mask: ``[B, L-1]`` float32 response positions (:func:`~nemo_rlhf.rl.advantages.response_mask`).
+        kl, rewards, advantages, returns: ``[B, L-1]`` float32, filled by the trainer.
     """
 
     tokens: torch.Tensor
@@ -80,105 +80,163 @@ class Rollout:
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
 
+    @property
+    def batch_size(self) -> int:
+        return int(self.tokens.shape[0])
 
-def _mp_group_info():
-    from megatron.core import parallel_state
+    def minibatch_indices(self, num_minibatches: int, generator: torch.Generator) -> list[torch.Tensor]:
+        """A random split of the B rows into ``num_minibatches`` equal index tensors ``[B / n]``
+        (a fresh permutation from ``generator`` on the CPU, moved to the rollout's device).
 
-    group = parallel_state.get_model_parallel_group()
-    size = torch.distributed.get_world_size(group) if torch.distributed.is_initialized() else 1
-    src = torch.distributed.get_global_rank(group, 0) if size > 1 else 0
-    return group, size, src
+        Raises:
+            ValueError: ``num_minibatches`` does not divide B.
+        """
+        b = self.batch_size
+        if num_minibatches < 1 or b % num_minibatches:
+            raise ValueError(f"ppo.num_minibatches={num_minibatches} does not divide the rollout batch {b} "
+                             f"(batch.global_batch_size / data-parallel size)")
+        order = torch.randperm(b, generator=generator).to(self.tokens.device)
+        return list(order.chunk(num_minibatches))
 
+    def select(self, index: torch.Tensor, *names: str) -> dict[str, torch.Tensor]:
+        """``{name: tensor[index]}`` for the given fields (a mini-batch)."""
+        return {n: getattr(self, n)[index] for n in names}
 
-def _is_server_caller() -> bool:
-    """True on the rank of each TP x PP group that talks to the critic server."""
-    from megatron.core import parallel_state
-
-    return (parallel_state.get_tensor_model_parallel_rank() == 0
-            and parallel_state.get_pipeline_model_parallel_rank() == 0)
-
-
-def _broadcast_mp(tensor: torch.Tensor) -> torch.Tensor:
-    """Broadcast from the server-calling rank to its TP x PP group (on the collective device)."""
-    from nemo_rlhf.parallel.state import comm_device
-
-    group, size, src = _mp_group_info()
-    if size > 1:
-        buf = tensor.to(comm_device()).contiguous()
-        torch.distributed.broadcast(buf, src=src, group=group)
-        return buf.to(tensor.device)
-    return tensor
-
-
-def raise_if_any_rank_failed(error: BaseException | None, what: str) -> None:
-    """Make a critic-server failure seen by one rank (the server caller) an error on every rank.
-
-    Only the server-calling ranks talk to the server; without this, the others would block forever
-    in the next collective. One all-reduce over the world.
-
-    Raises:
-        ``error`` on the rank that had it; :class:`CriticServerError` naming ``what`` elsewhere.
-    """
-    from nemo_rlhf.parallel.state import any_rank
-    from nemo_rlhf.servers.protocol import CriticServerError
-
-    failed = any_rank(error is not None)
-    if error is not None:
-        raise error
-    if failed:
-        raise CriticServerError(f"{what} failed on another rank (its log names the server and the cause); "
-                                f"all ranks stop together")
+    def first_nonfinite(self, names: tuple[str, ...] = ("scores", "values", "logprobs", "ref_logprobs",
+                                                          "advantages", "returns")) -> str | None:
+        """The first of the named fields that holds a NaN/Inf on this rank, or None (local: the
+        trainer agrees across ranks with :func:`nemo_rlhf.parallel.state.any_rank`)."""
+        names_set = {f.name for f in fields(self)}
+        bad = next((n for n in names if n in names_set and getattr(self, n) is not None
+                    and not bool(torch.isfinite(getattr(self, n)).all())), None)
+        return bad
 
 
-def dp_mean(metrics: Mapping[str, float]) -> dict[str, float]:
-    """Average scalar metrics over the data-parallel group (identical dict on every rank)."""
-    from megatron.core import parallel_state
+def ppo_loss_fn(policy: GPTPolicyModel, clip_eps: float, entropy_coef: float, clip_eps_high: float | None):
+    """The actor's loss for :meth:`GPTPolicyModel.train_on`: PPO clipped surrogate (Schulman et
+    al. 2017, eq. 7; :func:`~nemo_rlhf.rl.losses.ppo_policy_loss`) minus ``entropy_coef`` times
+    the mean response entropy.
 
-    from nemo_rlhf.parallel.state import comm_device
-
-    keys = sorted(metrics)
-    vec = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=comm_device())
-    if torch.distributed.is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
-        torch.distributed.all_reduce(vec, group=parallel_state.get_data_parallel_group())
-        vec /= parallel_state.get_data_parallel_world_size()
-    return dict(zip(keys, vec.cpu().tolist()))
-
-
-class PPOActorModule(GPTActorModel):
-    """The PPO actor as a LightningModule: each ``training_step`` is one PPO step on a batch of
-    prompts (``{"prompts": [B, P], "prompt_lengths": [B]}``; B = rollout batch per DP rank).
-
-    Args:
-        model_cfg, optim_cfg, vocab_size, micro_batch_size, eos_id, pad_id: as
-            :class:`~nemo_rlhf.models.actor.GPTActorModel`.
-        ppo_cfg: keys of :data:`PPO_DEFAULTS`.
-        critic: client of the critic/reward server (``infer_async``, ``infer``, ``train``,
-            ``save``); used on the server-calling rank only (others may pass None).
-        reference: the frozen reference policy (an ``optim_cfg=None`` actor with the SFT weights).
+    The micro-batch holds ``tokens [b, L]``, ``old_logprobs``, ``advantages``, ``mask`` ``[b, L-1]``.
+    Metrics: ``loss``, ``pg_loss``, the policy-loss statistics (``clipfrac``, ``approx_kl``,
+    ``ratio_mean``, ...) and ``entropy`` when ``entropy_coef`` is set.
     """
 
-    def __init__(self, model_cfg, optim_cfg, vocab_size: int, micro_batch_size: int, eos_id: int,
-                 pad_id: int, ppo_cfg: Mapping[str, Any], critic, reference: GPTActorModel):
-        super().__init__(model_cfg, optim_cfg, vocab_size, micro_batch_size, eos_id, pad_id)
-        self.ppo_cfg = {**PPO_DEFAULTS, **dict(ppo_cfg)}
-        self.sampling = SamplingParams(**{**PPO_DEFAULTS["sampling"], **dict(self.ppo_cfg["sampling"])},
-                                       seed=int(self.ppo_cfg["seed"]))
-        self.val_sampling = SamplingParams(**{**PPO_DEFAULTS["sampling"], **dict(self.ppo_cfg["sampling"]),
-                                              **dict(self.ppo_cfg["val_sampling"])},
-                                           seed=int(self.ppo_cfg["seed"]) + 1)
-        self.kl_ctl = build_kl_controller(self.ppo_cfg["kl_controller"])
-        self.critic = critic
-        # Remote server: one rank per TP x PP group calls it and broadcasts. In-process critic:
-        # every rank calls it (collectively), synchronously.
-        self._critic_in_process = bool(getattr(critic, "in_process", False))
-        self.reference = reference
-        self.ppo_step_count = 0
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="critic-train")
-        self.last_metrics: dict[str, float] = {}
+    def loss_fn(mb, logits):
+        logits = policy.masked_logits(logits)
+        entropy = policy.entropy(logits) if entropy_coef else None
+        lp = policy.response_logprobs(logits, mb["tokens"])
+        pg_loss, stats = ppo_policy_loss(lp, mb["old_logprobs"], mb["advantages"], mb["mask"],
+                                         clip_eps=clip_eps, clip_eps_high=clip_eps_high)
+        loss = pg_loss
+        metrics = {"pg_loss": pg_loss, **stats}
+        if entropy is not None:
+            ent = masked_mean(entropy, mb["mask"])
+            loss = loss - entropy_coef * ent
+            metrics["entropy"] = ent
+        metrics["loss"] = loss
+        return loss, metrics
 
-    # ------------------------------------------------------------------ helpers
+    return loss_fn
+
+
+class CriticServerFailure(RuntimeError):
+    """The PPO actor stopped because the critic server failed (gone past ``critic.retry_limit_s``,
+    restarted with its state lost, or erroring). Raised on every rank after the actor-only
+    emergency checkpoint was written; the launcher exits non-zero."""
+
+
+class PPOTrainer(Trainer):
+    """PPO actor training against a critic/reward server (``critic.host``/``critic.port``) or a
+    given client (e.g. an in-process ``LocalCriticClient``).
+
+    Holds the policy (trained), the frozen reference policy, the critic handle, the prompt loaders
+    and the adaptive KL controller. Checkpoints (``checkpoint.dir``, default
+    ``<run_dir>/checkpoints/ppo``) pair the actor with the critic: each ``step_<k>`` holds the
+    actor's weights, optimizer, LR schedule, RNG, the PPO step, the KL-controller state and the
+    prompt position, and ``critic/`` — the critic server's own training checkpoint, written by the
+    server into the actor's temporary directory before the ``COMPLETE`` marker. The path is
+    absolute and must be visible to the server. A resumed run tells the server to load the paired
+    critic (``critic_load``), so actor and critic continue from the same step.
+    """
+
+    def __init__(self, cfg: PPOActorStageConfig, critic_client=None):
+        super().__init__(cfg, "ppo", metric_prefix="ppo", progress_metrics=("reward", "kl"))
+        self.critic_client = critic_client
+        p = cfg.ppo
+        self.sampling = SamplingParams(**to_plain(p.sampling), seed=int(p.seed))
+        # held-out evaluation: the same sampling unless val_sampling overrides it, fixed seed
+        self.val_sampling = SamplingParams(**to_plain(p.val_sampling.resolve(p.sampling)), seed=int(p.seed) + 1)
+        self.kl_ctl = build_kl_controller(to_plain(p.kl_controller))
+        self.heldout_before: dict[str, float] | None = None
+
+    @classmethod
+    def from_models(cls, cfg: PPOActorStageConfig, policy: GPTPolicyModel, reference: GPTPolicyModel,
+                    critic_client) -> "PPOTrainer":
+        """A trainer around models built elsewhere (tests, benchmarks, the layout-parity tool):
+        :meth:`train_step`, :meth:`rollout` and :meth:`evaluate` work without :meth:`setup`
+        (``val_loader`` must be set for :meth:`evaluate`)."""
+        trainer = cls(cfg, critic_client)
+        trainer.policy = trainer.model = policy
+        trainer.reference = reference
+        trainer.critic = CriticHandle(critic_client)
+        return trainer
+
+    # -------------------------------------------------------------- set-up
+    def setup(self) -> None:
+        """Parallel groups, prompts, tokenizer, critic handle, reference policy, then the policy."""
+        cfg = self.cfg
+        gbs, mbs = int(cfg.batch.global_batch_size), int(cfg.batch.micro_batch_size)
+        self.dp = setup_parallel(to_plain(cfg.model), (gbs, mbs), cfg.trainer.accelerator, int(cfg.seed))
+        check_sizes(cfg, self.dp)
+        train_pairs, heldout, _ = load_split_pairs(cfg.data)
+        tok = tokenizer_from_config(to_plain(cfg.tokenizer))
+        d = cfg.data
+        heldout_prompts = sorted({p.prompt for p in heldout})
+        if d.max_heldout_prompts:
+            heldout_prompts = heldout_prompts[: int(d.max_heldout_prompts)]
+        self.train_ds = PromptDataset(sorted({p.prompt for p in train_pairs}), tok, int(d.max_prompt_len), d.overlong)
+        self.val_ds = PromptDataset(heldout_prompts, tok, int(d.max_prompt_len), d.overlong)
+        LOG.info("PPO prompts: train %d (%s), held-out %d (%s)", len(self.train_ds), dict(self.train_ds.stats),
+                 len(self.val_ds), dict(self.val_ds.stats))
+        check_heldout_size(len(self.val_ds), gbs, self.dp, data=cfg.data, unit="prompts")
+        self.collate = lambda b: collate_prompts(b, tok.pad_id)  # noqa: E731
+        client = self.critic_client
+        if client is None and is_server_caller():
+            client = CriticClient.from_config(to_plain(cfg.critic))
+            client.wait_until_ready(float(cfg.critic.init_timeout_s))  # health check before anything else
+        self.critic = CriticHandle(client)
+        model_cfg = to_plain(cfg.model)
+        self.reference = GPTPolicyModel(model_cfg, None, tok.vocab_size, mbs, tok.eos_id, tok.pad_id)
+        load_weights(self.reference, cfg.init_from)
+        self.policy = self.model = GPTPolicyModel(model_cfg, to_plain(cfg.optim), tok.vocab_size, mbs,
+                                                  tok.eos_id, tok.pad_id)
+
+    # -------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "ppo_step": self.step, "kl_controller": self.kl_ctl.state_dict(),
+                "heldout_before": self.heldout_before}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.heldout_before = state["heldout_before"]
+
+    def before_checkpoint_complete(self, tmp: Path) -> None:
+        self.critic.save(str(tmp / "critic"))
+
+    def resume(self) -> dict[str, Any] | None:
+        state = super().resume()
+        if state is not None:
+            path = latest_checkpoint(self.checkpoint_root)
+            critic_state = self.critic.load(str(path / "critic"))
+            LOG.info("ppo: critic loaded from %s (critic at its step %s, KL coefficient %.4g)", path / "critic",
+                     critic_state["step"] if critic_state else None, self.kl_ctl.value)
+        return state
+
+    # -------------------------------------------------------------- rollouts
     def _reference_logprobs(self, tokens: torch.Tensor) -> torch.Tensor:
-        offload = bool(self.ppo_cfg["reference_offload"]) and torch.cuda.is_available()
+        offload = bool(self.cfg.ppo.reference_offload) and torch.cuda.is_available()
         if offload:
             self.reference.to(torch.cuda.current_device())
         try:
@@ -187,47 +245,15 @@ class PPOActorModule(GPTActorModel):
             if offload:
                 self.reference.to("cpu")
 
-    def _critic_infer_async(self, tokens: torch.Tensor, lengths: torch.Tensor):
-        if self._critic_in_process or _is_server_caller():
-            return self.critic.infer_async(tokens.cpu().numpy(), lengths.cpu().numpy())
-        return None
-
-    def _critic_results(self, future, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        from nemo_rlhf.servers.protocol import CriticServerError
-
-        b, length = shape
-        dev = self.model_device
-        error = None
-        if future is not None:
-            try:
-                values_np, scores_np = future.result()
-            except CriticServerError as exc:
-                error = exc
-        if self._critic_in_process and error is not None:
-            raise error
-        if not self._critic_in_process:
-            raise_if_any_rank_failed(error, "critic_infer")
-        if future is not None:
-            values = torch.from_numpy(np.array(values_np, dtype=np.float32, copy=True)).to(dev)
-            scores = torch.from_numpy(np.array(scores_np, dtype=np.float32, copy=True)).reshape(b).to(dev)
-        else:
-            values = torch.empty(b, length, dtype=torch.float32, device=dev)
-            scores = torch.empty(b, dtype=torch.float32, device=dev)
-        if self._critic_in_process:
-            return values, scores
-        return _broadcast_mp(values), _broadcast_mp(scores)
-
-    # ------------------------------------------------------------------ rollout
     @torch.no_grad()
-    def make_rollout(self, prompts: torch.Tensor, prompt_lengths: torch.Tensor,
-                     params: SamplingParams) -> Rollout:
+    def rollout(self, prompts: torch.Tensor, prompt_lengths: torch.Tensor, params: SamplingParams) -> Rollout:
         """Generate, then score with the critic server while computing actor/reference log-probs."""
-        gen = self.generate(prompts, prompt_lengths, params)
+        gen = self.policy.generate(prompts, prompt_lengths, params)
         tokens, lengths = gen.tokens, gen.lengths
-        future = self._critic_infer_async(tokens, lengths)  # overlaps the two forwards below
-        logprobs = self.logprobs(tokens)
+        future = self.critic.infer_async(tokens, lengths)  # overlaps the two forwards below
+        logprobs = self.policy.logprobs(tokens)
         ref_logprobs = self._reference_logprobs(tokens)
-        values, scores = self._critic_results(future, tuple(tokens.shape))
+        values, scores = self.critic.infer_result(future, tuple(tokens.shape), self.policy.model_device)
         mask = response_mask(gen.prompt_lengths, lengths, tokens.shape[1])
         return Rollout(tokens, lengths, gen.prompt_lengths, scores, values, logprobs, ref_logprobs, mask)
 
@@ -235,90 +261,42 @@ class PPOActorModule(GPTActorModel):
         """KL-penalised per-token rewards, GAE advantages and returns (whitened over DP)."""
         from megatron.core import parallel_state
 
-        c = self.ppo_cfg
-        ro.kl = kl_penalty(ro.logprobs, ro.ref_logprobs, estimator=c["kl_estimator"]) * ro.mask
-        ro.rewards = per_token_rewards(ro.scores, ro.kl, ro.mask, float(self.kl_ctl.value))
-        ro.advantages, ro.returns = compute_gae(ro.rewards, ro.values[:, :-1], ro.mask,
-                                                float(c["gamma"]), float(c["lam"]))
-        if c["whiten_advantages"]:
-            group = (parallel_state.get_data_parallel_group()
-                     if parallel_state.get_data_parallel_world_size() > 1 else None)
-            ro.advantages = masked_whiten(ro.advantages, ro.mask, group=group)
+        p = self.cfg.ppo
+        group = (parallel_state.get_data_parallel_group()
+                 if parallel_state.get_data_parallel_world_size() > 1 else None)
+        ro.kl = kl_penalty(ro.logprobs, ro.ref_logprobs, estimator=p.kl_estimator) * ro.mask
+        ro.rewards, ro.advantages, ro.returns = ppo_advantages(
+            ro.scores, ro.values[:, :-1], ro.kl, ro.mask, float(self.kl_ctl.value), float(p.gamma), float(p.lam),
+            whiten=bool(p.whiten_advantages), group=group)
         return ro
 
-    # ------------------------------------------------------------------ training
-    def _critic_train_async(self, ro: Rollout, index: torch.Tensor):
-        if not (self._critic_in_process or _is_server_caller()):
-            return None
-        b, length = ro.tokens.shape
-        pad = torch.zeros(len(index), 1, device=ro.returns.device)
-        returns = torch.cat([ro.returns[index], pad], dim=1).cpu().numpy()
-        mask = torch.cat([ro.mask[index], pad], dim=1).cpu().numpy()
-        args = (ro.tokens[index].cpu().numpy(), returns, ro.values[index].cpu().numpy(), mask)
-        if not self._critic_in_process:
-            return self._pool.submit(self.critic.train, *args)
-        done: concurrent.futures.Future = concurrent.futures.Future()
-        done.set_result(self.critic.train(*args))  # in-process critic: no overlap
-        return done
-
-    def _rollout_finite(self, ro: Rollout) -> str | None:
-        """None if the rollout's rewards, values, log-probs and advantages are finite on every
-        rank, else the name of the first non-finite one on this rank ("elsewhere" if only another
-        rank's is). One all-reduce over the world, so every rank takes the same branch."""
-        bad = next((name for name in ("scores", "values", "logprobs", "ref_logprobs", "advantages", "returns")
-                    if not bool(torch.isfinite(getattr(ro, name)).all())), None)
-        from nemo_rlhf.parallel.state import any_rank
-
-        return (bad or "elsewhere") if any_rank(bad is not None) else None
-
-    def training_step(self, batch, batch_idx):
-        c = self.ppo_cfg
-        self.sampling.seed = int(c["seed"]) + 7919 * self.ppo_step_count
-        ro = self.compute_advantages(self.make_rollout(batch["prompts"], batch["prompt_lengths"],
-                                                       self.sampling))
-        bad = self._rollout_finite(ro)
-        if bad is not None:
+    # -------------------------------------------------------------- one PPO step
+    def train_step(self, batch) -> dict[str, float]:
+        p = self.cfg.ppo
+        self.sampling.seed = int(p.seed) + 7919 * self.step
+        ro = self.compute_advantages(self.rollout(batch["prompts"], batch["prompt_lengths"], self.sampling))
+        bad = ro.first_nonfinite()
+        if any_rank(bad is not None):
             # Skip the whole PPO step: no actor update, no critic training, no KL-controller update.
-            self.ppo_step_count += 1
-            self.record_nonfinite(f"rollout {bad} (reward/value/advantage)")
-            self.last_metrics = {"nonfinite": 1.0, "skipped": 1.0}
-            self.log_dict({"ppo/nonfinite": 1.0, "ppo/nonfinite_total": float(self.nonfinite_skipped)},
-                          on_step=True, batch_size=1)
-            return None
-        b = ro.tokens.shape[0]
-        n_mb = int(c["num_minibatches"])
-        if b % n_mb:
-            raise ValueError(f"ppo.num_minibatches={n_mb} does not divide the rollout batch {b}")
-        gen = torch.Generator().manual_seed(int(c["seed"]) + self.ppo_step_count)  # CPU permutation
+            self.policy.record_nonfinite(f"rollout {bad or 'elsewhere'} (reward/value/advantage)")
+            return {"nonfinite": 1.0, "nonfinite_total": float(self.policy.nonfinite_skipped)}
+        loss_fn = ppo_loss_fn(self.policy, float(p.clip_eps), float(p.entropy_coef), p.clip_eps_high)
+        generator = torch.Generator().manual_seed(int(p.seed) + self.step)  # CPU permutation
         actor_metrics: list[dict[str, float]] = []
         critic_futures = []
-        for epoch in range(int(c["ppo_epochs"])):
-            order = torch.randperm(b, generator=gen).to(ro.tokens.device)
-            for index in order.chunk(n_mb):
+        for epoch in range(int(p.ppo_epochs)):
+            for index in ro.minibatch_indices(int(p.num_minibatches), generator):
                 if epoch == 0:  # the critic sees each rollout once per PPO step
-                    critic_futures.append(self._critic_train_async(ro, index))
-                mb = {"tokens": ro.tokens[index], "old_logprobs": ro.logprobs[index],
-                      "advantages": ro.advantages[index], "mask": ro.mask[index]}
-                actor_metrics.append(self.ppo_step(mb, float(c["clip_eps"]), float(c["entropy_coef"]),
-                                                   c["clip_eps_high"]))
-        from nemo_rlhf.servers.protocol import CriticServerError
-
-        critic_losses, error = [], None
-        for f in critic_futures:
-            if f is None:
-                continue
-            try:
-                critic_losses.append(f.result()["loss"])
-            except CriticServerError as exc:
-                error = error or exc
-        if self._critic_in_process and error is not None:
-            raise error
-        if not self._critic_in_process:
-            raise_if_any_rank_failed(error, "critic_train")
-        seq_kl = (ro.kl.sum(dim=1)).mean().item()
+                    critic_futures.append(self.critic.train_async(ro.tokens[index], ro.returns[index],
+                                                                  ro.values[index], ro.mask[index]))
+                mb = ro.select(index, "tokens", "advantages", "mask")
+                mb["old_logprobs"] = ro.logprobs[index]
+                actor_metrics.append(self.policy.train_on(loss_fn, mb))
+        critic_losses = self.critic.train_results(critic_futures)
+        b = ro.batch_size
         metrics = {
             "reward": ro.scores.mean().item(),
-            "kl": seq_kl,
+            "kl": ro.kl.sum(dim=1).mean().item(),
             "response_length": ro.mask.sum(dim=1).mean().item(),
             "advantage_abs": ro.advantages.abs().sum().item() / ro.mask.sum().item(),
             "critic_loss": float(np.mean(critic_losses)) if critic_losses else 0.0,
@@ -327,28 +305,93 @@ class PPOActorModule(GPTActorModel):
             metrics[k] = float(np.mean([m[k] for m in actor_metrics]))
         metrics = dp_mean(metrics)
         metrics["kl_coef"] = float(self.kl_ctl.value)
-        metrics["nonfinite_total"] = float(self.nonfinite_skipped)
+        metrics["nonfinite_total"] = float(self.policy.nonfinite_skipped)
         self.kl_ctl.update(metrics["kl"], n_steps=b)
-        self.ppo_step_count += 1
-        self.last_metrics = metrics
-        self.log_dict({f"ppo/{k}": v for k, v in metrics.items()}, on_step=True, batch_size=1)
-        return None
+        return metrics
 
-    # ------------------------------------------------------------------ evaluation
+    # -------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def evaluate_prompts(self, prompts: torch.Tensor, prompt_lengths: torch.Tensor) -> dict[str, float]:
-        """Mean reward-model score and mean sequence KL(actor || reference) (k1 estimate, nats per
-        response) of responses sampled for held-out prompts with a fixed seed."""
-        ro = self.make_rollout(prompts, prompt_lengths, self.val_sampling)
-        kl = (kl_penalty(ro.logprobs, ro.ref_logprobs, estimator="k1") * ro.mask).sum(dim=1)
-        return {"reward": ro.scores.mean().item(), "kl": kl.mean().item(),
-                "response_length": ro.mask.sum(dim=1).mean().item(), "count": float(len(ro.scores))}
+    def evaluate(self, limit: int | None = None) -> dict[str, float]:
+        """Mean reward-model score, sequence KL(actor || reference) (k1 estimate, nats per
+        response) and response length of responses sampled with a fixed seed for the held-out
+        prompts (the first ``limit`` batches), averaged over DP."""
+        ms = []
+        for _, b in zip(range(limit if limit else len(self.val_loader)), self.val_loader):
+            ro = self.rollout(b["prompts"], b["prompt_lengths"], self.val_sampling)
+            kl = (kl_penalty(ro.logprobs, ro.ref_logprobs, estimator="k1") * ro.mask).sum(dim=1)
+            ms.append({"reward": ro.scores.mean().item(), "kl": kl.mean().item(),
+                       "response_length": ro.mask.sum(dim=1).mean().item()})
+        return dp_mean({k: sum(m[k] for m in ms) / len(ms) for k in ("reward", "kl", "response_length")})
 
-    def validation_step(self, batch, batch_idx):
-        m = self.evaluate_prompts(batch["prompts"], batch["prompt_lengths"])
-        n = int(m.pop("count"))
-        for k, v in dp_mean(m).items():
-            self.log(f"val/{k}", v, on_epoch=True, batch_size=n)
+    # -------------------------------------------------------------- the stage
+    def run(self) -> dict[str, Any]:
+        """Set up, resume or start from ``init_from``, evaluate, train, evaluate, save.
 
-    def teardown(self, stage: str) -> None:
-        self._pool.shutdown(wait=True)
+        Returns:
+            the result (also ``<run_dir>/ppo_result.json``): held-out reward/KL before and after,
+            actor and critic checkpoint paths, steps, prompt counts; or the preemption result.
+
+        Raises:
+            CriticServerFailure: the critic server failed mid-run (after the emergency checkpoint).
+            CriticServerError / CriticServerUnavailable: the server failed before training.
+            CheckpointError: the checkpoint to resume from is unreadable (the message names it).
+        """
+        cfg = self.cfg
+        self.setup()
+        try:
+            if self.resume() is None:
+                load_weights(self.policy, cfg.init_from)
+            gbs = int(cfg.batch.global_batch_size)
+            self.train_loader = step_loader(self.train_ds, gbs, int(cfg.seed), self.step, self.max_steps,
+                                            self.collate)
+            self.val_loader = heldout_loader(self.val_ds, gbs // self.dp, self.collate, int(cfg.seed))
+            if self.heldout_before is None:
+                self.heldout_before = self.run_evaluation()
+            try:
+                preempted = self.fit()
+            except CriticServerError as exc:
+                raise self._critic_failure(exc) from exc
+            if preempted:
+                return preempted
+            after = self.run_evaluation()
+            ckpt = save_model_weights(self.policy.gpt, self.run_dir / "ppo_actor_weights")
+            critic_ckpt = str((self.run_dir / "ppo_critic_weights").resolve())
+            self.critic.save(critic_ckpt)  # the critic's training checkpoint; load_weights() reads its weights
+        finally:
+            self.critic.close()
+        result = {"heldout_before": self.heldout_before, "heldout_after": after, "checkpoint": str(ckpt),
+                  "critic_checkpoint": critic_ckpt, "resume_checkpoint": str(latest_checkpoint(self.checkpoint_root)),
+                  "steps": self.step, "heldout_prompts": len(self.val_ds), "train_prompts": len(self.train_ds)}
+        write_result(self.run_dir, "ppo_result.json", result)
+        return result
+
+    def _critic_failure(self, exc: BaseException) -> CriticServerFailure:
+        """Save the actor's state (collective) as ``<checkpoint.dir>/emergency_step_<k>`` and build
+        the error.
+
+        The emergency checkpoint holds the actor only: the critic's state since the last paired
+        checkpoint died with the server. It is never resumed from automatically (its name is not
+        ``step_<k>``), because actor and critic would no longer match; resume continues from the
+        newest paired checkpoint. The actor weights in it may include part of step k+1's updates.
+        """
+        server = f"{self.cfg.critic.host}:{self.cfg.critic.port}"
+        path = None
+        try:
+            self.policy.completed_steps = self.step
+            path = save_checkpoint_dir(self.checkpoint_root / f"emergency_step_{self.step:08d}", self.policy,
+                                       {**self.state_dict(), "critic": None, "reason": str(exc)[:2000]})
+        except Exception as save_exc:  # noqa: BLE001 - report both, the server failure first
+            LOG.error("could not write the emergency actor checkpoint: %s", save_exc)
+        paired = latest_checkpoint(self.checkpoint_root)
+        msg = (f"critic server {server} failed at PPO step {self.step}: {exc}\n"
+               f"  actor-only emergency checkpoint: {path or 'NOT WRITTEN (see the log)'}\n"
+               f"  the run resumes (same command, with a running critic server) from the newest paired "
+               f"actor+critic checkpoint: {paired or 'none yet: it would restart from init_from'}")
+        LOG.error(msg)
+        return CriticServerFailure(msg)
+
+
+def run_ppo(cfg, critic=None) -> dict[str, Any]:
+    """Run the PPO actor stage from a Hydra config (see :class:`PPOTrainer`); ``critic`` is an
+    optional client to use instead of connecting to ``critic.host:critic.port``."""
+    return PPOTrainer(load_stage_config(PPOActorStageConfig, cfg), critic).run_logged()

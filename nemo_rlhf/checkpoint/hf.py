@@ -72,7 +72,7 @@ def _divisor_for(vocab: int) -> int:
 
 
 def hf_config_to_model_cfg(hf_config) -> dict[str, Any]:
-    """Our ``model:`` config (keys of ``MODEL_DEFAULTS``) for an HF ``LlamaConfig`` or ``GPT2Config``.
+    """Our ``model:`` config (keys of ``nemo_rlhf.config.ModelConfig``) for an HF ``LlamaConfig`` or ``GPT2Config``.
 
     ``make_vocab_size_divisible_by`` is the largest power of two <= 128 dividing the HF vocabulary,
     so at TP = 1 the padded vocabulary equals the HF one (at TP > 1 extra rows may be padded;

@@ -206,7 +206,7 @@ def nemo_config_to_model_cfg(cfg: Mapping[str, Any], padded_vocab: int | None = 
         vocab_size: the tokenizer's vocabulary size, see :func:`vocab_fields`.
 
     Returns:
-        keys of ``MODEL_DEFAULTS``: ``encoder_seq_length`` -> ``max_position_embeddings`` (NeMo
+        keys of ``nemo_rlhf.config.ModelConfig``: ``encoder_seq_length`` -> ``max_position_embeddings`` (NeMo
         builds megatron's GPTModel with it), ``rotary_percentage`` -> ``rotary_percent``, ``bias``
         -> ``add_bias_linear``, ``qkv_bias`` -> ``add_qkv_bias``, ``normalization`` layernorm /
         layernorm1p / rmsnorm -> LayerNorm / LayerNorm / RMSNorm (layernorm1p stores ``gamma - 1``:

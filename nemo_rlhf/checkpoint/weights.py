@@ -121,3 +121,21 @@ def load_model_weights(gpt, path: str | os.PathLike, skip_prefixes: tuple[str, .
     if unexpected:
         raise CheckpointError(f"checkpoint {path} did not provide {unexpected}")
     return missing
+
+
+def load_weights(module, path: str | os.PathLike, skip_prefixes: tuple[str, ...] = ()) -> list[str]:
+    """Load a :func:`save_model_weights` checkpoint into a model role (policy, reward model,
+    critic: anything with ``gpt`` and ``optimizer``) and refresh the optimizer's fp32 main copies
+    (with bf16/fp16 parameters the megatron optimizer would otherwise write its stale copies back
+    at the first step).
+
+    Returns:
+        the skipped parameter names (see :func:`load_model_weights`).
+
+    Raises:
+        CheckpointError: as :func:`load_model_weights`.
+    """
+    skipped = load_model_weights(module.gpt, path, skip_prefixes=skip_prefixes)
+    if module.optimizer is not None:
+        module.optimizer.reload_model_params()
+    return skipped

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
+from nemo_rlhf.config import ModelConfig, parse_config, to_plain
 from nemo_rlhf.models.norms import TPAwareNorm
 
 _ACTIVATIONS = {
@@ -29,48 +30,17 @@ _DTYPES = {"fp32": torch.float32, "32": torch.float32, "bf16": torch.bfloat16,
            "16": torch.float16, "fp16": torch.float16}
 
 # Defaults for every key of the ``model:`` config group this builder reads.
-MODEL_DEFAULTS: dict[str, Any] = dict(
-    num_layers=2,
-    hidden_size=64,
-    num_attention_heads=4,
-    num_query_groups=None,  # None: multi-head attention (= num_attention_heads)
-    ffn_hidden_size=None,  # None: 4 * hidden_size
-    kv_channels=None,
-    max_position_embeddings=256,
-    vocab_size=None,  # taken from the tokenizer when None
-    make_vocab_size_divisible_by=128,
-    position_embedding_type="rope",  # rope | learned_absolute
-    rotary_base=10000,
-    rotary_percent=1.0,
-    normalization="LayerNorm",  # LayerNorm | RMSNorm
-    layernorm_epsilon=1e-5,
-    activation="gelu",  # gelu | gelu_tanh | relu | squared_relu | swiglu | geglu
-    add_bias_linear=True,
-    add_qkv_bias=False,
-    hidden_dropout=0.0,
-    attention_dropout=0.0,
-    init_method_std=0.02,
-    share_embeddings_and_output_weights=True,
-    params_dtype="fp32",
-    tensor_model_parallel_size=1,
-    pipeline_model_parallel_size=1,
-    sequence_parallel=False,
-    use_cpu_initialization=None,  # None: True on CPU runs, False on GPU
-)
-
-
-def model_cfg_with_defaults(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge a ``model:`` config over :data:`MODEL_DEFAULTS`.
+def model_cfg_with_defaults(model_cfg: Mapping[str, Any] | ModelConfig) -> dict[str, Any]:
+    """A ``model:`` config (mapping or :class:`~nemo_rlhf.config.ModelConfig`) with every key,
+    defaults from :class:`~nemo_rlhf.config.ModelConfig` (the one place they are written).
 
     Raises:
-        ValueError: an unknown key (a typo would otherwise be ignored silently).
+        ConfigError: (a ``ValueError``) an unknown key (named, with the nearest valid key), or a
+            wrong type or range (naming the field).
     """
-    cfg = dict(MODEL_DEFAULTS)
-    unknown = sorted(set(model_cfg) - set(MODEL_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown model config keys {unknown}; known keys: {sorted(MODEL_DEFAULTS)}")
-    cfg.update({k: v for k, v in model_cfg.items()})
-    return cfg
+    if not isinstance(model_cfg, ModelConfig):
+        model_cfg = parse_config(ModelConfig, dict(model_cfg), "model")
+    return to_plain(model_cfg)
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_model_parallel_size: int) -> int:
@@ -159,7 +129,7 @@ def build_gpt_model(
     """Build this rank's part of a megatron-core ``GPTModel`` (its TP shard and PP stage).
 
     Args:
-        model_cfg: the ``model:`` config (keys of :data:`MODEL_DEFAULTS`).
+        model_cfg: the ``model:`` config (keys of :class:`~nemo_rlhf.config.ModelConfig`).
         vocab_size: tokenizer vocabulary size, used when ``model.vocab_size`` is null. It is padded
             to a multiple of ``make_vocab_size_divisible_by * TP``.
         share_embeddings_and_output_weights: override of the config value (scalar-head models

@@ -17,25 +17,9 @@ from typing import Any, Callable, Iterable, Mapping
 import lightning.pytorch as pl
 import torch
 
+from nemo_rlhf.config import OptimConfig, parse_config, to_plain
 from nemo_rlhf.models.builder import build_gpt_model, model_cfg_with_defaults
 from nemo_rlhf.models.heads import attach_scalar_head
-
-OPTIM_DEFAULTS: dict[str, Any] = dict(
-    optimizer="adam",  # adam (AdamW: decoupled weight decay) | sgd
-    sgd_momentum=0.0,
-    lr=1e-4,
-    min_lr=None,  # None: lr / 10
-    weight_decay=0.0,
-    betas=(0.9, 0.95),
-    eps=1e-8,
-    clip_grad=1.0,
-    warmup_steps=0,
-    decay_steps=None,  # None: no decay (constant after warm-up)
-    decay_style="cosine",
-    distributed_optimizer=False,
-    max_nonfinite_in_a_row=5,  # non-finite updates skipped in a row before the run aborts
-)
-
 
 class NonFiniteError(FloatingPointError):
     """Raised after ``optim.max_nonfinite_in_a_row`` consecutive updates had a non-finite loss,
@@ -69,27 +53,31 @@ class MegatronGPTModule(pl.LightningModule):
     """Base LightningModule: a megatron ``GPTModel`` chunk (+ optional scalar head) and its optimizer.
 
     Args:
-        model_cfg: the ``model:`` config (see :data:`nemo_rlhf.models.builder.MODEL_DEFAULTS`).
-        optim_cfg: the ``optim:`` config (see :data:`OPTIM_DEFAULTS`); None builds no optimizer
+        model_cfg: the ``model:`` section (mapping or :class:`~nemo_rlhf.config.ModelConfig`).
+        optim_cfg: the ``optim:`` section (mapping or :class:`~nemo_rlhf.config.OptimConfig`,
+            defaults from the latter); None builds no optimizer
             (frozen or inference-only models such as the reference policy).
         vocab_size: tokenizer vocabulary size (unpadded).
+        micro_batch_size: rows per micro-batch of the pipeline schedule (the default split of
+            :meth:`train_on` / :meth:`evaluate_on`).
         scalar_head: replace the vocabulary projection by a ``[B, S, 1]`` head (reward, value).
     """
 
     def __init__(self, model_cfg: Mapping[str, Any], optim_cfg: Mapping[str, Any] | None,
-                 vocab_size: int, scalar_head: bool = False):
+                 vocab_size: int, micro_batch_size: int, scalar_head: bool = False):
         super().__init__()
+        self.micro_batch_size = int(micro_batch_size)
         self.automatic_optimization = False
         self.model_cfg = model_cfg_with_defaults(model_cfg)
-        self.optim_cfg = {**OPTIM_DEFAULTS, **dict(optim_cfg or {})}
+        self.optim_cfg = to_plain(optim_cfg if isinstance(optim_cfg, OptimConfig)
+                                  else parse_config(OptimConfig, dict(optim_cfg or {}), "optim"))
         self.vocab_size = int(vocab_size)
         gpt = build_gpt_model(self.model_cfg, vocab_size,
                               share_embeddings_and_output_weights=False if scalar_head else None)
         if scalar_head:
             attach_scalar_head(gpt)
         self.trainable = optim_cfg is not None
-        self.completed_steps = 0  # optimizer steps taken (Lightning's global_step counts none:
-        self.max_train_steps: int | None = None  # the megatron optimizer is stepped by hand)
+        self.completed_steps = 0  # training steps taken (set by the trainer that owns this model)
         self.optimizer = None
         self.lr_scheduler = None
         self.nonfinite_skipped = 0  # updates skipped because something was NaN/Inf (this process)
@@ -148,10 +136,6 @@ class MegatronGPTModule(pl.LightningModule):
         if warmup:
             self.lr_scheduler.step(0)
 
-    def configure_optimizers(self):
-        # The megatron optimizer is stepped by hand in train_global_batch(); Lightning gets none.
-        return None
-
     # ------------------------------------------------------------------ accessors
     @property
     def gpt(self):
@@ -162,21 +146,6 @@ class MegatronGPTModule(pl.LightningModule):
     def model_device(self) -> torch.device:
         """Device of this rank's parameters."""
         return next(self.gpt.parameters()).device
-
-    def load_weights(self, path, skip_prefixes: tuple[str, ...] = ()) -> list[str]:
-        """Load a :func:`~nemo_rlhf.checkpoint.weights.save_model_weights` checkpoint into this
-        rank's model and refresh the optimizer's fp32 main copies (with bf16/fp16 parameters the
-        megatron optimizer would otherwise write its stale copies back at the first step).
-
-        Returns:
-            the skipped parameter names (see ``load_model_weights``).
-        """
-        from nemo_rlhf.checkpoint.weights import load_model_weights
-
-        skipped = load_model_weights(self.gpt, path, skip_prefixes=skip_prefixes)
-        if self.optimizer is not None:
-            self.optimizer.reload_model_params()
-        return skipped
 
     def microbatch_size_for(self, n: int) -> int:
         """``self.micro_batch_size`` when it divides a batch of ``n`` rows, else the whole batch."""
@@ -283,9 +252,48 @@ class MegatronGPTModule(pl.LightningModule):
                 f"checkpoint, so the newest complete checkpoint is the last good state. Lower the learning "
                 f"rate or check the data/reward model before resuming.")
 
-    def train_global_batch(self, batch: Mapping[str, torch.Tensor], micro_batch_size: int,
-                           forward_fn, loss_fn) -> dict[str, float]:
-        """Forward/backward over the micro-batches of ``batch`` then one optimizer step.
+    @staticmethod
+    def forward_step(model, mb: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``(gpt_or_ddp_model, micro_batch) -> output``: logits ``[b, S, V/TP]`` (or head outputs
+        ``[b, S, 1]``) of ``mb["tokens"] [b, S]`` at positions 0..S-1, no attention mask (causal).
+        Roles override it for other inputs (the policy: per-token log-probs of ``labels``)."""
+        return model(mb["tokens"], position_ids_like(mb["tokens"]), None)
+
+    def _microbatches(self, batch, micro_batch_size: int | None) -> list[dict]:
+        if isinstance(batch, list):
+            return batch
+        n = batch["tokens"].shape[0]
+        return split_microbatches(batch, micro_batch_size or self.microbatch_size_for(n))
+
+    def train_on(self, loss_fn: LossFn, batch: Mapping[str, torch.Tensor] | list[dict],
+                 micro_batch_size: int | None = None) -> dict[str, float]:
+        """One optimizer step of ``loss_fn`` on ``batch`` (the trainer's loss; this model only runs
+        forward, backward, gradient reduction and the optimizer).
+
+        Args:
+            loss_fn: ``(micro_batch, output) -> (loss, metrics)`` on the last PP stage, with
+                ``output`` from :meth:`forward_step`; ``loss`` is the micro-batch mean.
+            batch: ``{name: [N, ...]}`` with ``tokens [N, S]`` (split into micro-batches of
+                ``micro_batch_size``, default :meth:`microbatch_size_for`), or a list of
+                micro-batch dicts already split by the caller (e.g. preference pairs kept together).
+
+        Returns:
+            the metrics of :meth:`train_global_batch`.
+        """
+        return self.train_global_batch(self._microbatches(batch, micro_batch_size), loss_fn)
+
+    @torch.no_grad()
+    def evaluate_on(self, loss_fn: LossFn, batch: Mapping[str, torch.Tensor] | list[dict],
+                    micro_batch_size: int | None = None) -> dict[str, float]:
+        """Forward-only ``loss_fn`` over ``batch`` (as :meth:`train_on`); metrics averaged over
+        micro-batches and DP ranks (:func:`average_metrics`), identical on every rank."""
+        self.model.eval()
+        outs = self.forward_backward(self._microbatches(batch, micro_batch_size), self.forward_step,
+                                     loss_fn, forward_only=True)
+        return average_metrics(outs)
+
+    def train_global_batch(self, microbatches: list[dict], loss_fn: LossFn) -> dict[str, float]:
+        """Forward/backward over ``microbatches`` then one optimizer step.
 
         Non-finite guard: when the loss (averaged over micro-batches and ranks) or any gradient is
         NaN/Inf, the optimizer step is skipped on every rank (weights, optimizer state and LR
@@ -301,9 +309,10 @@ class MegatronGPTModule(pl.LightningModule):
         """
         import math
 
+        if self.optimizer is None:
+            raise RuntimeError("this model was built without an optimizer (optim_cfg=None): it is frozen")
         self.model.train()
-        outs = self.forward_backward(split_microbatches(batch, micro_batch_size), forward_fn,
-                                     loss_fn, forward_only=False)
+        outs = self.forward_backward(microbatches, self.forward_step, loss_fn, forward_only=False)
         metrics = average_metrics(outs)
         loss_ok = math.isfinite(metrics.get("loss", 0.0))
         if not (loss_ok and self._grads_finite()):

@@ -129,3 +129,57 @@ def per_token_rewards(
     rows = torch.arange(kl.shape[0], device=kl.device)
     rewards = torch.where(m, -kl_coef * kl.to(acc), torch.zeros((), dtype=acc, device=kl.device))
     return rewards.index_put((rows, last), scores.to(acc), accumulate=True)
+
+
+def response_mask(prompt_lengths: torch.Tensor, lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """``[B, L-1]`` float32 mask of the log-prob positions that score response tokens.
+
+    Position t scores token t+1 (``logprobs[:, t] = log pi(tokens[:, t+1] | tokens[:, :t+1])``),
+    so a row with prompt length P and total length Lr has response positions ``P-1 <= t <= Lr-2``.
+
+    Args:
+        prompt_lengths, lengths: ``[B]`` int64 prompt and prompt + response lengths (tokens).
+        seq_len: L, the padded length of the rollout's ``tokens [B, L]``.
+    """
+    t = torch.arange(seq_len - 1, device=lengths.device).unsqueeze(0)
+    return ((t >= prompt_lengths.unsqueeze(1) - 1) & (t <= lengths.unsqueeze(1) - 2)).float()
+
+
+def ppo_advantages(
+    scores: torch.Tensor,
+    values: torch.Tensor,
+    kl: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    gamma: float,
+    lam: float,
+    whiten: bool = True,
+    group=None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The RLHF-PPO advantage pipeline: KL-penalised per-token rewards -> GAE -> whitening.
+
+    Ziegler et al. 2019 §2.2 (reward ``r - beta * KL`` per token, :func:`per_token_rewards`),
+    Schulman et al. 2016 eqs. 11-16 (GAE, :func:`compute_gae`), advantage whitening over the
+    data-parallel batch (:func:`~nemo_rlhf.rl.masked.masked_whiten`, as NeMo-Aligner and
+    lm-human-preferences do).
+
+    Args:
+        scores: ``[B]`` float reward-model scores.
+        values: ``[B, T]`` float critic values at the log-prob positions (T = L - 1).
+        kl: ``[B, T]`` float per-token KL estimates, already masked (:func:`~nemo_rlhf.rl.kl.kl_penalty`).
+        mask: ``[B, T]`` response positions (:func:`response_mask`).
+        kl_coef: β (the KL controller's current value).
+        gamma, lam: GAE discount and λ.
+        whiten: normalise advantages to zero mean, unit variance over the masked positions.
+        group: process group the whitening statistics are all-reduced over (data parallel).
+
+    Returns:
+        ``(rewards, advantages, returns)``, each ``[B, T]`` float32.
+    """
+    rewards = per_token_rewards(scores, kl, mask, kl_coef)
+    advantages, returns = compute_gae(rewards, values, mask, gamma, lam)
+    if whiten:
+        from nemo_rlhf.rl.masked import masked_whiten
+
+        advantages = masked_whiten(advantages, mask, group=group)
+    return rewards, advantages, returns

@@ -51,8 +51,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from nemo_rlhf.servers.critic_server import ERROR_MARKER
 from nemo_rlhf.servers.protocol import (
+    ERROR_MARKER,
     ALL_MODELS,
     AUTH_HEADER,
     DEFAULT_AUTH_TOKEN_ENV,

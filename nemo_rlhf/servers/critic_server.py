@@ -87,6 +87,7 @@ import numpy as np
 
 from nemo_rlhf.servers.paths import PathRejected, check_load_path, check_save_path, real_root
 from nemo_rlhf.servers.protocol import (
+    ERROR_MARKER,
     INFER_MODEL,
     LOAD_MODEL,
     SAVE_MODEL,
@@ -101,7 +102,6 @@ LOGGER = logging.getLogger(__name__)
 
 # Prefix of every validation error message sent back to the client; the client extracts the text
 # after it from PyTriton's traceback reply.
-ERROR_MARKER = "CRITIC_REQUEST_ERROR"
 
 # Longest error detail sent back (characters); the rest is cut (the server log has all of it).
 MAX_ERROR_DETAIL_CHARS = 1000

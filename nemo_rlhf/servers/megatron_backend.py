@@ -12,6 +12,20 @@ import numpy as np
 import torch
 
 from nemo_rlhf.models.critic import GPTCriticModel
+from nemo_rlhf.rl.losses import clipped_value_loss
+
+
+def critic_loss_fn(value_clip: float | None):
+    """The critic's loss for :meth:`GPTCriticModel.train_on`: the clipped value loss
+    (:func:`~nemo_rlhf.rl.losses.clipped_value_loss`, ε = ``value_clip``) of the value head's
+    ``[b, S, 1]`` output against ``returns [b, S]`` around ``prev_values [b, S]`` over ``mask``."""
+
+    def loss_fn(mb, out):
+        loss, stats = clipped_value_loss(out[..., 0].float(), mb["prev_values"], mb["returns"], mb["mask"],
+                                         clip_eps=value_clip)
+        return loss, {"loss": loss.detach(), **{k: v.detach() for k, v in stats.items()}}
+
+    return loss_fn
 
 
 class MegatronCriticBackend:
@@ -28,11 +42,14 @@ class MegatronCriticBackend:
             (a full training checkpoint: weights, optimizer, LR schedule, step, RNG, written
             atomically with :func:`nemo_rlhf.checkpoint.training_state.save_checkpoint_dir`,
             which :meth:`load` restores).
+        value_clip: ε of the clipped value loss (:func:`nemo_rlhf.rl.losses.clipped_value_loss`,
+            PPO2-style value clipping around the rollout's values); None: no clipping.
     """
 
     def __init__(self, critic: GPTCriticModel, reward_model, max_seq_len: int,
-                 save_fn: Callable[[str], None] | None = None):
+                 save_fn: Callable[[str], None] | None = None, value_clip: float | None = 0.2):
         self.critic = critic
+        self.value_clip = value_clip
         self.reward_model = reward_model
         self.vocab_size = int(critic.vocab_size)  # unpadded: token ids must be < this
         self.max_seq_len = int(max_seq_len)
@@ -54,8 +71,9 @@ class MegatronCriticBackend:
         def tensor(a, dtype):
             return torch.from_numpy(np.array(a, dtype=dtype, copy=True)).to(dev)
 
-        m = self.critic.train_step(tensor(tokens, np.int64), tensor(returns, np.float32),
-                                   tensor(prev_values, np.float32), tensor(mask, np.float32))
+        batch = {"tokens": tensor(tokens, np.int64), "returns": tensor(returns, np.float32),
+                 "prev_values": tensor(prev_values, np.float32), "mask": tensor(mask, np.float32)}
+        m = self.critic.train_on(critic_loss_fn(self.value_clip), batch)
         self.train_steps += 1
         self.critic.completed_steps += 1
         return m

@@ -23,6 +23,9 @@ LOAD_MODEL = "critic_load"
 STATUS_MODEL = "critic_status"
 ALL_MODELS = (INFER_MODEL, TRAIN_MODEL, SAVE_MODEL, LOAD_MODEL, STATUS_MODEL)
 
+# Leads every error reply the server makes for a refused or failed request; the client looks for it.
+ERROR_MARKER = "CRITIC_REQUEST_ERROR"
+
 
 @runtime_checkable
 class CriticBackend(Protocol):

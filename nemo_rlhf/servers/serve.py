@@ -12,24 +12,24 @@ import torch
 from omegaconf import DictConfig
 
 from nemo_rlhf.checkpoint.weights import load_weights
+from nemo_rlhf.config import to_plain
 from nemo_rlhf.data.tokenizer import tokenizer_from_config
 from nemo_rlhf.models.critic import GPTCriticModel
 from nemo_rlhf.models.reward_model import GPTRewardModel
 from nemo_rlhf.parallel.state import setup_parallel
 from nemo_rlhf.servers.megatron_backend import MegatronCriticBackend
-from nemo_rlhf.utils.hydra import to_dict
 
 LOG = logging.getLogger("nemo_rlhf")
 
 
 def build_critic_backend(cfg: DictConfig):
     """The critic server's model pair: frozen reward model + critic initialised from it."""
-    setup_parallel(to_dict(cfg.model), (int(cfg.batch.global_batch_size), int(cfg.batch.micro_batch_size)),
+    setup_parallel(to_plain(cfg.model), (int(cfg.batch.global_batch_size), int(cfg.batch.micro_batch_size)),
                    cfg.trainer.accelerator, int(cfg.seed))
-    tok = tokenizer_from_config(to_dict(cfg.tokenizer))
-    rm = GPTRewardModel(to_dict(cfg.model), None, tok.vocab_size, int(cfg.batch.micro_batch_size))
+    tok = tokenizer_from_config(to_plain(cfg.tokenizer))
+    rm = GPTRewardModel(to_plain(cfg.model), None, tok.vocab_size, int(cfg.batch.micro_batch_size))
     load_weights(rm, cfg.reward_model_path)
-    critic = GPTCriticModel(to_dict(cfg.model), to_dict(cfg.optim), tok.vocab_size,
+    critic = GPTCriticModel(to_plain(cfg.model), to_plain(cfg.optim), tok.vocab_size,
                             int(cfg.batch.micro_batch_size))
     init = cfg.get("critic_init_path") or cfg.reward_model_path
     load_weights(critic, init, skip_prefixes=() if init == cfg.reward_model_path else ("output_layer.",))

@@ -14,11 +14,16 @@ CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def to_dict(cfg: Any) -> Any:
-    """OmegaConf node -> plain Python containers (interpolations resolved); anything else as is."""
+    """OmegaConf node or config dataclass -> plain Python containers (interpolations resolved);
+    anything else as is."""
+    import dataclasses
+
     from omegaconf import OmegaConf
 
     if OmegaConf.is_config(cfg):
         return OmegaConf.to_container(cfg, resolve=True)
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return dataclasses.asdict(cfg)
     return cfg
 
 

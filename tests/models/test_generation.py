@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nemo_rlhf.generation.sampling import SamplingParams, filter_logits, generate
-from nemo_rlhf.models.actor import GPTActorModel
+from nemo_rlhf.models.policy import GPTPolicyModel
 from nemo_rlhf.models.megatron_module import position_ids_like
 
 PROMPT_LENGTHS = [2, 6, 4]
@@ -22,14 +22,14 @@ CONTEXT_DEPENDENT = dict(init_method_std=1.0, share_embeddings_and_output_weight
 @pytest.fixture
 def actor(build, tiny):
     """Trainable (DDP-wrapped), as the PPO actor that generates rollouts; context-dependent greedy."""
-    return build(GPTActorModel, model_cfg=CONTEXT_DEPENDENT, optim_cfg=tiny.optim, micro_batch_size=1,
+    return build(GPTPolicyModel, model_cfg=CONTEXT_DEPENDENT, optim_cfg=tiny.optim, micro_batch_size=1,
                  eos_id=tiny.eos_id, pad_id=tiny.pad_id)
 
 
 @pytest.fixture
 def uniform_actor(build, tiny):
     """The default tiny init: next-token distributions close to uniform (for sampling tests)."""
-    return build(GPTActorModel, micro_batch_size=1, eos_id=tiny.eos_id, pad_id=tiny.pad_id)
+    return build(GPTPolicyModel, micro_batch_size=1, eos_id=tiny.eos_id, pad_id=tiny.pad_id)
 
 
 @pytest.fixture
@@ -67,7 +67,7 @@ def _check_row(out, i: int, want: list[int], pad_id: int) -> None:
 @pytest.mark.parametrize("position_embedding_type", ["rope", "learned_absolute"])
 def test_greedy_kv_cache_equals_no_cache_reference(build, prompts, tiny, position_embedding_type):
     # RoPE takes positions from the KV cache's offset; learned absolute embeddings from position_ids.
-    actor = build(GPTActorModel, model_cfg=dict(CONTEXT_DEPENDENT, position_embedding_type=position_embedding_type),
+    actor = build(GPTPolicyModel, model_cfg=dict(CONTEXT_DEPENDENT, position_embedding_type=position_embedding_type),
                   optim_cfg=tiny.optim, micro_batch_size=1, eos_id=tiny.eos_id, pad_id=tiny.pad_id)
     p, lens = prompts
     out = actor.generate(p, lens, SamplingParams(greedy=True, max_new_tokens=MAX_NEW))

@@ -11,9 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nemo_rlhf.models.actor import GPTActorModel, mask_padded_vocab
+from nemo_rlhf.algorithms.reward_model import bradley_terry_step_loss, pair_microbatches
+from nemo_rlhf.algorithms.sft import sft_loss
 from nemo_rlhf.models.critic import GPTCriticModel
-from nemo_rlhf.models.gpt_sft import GPTSFTModel, shift_labels
+from nemo_rlhf.models.policy import GPTPolicyModel, mask_padded_vocab, shift_labels
+from nemo_rlhf.servers.megatron_backend import critic_loss_fn
 from nemo_rlhf.models.megatron_module import position_ids_like, split_microbatches
 from nemo_rlhf.models.reward_model import GPTRewardModel, gather_last_token
 from nemo_rlhf.models.vocab_parallel import token_logprobs, vocab_parallel_entropy
@@ -38,6 +40,23 @@ def _sft_batch(tiny, prompt_lens, lengths, seed=0):
     return {"tokens": tokens, "loss_mask": loss_mask}
 
 
+def _labelled(batch, pad_id):
+    labels, mask = shift_labels(batch["tokens"], batch["loss_mask"], pad_id)
+    return {"tokens": batch["tokens"], "labels": labels, "label_mask": mask}
+
+
+def _sft_eval(model, batch):
+    return model.evaluate_on(sft_loss, _labelled(batch, model.pad_id))
+
+
+def _sft_train(model, batch):
+    return model.train_on(sft_loss, _labelled(batch, model.pad_id))
+
+
+def _rm_eval(model, batch):
+    return model.evaluate_on(bradley_terry_step_loss, pair_microbatches(batch, model.micro_batch_size))
+
+
 # ------------------------------------------------------------------ SFT
 def test_shift_labels_hand_example():
     tokens = torch.tensor([[5, 6, 7, 8]])
@@ -49,11 +68,11 @@ def test_shift_labels_hand_example():
 
 
 def test_sft_nll_through_schedule_equals_manual_log_softmax(build, tiny):
-    model = build(GPTSFTModel, micro_batch_size=2, pad_id=tiny.pad_id)
+    model = build(GPTPolicyModel, micro_batch_size=2, eos_id=tiny.eos_id, pad_id=tiny.pad_id)
     # Different response token counts per micro-batch (5+3 vs 10+1), so the token-weighted "nll"
     # and the mean of per-micro-batch means ("loss") differ.
     batch = _sft_batch(tiny, prompt_lens=[3, 5, 2, 4], lengths=[8, 8, 12, 5])
-    got = model.evaluate_batch(batch)
+    got = _sft_eval(model, batch)
 
     logits = _raw_output(model, batch["tokens"])
     assert logits.shape == (B, S, tiny.padded_vocab)
@@ -72,12 +91,12 @@ def test_sft_nll_through_schedule_equals_manual_log_softmax(build, tiny):
 
 
 def test_sft_nll_is_independent_of_micro_batch_size(build, tiny):
-    model = build(GPTSFTModel, micro_batch_size=1, pad_id=tiny.pad_id)
+    model = build(GPTPolicyModel, micro_batch_size=1, eos_id=tiny.eos_id, pad_id=tiny.pad_id)
     batch = _sft_batch(tiny, prompt_lens=[3, 5, 2, 4], lengths=[8, 8, 12, 5], seed=1)
     nlls = []
     for mbs in (1, 2, 4):
         model.micro_batch_size = mbs
-        nlls.append(model.evaluate_batch(batch)["nll"])
+        nlls.append(_sft_eval(model, batch)["nll"])
     assert nlls[1] == pytest.approx(nlls[0], abs=1e-6)
     assert nlls[2] == pytest.approx(nlls[0], abs=1e-6)
 
@@ -165,7 +184,7 @@ def test_reward_model_bt_loss_and_accuracy_equal_manual(build, tiny):
     with torch.no_grad():  # a visible bias must not change margins: check it cancels
         model.gpt.output_layer.bias.fill_(0.5)
     batch = _preference_batch(tiny, [9, 5, 16, 7], [4, 12, 6, 16], seed=3)
-    got = model.evaluate_batch(batch)
+    got = _rm_eval(model, batch)
 
     out = _raw_output(model, batch["tokens"])
     assert out.shape == (8, S, 1)
@@ -196,7 +215,7 @@ def test_reward_ignores_right_padding(build, tiny):
 
 # ------------------------------------------------------------------ actor / critic
 def test_actor_logprobs_equal_manual_log_softmax_over_unpadded_vocab(build, tiny):
-    actor = build(GPTActorModel, micro_batch_size=2, eos_id=tiny.eos_id, pad_id=tiny.pad_id)
+    actor = build(GPTPolicyModel, micro_batch_size=2, eos_id=tiny.eos_id, pad_id=tiny.pad_id)
     tokens = tiny.tokens(B, S, seed=6)
     lp = actor.logprobs(tokens)
     assert lp.shape == (B, S - 1) and lp.dtype == torch.float32
@@ -220,29 +239,28 @@ def test_critic_values_equal_raw_head_output(build, tiny):
 
 
 def test_sft_training_lowers_nll(build, tiny):
-    model = build(GPTSFTModel, optim_cfg=dict(tiny.optim, lr=3e-3), micro_batch_size=2,
-                  pad_id=tiny.pad_id)
+    model = build(GPTPolicyModel, optim_cfg=dict(tiny.optim, lr=3e-3), micro_batch_size=2,
+                  eos_id=tiny.eos_id, pad_id=tiny.pad_id)
     batch = _sft_batch(tiny, prompt_lens=[3, 5, 2, 4], lengths=[12, 16, 14, 10], seed=8)
-    before = model.evaluate_batch(batch)["nll"]
-    prepared = model._prepare(batch)
+    before = _sft_eval(model, batch)["nll"]
     for _ in range(30):
-        metrics = model.train_global_batch(prepared, 2, model._forward, model._loss)
+        metrics = _sft_train(model, batch)
         assert metrics["skipped"] == 0.0
-    after = model.evaluate_batch(batch)["nll"]
+    after = _sft_eval(model, batch)["nll"]
     assert before - after > 1.0, (before, after)
 
 
 def test_critic_training_lowers_value_loss(build, tiny):
-    critic = build(GPTCriticModel, optim_cfg=dict(tiny.optim, lr=3e-3), micro_batch_size=2,
-                   value_clip=None)
+    critic = build(GPTCriticModel, optim_cfg=dict(tiny.optim, lr=3e-3), micro_batch_size=2)
     tokens = tiny.tokens(B, S, seed=9)
     returns = torch.linspace(-1.0, 1.0, S).repeat(B, 1)  # a position-dependent target
     mask = torch.ones(B, S)
     mask[:, :4] = 0
     prev = torch.zeros(B, S)
-    first = critic.train_step(tokens, returns, prev, mask)["loss"]
+    batch = {"tokens": tokens, "returns": returns, "prev_values": prev, "mask": mask}
+    first = critic.train_on(critic_loss_fn(None), batch)["loss"]
     for _ in range(19):
-        last = critic.train_step(tokens, returns, prev, mask)["loss"]
+        last = critic.train_on(critic_loss_fn(None), batch)["loss"]
     values = critic.values(tokens)
     want = 0.5 * ((values - returns)[:, 4:] ** 2).mean().item()
     assert first > 0.1  # 0.5 * mean(returns^2) ~ 0.19 at init (values ~ 0)
@@ -255,7 +273,8 @@ def test_train_step_is_independent_of_micro_batch_size(build, tiny):
     Every row has the same number of response tokens, so the mean of per-micro-batch means (what
     megatron's schedule averages) equals the global token mean.
     """
-    models = [build(GPTSFTModel, seed=11, optim_cfg=tiny.optim, micro_batch_size=m, pad_id=tiny.pad_id)
+    models = [build(GPTPolicyModel, seed=11, optim_cfg=tiny.optim, micro_batch_size=m, eos_id=tiny.eos_id,
+                    pad_id=tiny.pad_id)
               for m in (2, 4)]
     sd = [{k: v.clone() for k, v in m.unwrapped_state_dict().items() if torch.is_tensor(v)}
           for m in models]
@@ -263,7 +282,7 @@ def test_train_step_is_independent_of_micro_batch_size(build, tiny):
     batch = _sft_batch(tiny, prompt_lens=[3, 5, 2, 4], lengths=[10, 12, 9, 11], seed=10)
     metrics = []
     for m in models:
-        metrics.append(m.train_global_batch(m._prepare(batch), m.micro_batch_size, m._forward, m._loss))
+        metrics.append(_sft_train(m, batch))
     assert metrics[0]["loss"] == pytest.approx(metrics[1]["loss"], abs=1e-6)
     assert metrics[0]["nll"] == pytest.approx(metrics[1]["nll"], abs=1e-6)
     assert metrics[0]["grad_norm"] == pytest.approx(metrics[1]["grad_norm"], rel=1e-5)

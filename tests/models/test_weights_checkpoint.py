@@ -7,13 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from nemo_rlhf.algorithms.sft import sft_loss
 from nemo_rlhf.checkpoint.weights import (
     COMPLETE_MARKER,
     CheckpointError,
     load_model_weights,
+    load_weights,
     save_model_weights,
 )
-from nemo_rlhf.models.gpt_sft import GPTSFTModel
+from nemo_rlhf.models.policy import GPTPolicyModel, shift_labels
 from nemo_rlhf.models.reward_model import GPTRewardModel
 
 pytestmark = pytest.mark.checkpoint
@@ -31,7 +33,7 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], keys=No
 
 
 def _sft(build, tiny, seed: int):
-    return build(GPTSFTModel, seed=seed, micro_batch_size=1, pad_id=tiny.pad_id)
+    return build(GPTPolicyModel, seed=seed, micro_batch_size=1, eos_id=tiny.eos_id, pad_id=tiny.pad_id)
 
 
 @pytest.fixture
@@ -95,7 +97,8 @@ def test_sft_checkpoint_into_reward_model_without_skip_names_the_head(build, tin
 
 def test_shape_mismatch_raises_checkpoint_error(build, tiny, sft_checkpoint):
     path, _ = sft_checkpoint
-    wider = build(GPTSFTModel, model_cfg=dict(hidden_size=64), micro_batch_size=1, pad_id=tiny.pad_id)
+    wider = build(GPTPolicyModel, model_cfg=dict(hidden_size=64), micro_batch_size=1, eos_id=tiny.eos_id,
+                  pad_id=tiny.pad_id)
     with pytest.raises(CheckpointError, match="shape mismatch") as err:
         load_model_weights(wider.gpt, path)
     assert str(path) in str(err.value)
@@ -150,26 +153,28 @@ def _bf16_step_after_load(build, tiny, tmp_path, via_module: bool) -> float:
     """Load seed-1 bf16 weights into a trainable seed-2 bf16 model, take one lr=1e-6 step, and
     return the largest distance of the embedding from the loaded one."""
     bf16 = dict(params_dtype="bf16")
-    src = build(GPTSFTModel, seed=1, model_cfg=bf16, micro_batch_size=2, pad_id=tiny.pad_id)
+    src = build(GPTPolicyModel, seed=1, model_cfg=bf16, micro_batch_size=2, eos_id=tiny.eos_id,
+                pad_id=tiny.pad_id)
     path = save_model_weights(src.gpt, tmp_path / "bf16")
-    model = build(GPTSFTModel, seed=2, model_cfg=bf16, optim_cfg=dict(lr=1e-6), micro_batch_size=2,
-                  pad_id=tiny.pad_id)
+    model = build(GPTPolicyModel, seed=2, model_cfg=bf16, optim_cfg=dict(lr=1e-6), micro_batch_size=2,
+                  eos_id=tiny.eos_id, pad_id=tiny.pad_id)
     if via_module:
-        model.load_weights(path)  # loads and refreshes the optimizer's fp32 main copies
+        load_weights(model, path)  # loads and refreshes the optimizer's fp32 main copies
     else:
         load_model_weights(model.gpt, path)  # bare load: the optimizer still holds stale copies
     key = "embedding.word_embeddings.weight"
     loaded = src.gpt.state_dict()[key].float()
     assert torch.equal(model.gpt.state_dict()[key].float(), loaded)
     tokens = tiny.tokens(2, 8, seed=12)
-    batch = model._prepare({"tokens": tokens, "loss_mask": torch.ones(2, 8)})
-    assert model.train_global_batch(batch, 2, model._forward, model._loss)["skipped"] == 0.0
+    labels, label_mask = shift_labels(tokens, torch.ones(2, 8), tiny.pad_id)
+    batch = {"tokens": tokens, "labels": labels, "label_mask": label_mask}
+    assert model.train_on(sft_loss, batch, 2)["skipped"] == 0.0
     return (model.gpt.state_dict()[key].float() - loaded).abs().max().item()
 
 
 def test_bf16_loaded_weights_survive_a_step_via_module_load_weights(build, tiny, tmp_path):
     # bf16 params: the megatron optimizer steps fp32 main copies made when it was built;
-    # MegatronGPTModule.load_weights refreshes them (what every stage uses).
+    # checkpoint.weights.load_weights refreshes them (what every stage uses).
     assert _bf16_step_after_load(build, tiny, tmp_path, via_module=True) < 1e-3
 
 

@@ -1,6 +1,6 @@
 """Training checkpoints reshard across layouts and resume exactly (SFT role, tiny parity model).
 
-Each run is ``nemo_rlhf.checkpoint.reshard_check`` under torchrun (gloo, CPU, fp32, Adam): 2
+Each run is ``tools/reshard_check.py`` under torchrun (gloo, CPU, fp32, Adam): 2
 optimizer steps, a training checkpoint (torch_dist; distributed-optimizer state as
 ``fully_reshardable``), then 2 more steps. A load run restores the checkpoint in another layout
 and trains the same 2 steps. "Full" weights, Adam moments and logits are assembled in memory from
@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from torchrun_helper import torchrun
+from torchrun_helper import REPO, torchrun
 
 pytestmark = [pytest.mark.parallel, pytest.mark.checkpoint]
 
-SCRIPT = ["-m", "nemo_rlhf.checkpoint.reshard_check"]
+SCRIPT = [str(REPO / "tools" / "reshard_check.py")]
 CKPT = "step_00000002"
 # Cross-layout tolerances (fp32; differences come only from the order of reductions: TP
 # all-reduce of row-parallel partial sums, PP/DP gradient all-reduces, grad-norm sums).

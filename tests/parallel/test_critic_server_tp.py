@@ -22,7 +22,7 @@ TINY = dict(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size
 def _overrides(tmp: Path, port: int, tp: int) -> list[str]:
     return [f"reward_model_path={tmp / 'rm'}", f"tokenizer.path={tmp / 'tokenizer.json'}",
             f"server.port={port}", f"server.grpc_port={port + 1}", f"server.metrics_port={port + 2}",
-            "batch.global_batch_size=4", "batch.micro_batch_size=4",
+            "batch.global_batch_size=4", "batch.micro_batch_size=4", f"server.checkpoint_root={tmp}",
             f"model.tensor_model_parallel_size={tp}", *[f"model.{k}={v}" for k, v in TINY.items()]]
 
 

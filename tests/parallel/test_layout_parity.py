@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from torchrun_helper import torchrun
+from torchrun_helper import REPO, torchrun
 
 pytestmark = pytest.mark.parallel
 
@@ -38,14 +38,15 @@ LAYOUTS = {
     "tp2_pp2_sp": (4, ["--tp", "2", "--pp", "2", "--sp"], "ref_sgd"),
     "dp2_distributed_optimizer": (2, ["--optimizer", "adam", "--distributed-optimizer"], "ref_adam"),
 }
+PARITY = str(REPO / "tools" / "parity.py")
 REPORT: dict[str, dict[str, float]] = {}
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("parity")
-    torchrun(1, ["-m", "nemo_rlhf.parallel.parity", "--out", "ref_sgd", "--init", "init", "--save-init"], d)
-    torchrun(1, ["-m", "nemo_rlhf.parallel.parity", "--out", "ref_adam", "--init", "init",
+    torchrun(1, [PARITY, "--out", "ref_sgd", "--init", "init", "--save-init"], d)
+    torchrun(1, [PARITY, "--out", "ref_adam", "--init", "init",
                  "--optimizer", "adam"], d)
     yield d
     if REPORT:  # the largest differences, for the record (printed with -s, written next to the runs)
@@ -55,13 +56,14 @@ def workdir(tmp_path_factory) -> Path:
 
 def _weights_after(role: str, out: Path) -> dict[str, torch.Tensor]:
     """Load a layout's post-step checkpoint into a TP=PP=1 model in a fresh one-process world."""
-    from nemo_rlhf.parallel.parity import MODEL, build_role
+    from nemo_rlhf.checkpoint.weights import load_weights
+    from tools.parity import MODEL, build_role
     from nemo_rlhf.parallel.state import destroy_distributed, initialize_distributed
 
     initialize_distributed(1, 1, "cpu")
     try:
         model = build_role(role, MODEL, None)
-        model.load_weights(out / role / "after")
+        load_weights(model, out / role / "after")
         return {k: v.clone() for k, v in model.gpt.state_dict().items() if torch.is_tensor(v) and v.is_floating_point()}
     finally:
         destroy_distributed()
@@ -70,7 +72,7 @@ def _weights_after(role: str, out: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_layout_matches_single_process(layout, workdir):
     nproc, args, ref_name = LAYOUTS[layout]
-    torchrun(nproc, ["-m", "nemo_rlhf.parallel.parity", *args, "--out", layout, "--init", "init"], workdir)
+    torchrun(nproc, [PARITY, *args, "--out", layout, "--init", "init"], workdir)
     worst: dict[str, float] = {}
     for role in ROLES:
         ref = torch.load(workdir / ref_name / role / "result.pt", weights_only=False)

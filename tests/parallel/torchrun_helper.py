@@ -13,10 +13,12 @@ from nemo_rlhf.servers.process import find_free_ports
 from nemo_rlhf.utils.hydra import quiet_warnings
 
 quiet_warnings()
+REPO = Path(__file__).resolve().parents[2]
 
 
 def torchrun(nproc: int, module_args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python -m torch.distributed.run --nproc-per-node N ...` on loopback, one thread per rank."""
+    """`python -m torch.distributed.run --nproc-per-node N <script or -m module> ...` on loopback,
+    one thread per rank."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            f"--master-port={find_free_ports(1)[0]}", "--master-addr=127.0.0.1", *module_args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

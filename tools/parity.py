@@ -3,8 +3,8 @@
 Run it once in the reference layout (one process) with ``--save-init`` and then under
 ``torchrun`` in any other layout; compare the ``result.pt`` files and the ``after`` checkpoints::
 
-    python -m nemo_rlhf.parallel.parity --out ref --init init --save-init
-    python -m torch.distributed.run --nproc-per-node 4 -m nemo_rlhf.parallel.parity \\
+    python tools/parity.py --out ref --init init --save-init
+    python -m torch.distributed.run --nproc-per-node 4 tools/parity.py \\
         --tp 2 --pp 2 --sp --out tp2pp2 --init init
 
 For each role (``sft``, ``rm``, ``critic``, ``actor``) it loads the same initial weights (a
@@ -68,86 +68,99 @@ def _dp_slice(x: torch.Tensor) -> torch.Tensor:
 
 
 def build_role(role: str, model_cfg: dict[str, Any], optim_cfg: dict[str, Any] | None):
-    """A trainable model of ``role`` with the parity model and vocabulary."""
-    from nemo_rlhf.models.actor import GPTActorModel
+    """A trainable model of ``role`` with the parity model and vocabulary (``ppo``: a
+    :class:`~nemo_rlhf.algorithms.ppo.PPOTrainer` holding all four models)."""
     from nemo_rlhf.models.critic import GPTCriticModel
-    from nemo_rlhf.models.gpt_sft import GPTSFTModel
+    from nemo_rlhf.models.policy import GPTPolicyModel
     from nemo_rlhf.models.reward_model import GPTRewardModel
 
-    if role == "sft":
-        return GPTSFTModel(model_cfg, optim_cfg, VOCAB, MICRO_BATCH, pad_id=0)
+    if role in ("sft", "actor"):
+        return GPTPolicyModel(model_cfg, optim_cfg, VOCAB, MICRO_BATCH, eos_id=1, pad_id=0)
     if role == "rm":
         return GPTRewardModel(model_cfg, optim_cfg, VOCAB, MICRO_BATCH)
     if role == "critic":
-        return GPTCriticModel(model_cfg, optim_cfg, VOCAB, MICRO_BATCH, value_clip=0.2)
-    if role == "actor":
-        return GPTActorModel(model_cfg, optim_cfg, VOCAB, MICRO_BATCH, eos_id=1, pad_id=0)
+        return GPTCriticModel(model_cfg, optim_cfg, VOCAB, MICRO_BATCH)
     if role == "ppo":
         return build_ppo(model_cfg, optim_cfg)
     raise ValueError(f"unknown role {role!r}; roles: {ROLES}")
 
 
 def build_ppo(model_cfg: dict[str, Any], optim_cfg: dict[str, Any] | None):
-    """A PPO actor with its reference policy and an in-process critic + reward model, all in this
-    layout (weights are loaded by :func:`load_ppo`)."""
-    from nemo_rlhf.algorithms.ppo import PPOActorModule
-    from nemo_rlhf.models.actor import GPTActorModel
+    """A PPO trainer with its policy, reference policy and an in-process critic + reward model, all
+    in this layout (weights are loaded by :func:`load_ppo`)."""
+    from nemo_rlhf.algorithms.ppo import PPOTrainer
+    from nemo_rlhf.config import PPOActorStageConfig, parse_config
     from nemo_rlhf.models.critic import GPTCriticModel
-    from nemo_rlhf.servers.megatron_backend import MegatronCriticBackend
+    from nemo_rlhf.models.policy import GPTPolicyModel
     from nemo_rlhf.models.reward_model import GPTRewardModel
     from nemo_rlhf.servers.local import LocalCriticClient
+    from nemo_rlhf.servers.megatron_backend import MegatronCriticBackend
 
-    critic = GPTCriticModel(model_cfg, optim_cfg, VOCAB, MICRO_BATCH, value_clip=0.2)
+    critic = GPTCriticModel(model_cfg, optim_cfg, VOCAB, MICRO_BATCH)
     rm = GPTRewardModel(model_cfg, None, VOCAB, MICRO_BATCH)
-    backend = MegatronCriticBackend(critic, rm, int(MODEL["max_position_embeddings"]), lambda path: None)
-    reference = GPTActorModel(model_cfg, None, VOCAB, MICRO_BATCH, eos_id=1, pad_id=0)
-    ppo_cfg = dict(ppo_epochs=1, num_minibatches=2, entropy_coef=0.01, seed=5,
-                   kl_controller=dict(type="fixed", init_kl_coef=0.05), sampling=dict(max_new_tokens=6))
-    actor = PPOActorModule(model_cfg, optim_cfg, VOCAB, MICRO_BATCH, 1, 0, ppo_cfg,
-                           LocalCriticClient(backend), reference)
-    actor.parity_parts = (reference, critic, rm)
-    return actor
+    backend = MegatronCriticBackend(critic, rm, int(MODEL["max_position_embeddings"]), lambda path: None,
+                                    value_clip=0.2)
+    reference = GPTPolicyModel(model_cfg, None, VOCAB, MICRO_BATCH, eos_id=1, pad_id=0)
+    cfg = parse_config(PPOActorStageConfig, {
+        "run_dir": ".", "init_from": "init/actor",
+        "batch": {"global_batch_size": GLOBAL_BATCH, "micro_batch_size": MICRO_BATCH},
+        "ppo": {"ppo_epochs": 1, "num_minibatches": 2, "entropy_coef": 0.01, "seed": 5,
+                "kl_controller": {"type": "fixed", "init_kl_coef": 0.05}, "sampling": {"max_new_tokens": 6}}})
+    policy = GPTPolicyModel(model_cfg, optim_cfg, VOCAB, MICRO_BATCH, eos_id=1, pad_id=0)
+    trainer = PPOTrainer.from_models(cfg, policy, reference, LocalCriticClient(backend))
+    trainer.parity_parts = (reference, critic, rm)
+    trainer.gpt = trainer.policy.gpt  # what main() saves after the steps
+    return trainer
 
 
-def load_ppo(actor, init: Path) -> None:
-    """Actor and reference from the ``actor`` weights, critic and reward model from ``critic``/``rm``."""
-    reference, critic, rm = actor.parity_parts
-    actor.load_weights(init / "actor")
-    reference.load_weights(init / "actor")
-    critic.load_weights(init / "critic")
-    rm.load_weights(init / "rm")
+def load_ppo(trainer, init: Path) -> None:
+    """Policy and reference from the ``actor`` weights, critic and reward model from ``critic``/``rm``."""
+    from nemo_rlhf.checkpoint.weights import load_weights
+
+    reference, critic, rm = trainer.parity_parts
+    load_weights(trainer.policy, init / "actor")
+    load_weights(reference, init / "actor")
+    load_weights(critic, init / "critic")
+    load_weights(rm, init / "rm")
 
 
 def run_role(role: str, model, data: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Forward outputs on the full batch, then one optimizer step on this DP rank's share."""
+    from nemo_rlhf.algorithms.ppo import ppo_loss_fn
+    from nemo_rlhf.algorithms.reward_model import bradley_terry_step_loss, pair_microbatches
+    from nemo_rlhf.algorithms.sft import sft_loss
     from nemo_rlhf.generation.sampling import SamplingParams
     from nemo_rlhf.models.megatron_module import split_microbatches
     from nemo_rlhf.models.pipeline_utils import broadcast_from_last_stage
+    from nemo_rlhf.models.policy import shift_labels
     from nemo_rlhf.models.vocab_parallel import vocab_parallel_entropy
+    from nemo_rlhf.servers.megatron_backend import critic_loss_fn
 
     out: dict[str, Any] = {}
     tokens = data["tokens"]
     if role == "sft":
-        batch = model._prepare({"tokens": tokens, "loss_mask": data["loss_mask"]})
-        nll = model.forward_backward(split_microbatches(batch, MICRO_BATCH), model._forward,
-                                     lambda mb, o: (o.sum() * 0, {"nll": o.float()}), forward_only=True)
+        labels, label_mask = shift_labels(tokens, data["loss_mask"], 0)
+        batch = {"tokens": tokens, "labels": labels, "label_mask": label_mask}
+        nll = model.forward_backward(split_microbatches(batch, MICRO_BATCH), model.forward_step,
+                                     lambda mb, o: (o.sum() * 0, {"nll": -o.float()}), forward_only=True)
         out["outputs"] = broadcast_from_last_stage(torch.cat([o["nll"] for o in nll]) if nll else None,
                                                    tuple(tokens.shape), torch.float32)
-        shard = {k: _dp_slice(v) for k, v in batch.items()}
-        out["metrics"] = model.train_global_batch(shard, MICRO_BATCH, model._forward, model._loss)
+        out["metrics"] = model.train_on(sft_loss, {k: _dp_slice(v) for k, v in batch.items()}, MICRO_BATCH)
     elif role == "rm":
         both = torch.cat([tokens, data["rejected"]])
         out["outputs"] = model.score(both, torch.cat([data["lengths"], data["lengths"]]), MICRO_BATCH)
         pairs = {"tokens": torch.cat([_dp_slice(tokens), _dp_slice(data["rejected"])]),
                  "lengths": torch.cat([_dp_slice(data["lengths"])] * 2)}
-        out["metrics"] = model.train_batch(pairs)
+        out["metrics"] = model.train_on(bradley_terry_step_loss, pair_microbatches(pairs, MICRO_BATCH))
     elif role == "critic":
         out["outputs"] = model.values(tokens)
-        out["metrics"] = model.train_step(*(_dp_slice(data[k]) for k in ("tokens", "returns", "prev_values", "mask")))
+        batch = {k: _dp_slice(data[k]).float() if k != "tokens" else _dp_slice(data[k])
+                 for k in ("tokens", "returns", "prev_values", "mask")}
+        out["metrics"] = model.train_on(critic_loss_fn(0.2), batch)
     elif role == "actor":
         lp = model.logprobs(tokens)
         ent = model.forward_backward(
-            split_microbatches({"tokens": tokens}, MICRO_BATCH), model._forward,
+            split_microbatches({"tokens": tokens}, MICRO_BATCH), model.forward_step,
             lambda mb, o: (o.sum() * 0, {"entropy": vocab_parallel_entropy(o[:, :-1])}), forward_only=True)
         out["outputs"] = lp
         out["entropy"] = broadcast_from_last_stage(torch.cat([o["entropy"] for o in ent]) if ent else None,
@@ -159,17 +172,18 @@ def run_role(role: str, model, data: dict[str, torch.Tensor]) -> dict[str, Any]:
         old = lp + data["logprob_noise"]
         shard = {"tokens": _dp_slice(tokens), "old_logprobs": _dp_slice(old),
                  "advantages": _dp_slice(data["advantages"]), "mask": _dp_slice(data["mask"][:, :-1])}
-        out["metrics"] = model.ppo_step(shard, clip_eps=0.2, entropy_coef=0.01)
+        out["metrics"] = model.train_on(ppo_loss_fn(model, clip_eps=0.2, entropy_coef=0.01, clip_eps_high=None),
+                                        shard)
     elif role == "ppo":
         prompts = tokens[:, :6]
         plens = 3 + (data["lengths"] % 4)
         steps = []
-        for step in range(2):  # two full PPO steps: rollout, critic, GAE, actor + critic updates
-            model.training_step({"prompts": _dp_slice(prompts), "prompt_lengths": _dp_slice(plens)}, step)
-            steps.append(dict(model.last_metrics))
+        for _ in range(2):  # two full PPO steps: rollout, critic, GAE, actor + critic updates
+            steps.append(model.train_step({"prompts": _dp_slice(prompts), "prompt_lengths": _dp_slice(plens)}))
+            model.step += 1
         out["metrics"] = steps[-1]
         out["steps"] = steps
-        out["outputs"] = model.logprobs(tokens)  # the policy after two PPO steps
+        out["outputs"] = model.policy.logprobs(tokens)  # the policy after two PPO steps
     return out
 
 
@@ -191,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     from nemo_rlhf.utils.hydra import quiet_warnings
 
     quiet_warnings()
-    from nemo_rlhf.checkpoint.weights import save_model_weights
+    from nemo_rlhf.checkpoint.weights import load_weights, save_model_weights
     from nemo_rlhf.parallel.layout import validate_layout
     from nemo_rlhf.parallel.state import destroy_distributed, initialize_distributed, is_rank_zero, read_dist_env
     from nemo_rlhf.parallel.state import seed_everything
@@ -214,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 if args.save_init:
                     save_model_weights(model.gpt, init)
-                model.load_weights(init)
+                load_weights(model, init)
             result = run_role(role, model, data)
             save_model_weights(model.gpt, Path(args.out) / role / "after")
             if is_rank_zero():

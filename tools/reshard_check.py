@@ -1,6 +1,6 @@
 """Checkpoint resharding and exact-resume check for the SFT role (run under torchrun).
 
-``save`` mode: build the tiny parity model (:data:`nemo_rlhf.parallel.parity.MODEL`) in this
+``save`` mode: build the tiny parity model (:data:`tools.parity.MODEL`) in this
 TP x PP x DP layout with a fixed seed, train ``--save-at`` Adam steps on fixed per-step data, write
 a training checkpoint with :func:`~nemo_rlhf.checkpoint.training_state.save_training_checkpoint`,
 record what was saved (full logits on fixed probe tokens, full weights, full Adam moments), then
@@ -10,9 +10,9 @@ the same things, and train from the restored step to ``--steps``. ``ref`` mode: 
 steps without saving (the uninterrupted run). Every mode records the per-step losses and the full
 weights at the end; global rank 0 writes ``<out>/result.pt``::
 
-    python -m torch.distributed.run --nproc-per-node 2 -m nemo_rlhf.checkpoint.reshard_check \\
+    python -m torch.distributed.run --nproc-per-node 2 tools/reshard_check.py \\
         --mode save --tp 2 --ckpt ckpt_tp2 --out save_tp2
-    python -m torch.distributed.run --nproc-per-node 1 -m nemo_rlhf.checkpoint.reshard_check \\
+    python -m torch.distributed.run --nproc-per-node 1 tools/reshard_check.py \\
         --mode load --ckpt ckpt_tp2 --out load_tp1
 
 "Full" tensors are gathered in memory from megatron's sharding metadata (the ``ShardedTensor``
@@ -24,10 +24,14 @@ whatever the TP size).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+
+if __package__ in (None, ""):  # run as a script (torchrun tools/reshard_check.py): make `tools` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 OPTIM = dict(optimizer="adam", lr=1e-3, eps=1e-3, clip_grad=1.0, weight_decay=0.0)
 PROBE_SEED = 999  # fixed tokens whose logits are compared across layouts
@@ -36,7 +40,7 @@ _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 def step_batch(step: int) -> dict[str, torch.Tensor]:
     """The global batch of optimizer step ``step`` (0-based), identical in every layout."""
-    from nemo_rlhf.parallel.parity import fixed_data
+    from tools.parity import fixed_data
 
     d = fixed_data(seed=100 + step)
     return {"tokens": d["tokens"], "loss_mask": d["loss_mask"]}
@@ -88,7 +92,7 @@ def full_logits(module, tokens: torch.Tensor) -> torch.Tensor:
 
     from nemo_rlhf.models.megatron_module import position_ids_like, split_microbatches
     from nemo_rlhf.models.pipeline_utils import broadcast_from_last_stage
-    from nemo_rlhf.parallel.parity import MICRO_BATCH
+    from tools.parity import MICRO_BATCH
 
     module.model.eval()
 
@@ -108,13 +112,17 @@ def full_logits(module, tokens: torch.Tensor) -> torch.Tensor:
 def train(module, start: int, end: int) -> dict[int, float]:
     """Optimizer steps ``start .. end-1`` on :func:`step_batch` (this DP rank's share); the loss
     of each step (averaged over micro-batches and DP ranks)."""
-    from nemo_rlhf.parallel.parity import MICRO_BATCH, _dp_slice
+    from nemo_rlhf.algorithms.sft import sft_loss
+    from nemo_rlhf.models.policy import shift_labels
+    from tools.parity import MICRO_BATCH, _dp_slice
 
     losses = {}
     for step in range(start, end):
-        batch = module._prepare(step_batch(step))
+        b = step_batch(step)
+        labels, label_mask = shift_labels(b["tokens"], b["loss_mask"], 0)
+        batch = {"tokens": b["tokens"], "labels": labels, "label_mask": label_mask}
         shard = {k: _dp_slice(v) for k, v in batch.items()}
-        metrics = module.train_global_batch(shard, MICRO_BATCH, module._forward, module._loss)
+        metrics = module.train_on(sft_loss, shard, MICRO_BATCH)
         assert metrics["skipped"] == 0.0, metrics
         losses[step] = metrics["loss"]
         module.completed_steps += 1
@@ -122,7 +130,7 @@ def train(module, start: int, end: int) -> dict[int, float]:
 
 
 def snapshot(module) -> dict[str, Any]:
-    from nemo_rlhf.parallel.parity import fixed_data
+    from tools.parity import fixed_data
 
     return {"logits": full_logits(module, fixed_data(seed=PROBE_SEED)["tokens"]),
             "weights": full_weights(module), "moments": full_adam_moments(module),
@@ -148,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     quiet_warnings()
     from nemo_rlhf.checkpoint.training_state import load_training_checkpoint, save_training_checkpoint
     from nemo_rlhf.parallel.layout import validate_layout
-    from nemo_rlhf.parallel.parity import GLOBAL_BATCH, MICRO_BATCH, MODEL, build_role
+    from tools.parity import GLOBAL_BATCH, MICRO_BATCH, MODEL, build_role
     from nemo_rlhf.parallel.state import destroy_distributed, initialize_distributed, is_rank_zero, read_dist_env
 
     model_cfg = dict(MODEL, tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,

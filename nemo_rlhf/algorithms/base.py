@@ -1,0 +1,267 @@
+"""What every trainer shares: the step loop with checkpoints, preemption, evaluation cadence and
+logging, plus the data plumbing of a stage (HH data, DP-sharded loaders, result files).
+
+A trainer (one file per algorithm) subclasses :class:`Trainer` and implements ``train_step``
+(one optimizer/PPO step on a batch), ``evaluate`` (held-out metrics) and, when it has state of
+its own, ``state_dict`` / ``load_state_dict``. :meth:`Trainer.fit` is a plain loop, as in
+NeMo-Aligner's trainers: Lightning's fit loop does not fit hand-stepped megatron optimizers and
+RL steps, so it is not used; Lightning's loggers are (:mod:`nemo_rlhf.utils.loggers`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from nemo_rlhf.checkpoint.training_state import (
+    Preemption,
+    latest_checkpoint,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
+from nemo_rlhf.data import default_data_dir, load_hh_pairs, split_heldout
+from nemo_rlhf.data.samplers import StepBatchSampler
+from nemo_rlhf.parallel.state import is_rank_zero
+from nemo_rlhf.utils.loggers import MetricLogger
+from nemo_rlhf.utils.progress import StageProgress
+
+LOG = logging.getLogger("nemo_rlhf")
+
+
+# ---------------------------------------------------------------------------- stage data
+def data_files(data_cfg) -> list[Path]:
+    """Absolute paths of ``data.files`` under ``data.data_dir`` (default: ``../shared/data``)."""
+    root = Path(data_cfg.data_dir) if data_cfg.data_dir else default_data_dir()
+    return [Path(f) if os.path.isabs(f) else root / f for f in data_cfg.files]
+
+
+def load_split_pairs(data_cfg):
+    """Load HH pairs and split them into (train, held-out) by prompt hash.
+
+    Returns:
+        ``(train_pairs, heldout_pairs, LoadStats)``.
+    """
+    pairs, stats = load_hh_pairs(data_files(data_cfg), on_error=data_cfg.on_error, max_rows=data_cfg.max_rows)
+    LOG.info("HH data: %s", stats.summary())
+    train, heldout = split_heldout(pairs, float(data_cfg.heldout_fraction), seed=int(data_cfg.split_seed))
+    return train, heldout, stats
+
+
+def step_loader(dataset, global_batch_size: int, seed: int, start_step: int, max_steps: int, collate):
+    """DataLoader of this DP rank's share of global steps ``start_step .. max_steps - 1``; the batch
+    of step k depends only on (seed, k), so a resumed run sees what an uninterrupted one would."""
+    from megatron.core import parallel_state
+
+    sampler = StepBatchSampler(len(dataset), int(global_batch_size), parallel_state.get_data_parallel_rank(),
+                               parallel_state.get_data_parallel_world_size(), int(seed), int(start_step),
+                               int(max_steps))
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+
+
+def heldout_loader(dataset, batch_size: int, collate, seed: int):
+    """DataLoader over this DP rank's shard of a held-out set, in order, full batches of
+    ``batch_size`` (per DP rank) only; every TP/PP rank of a replica sees the same data."""
+    from megatron.core import parallel_state
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = DistributedSampler(dataset, num_replicas=parallel_state.get_data_parallel_world_size(),
+                                 rank=parallel_state.get_data_parallel_rank(), shuffle=False, seed=seed,
+                                 drop_last=True)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=True,
+                      num_workers=0)
+
+
+def dp_mean(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Average scalar metrics over the data-parallel group (identical dict on every rank)."""
+    from megatron.core import parallel_state
+
+    from nemo_rlhf.parallel.state import comm_device
+
+    keys = sorted(metrics)
+    vec = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=comm_device())
+    if torch.distributed.is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
+        torch.distributed.all_reduce(vec, group=parallel_state.get_data_parallel_group())
+        vec /= parallel_state.get_data_parallel_world_size()
+    return dict(zip(keys, vec.cpu().tolist()))
+
+
+def write_result(run_dir: str | os.PathLike, name: str, result: Mapping[str, Any]) -> None:
+    """Write ``<run_dir>/<name>`` (JSON) atomically on rank 0."""
+    if not is_rank_zero():
+        return
+    path = Path(run_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------- the loop
+class Trainer:
+    """Base of every trainer: owns the step counter, the loop, checkpoints and logging.
+
+    Subclasses set ``self.model`` (the module whose weights/optimizer are checkpointed) and
+    ``self.train_loader`` before :meth:`fit`, and implement :meth:`train_step` and
+    :meth:`evaluate`.
+
+    Args:
+        cfg: the stage config (sections ``trainer``, ``checkpoint``, ``logger``; ``run_dir``).
+        name: the stage name: metric records' ``stage``, ``checkpoints/<name>``,
+            ``<name>_result.json``, metric prefix ``train/`` (``ppo/`` for PPO).
+        metric_prefix: prefix of the per-step metrics.
+        progress_metrics: the step metrics shown in the progress bar.
+    """
+
+    def __init__(self, cfg, name: str, metric_prefix: str = "train",
+                 progress_metrics: tuple[str, ...] = ("loss",)):
+        self.cfg = cfg
+        self.name = name
+        self.metric_prefix = metric_prefix
+        self.progress_metrics = progress_metrics
+        self.run_dir = Path(cfg.run_dir)
+        self.max_steps = int(cfg.trainer.max_steps)
+        self.step = 0  # training steps done (optimizer steps for SFT/RM, PPO steps for PPO)
+        ck = cfg.checkpoint
+        self.checkpoint_root = Path(ck.dir or self.run_dir / "checkpoints" / name).resolve()
+        self.model = None  # set by the subclass: the module that is checkpointed
+        self.train_loader: Iterable | None = None
+        self.preempted_by: str | None = None
+        self.logger: MetricLogger | None = None
+
+    # -------------------------------------------------------------- to implement
+    def train_step(self, batch) -> dict[str, float]:
+        """One training step on ``batch``; returns scalar metrics (identical on every rank)."""
+        raise NotImplementedError
+
+    def evaluate(self, limit: int | None = None) -> dict[str, float]:
+        """Held-out metrics (collective: every rank calls it); ``limit`` caps the batches."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable trainer state saved with each checkpoint (``state.json``)."""
+        return {"consumed_samples": self.step * int(self.cfg.batch.global_batch_size),
+                "nonfinite_skipped": self.model.nonfinite_skipped}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved (the step comes from the checkpoint itself)."""
+        self.model.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
+
+    def before_checkpoint_complete(self, tmp: Path) -> None:
+        """Called on every rank with a checkpoint's temporary directory before its ``COMPLETE``
+        marker (PPO saves the critic there). Default: nothing."""
+
+    # -------------------------------------------------------------- checkpoints
+    def resume(self) -> dict[str, Any] | None:
+        """Load the newest complete checkpoint of ``checkpoint.dir`` when ``checkpoint.resume``
+        is set; returns its trainer state, or None when starting fresh.
+
+        Raises:
+            CheckpointError: the checkpoint is unreadable (the message names it).
+        """
+        path = latest_checkpoint(self.checkpoint_root) if self.cfg.checkpoint.resume else None
+        if path is None:
+            return None
+        state = load_training_checkpoint(path, self.model)
+        self.step = int(state["step"])
+        self.load_state_dict(state)
+        LOG.info("%s: resumed from %s at step %d", self.name, path, self.step)
+        return state
+
+    def save_checkpoint(self, reason: str = "") -> Path:
+        """Write ``checkpoint.dir/step_<k>`` (collective) and prune to ``checkpoint.keep_last``."""
+        self.model.completed_steps = self.step
+        path = save_training_checkpoint(self.checkpoint_root, self.model, self.state_dict(),
+                                        keep_last=int(self.cfg.checkpoint.keep_last),
+                                        before_complete=self.before_checkpoint_complete)
+        LOG.info("%s: saved checkpoint %s%s", self.name, path, reason)
+        return path
+
+    # -------------------------------------------------------------- logging
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Send ``metrics`` to every configured logger (rank 0 only) at ``step``."""
+        if self.logger is not None:
+            self.logger.log(metrics, step, force=True)  # the cadence is trainer.log_every_n_steps
+
+    def run_evaluation(self, limit: int | None = None) -> dict[str, float]:
+        """:meth:`evaluate`, logged as ``val/<name>`` at the current step."""
+        metrics = self.evaluate(limit)
+        LOG.info("%s step %d: held-out %s", self.name, self.step,
+                 {k: round(float(v), 4) for k, v in metrics.items()})
+        self.log_metrics({f"val/{k}": v for k, v in metrics.items()}, self.step)
+        return metrics
+
+    # -------------------------------------------------------------- the loop
+    def fit(self) -> dict[str, Any] | None:
+        """Train from ``self.step`` to ``trainer.max_steps``.
+
+        After each step: log (every ``trainer.log_every_n_steps`` and at the last step), evaluate
+        every ``trainer.val_check_interval`` steps (global step count, so a resumed run evaluates
+        at the same steps; not at the last step, which the caller evaluates in full), checkpoint
+        every ``checkpoint.every_n_steps`` and at the last step (never right after a step skipped
+        for non-finite values), and on SIGTERM/SIGUSR1 checkpoint and stop.
+
+        Returns:
+            None when training reached ``trainer.max_steps``; after a preemption
+            ``{"preempted": True, "signal", "steps", "resume_from"}`` (also written to
+            ``<run_dir>/<name>_result.json``).
+        """
+        t = self.cfg.trainer
+        every_val = int(t.val_check_interval or 0)
+        every_log = max(int(t.log_every_n_steps), 1)
+        every_ckpt = int(self.cfg.checkpoint.every_n_steps or 0)
+        if self.step >= self.max_steps:
+            return None
+        preemption = Preemption().install()
+        try:
+            with StageProgress(self.name, self.max_steps, self.step, self.progress_metrics,
+                               enabled=is_rank_zero()) as progress:
+                for batch in self.train_loader:
+                    if self.step >= self.max_steps:
+                        break
+                    metrics = self.train_step(batch)
+                    index = self.step
+                    self.step += 1
+                    last = self.step >= self.max_steps
+                    if (index + 1) % every_log == 0 or last:
+                        self.log_metrics({f"{self.metric_prefix}/{k}": v for k, v in metrics.items()}, index)
+                    progress.update(self.step, metrics)
+                    if every_val and self.step % every_val == 0 and not last:
+                        self.run_evaluation(int(t.limit_val_batches) if t.limit_val_batches else None)
+                    preempted = preemption.agreed()
+                    # No checkpoint in the middle of a non-finite streak (that step was skipped):
+                    # the newest checkpoint stays the last one that followed a real update.
+                    suspect = self.model.nonfinite_in_a_row > 0
+                    periodic = every_ckpt > 0 and self.step % every_ckpt == 0
+                    if preempted or ((periodic or last) and not suspect):
+                        self.save_checkpoint(f" (preempted by {preemption.requested})" if preempted else "")
+                    if preempted:
+                        self.preempted_by = preemption.requested or "signal on another rank"
+                        break
+        finally:
+            preemption.uninstall()
+        if self.preempted_by is None:
+            return None
+        result = {"preempted": True, "signal": self.preempted_by, "steps": self.step,
+                  "resume_from": str(latest_checkpoint(self.checkpoint_root))}
+        write_result(self.run_dir, f"{self.name}_result.json", result)
+        LOG.warning("%s: stopped by %s at step %d; resume by running the same command",
+                    self.name, self.preempted_by, self.step)
+        return result
+
+    def run(self) -> dict[str, Any]:
+        """The whole stage (set-up, resume, evaluation, :meth:`fit`, saving); see subclasses."""
+        raise NotImplementedError
+
+    def run_logged(self) -> dict[str, Any]:
+        """:meth:`run` with the configured loggers (``logger`` section) open, closed afterwards."""
+        self.logger = MetricLogger.from_config(self.cfg.logger, self.run_dir, self.name, is_rank_zero=is_rank_zero)
+        try:
+            return self.run()
+        finally:
+            self.logger.finalize()
+            self.logger = None
