@@ -34,7 +34,8 @@ INSTALL_REQUIRES = [
 # server/UI (Lightning's MLFlowLogger works with it; `mlflow ui` needs the full `mlflow` package).
 LOGGERS = ["tensorboard==2.21.0", "wandb==0.31.0", "mlflow-skinny==3.17.2"]
 EXTRAS = {
-    "test": ["pytest==9.2.0", "transformers==5.23.0", *LOGGERS],
+    # import-linter: the layer contract in .importlinter, checked by scripts/test.sh (CI)
+    "test": ["pytest==9.2.0", "transformers==5.23.0", "import-linter==2.17", *LOGGERS],
     "loggers": LOGGERS,
     "hf": ["transformers==5.23.0"],
     "bnb": ["bitsandbytes"],  # 8-bit Adam on GPU

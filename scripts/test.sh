@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run the test suite in the project venv: bash scripts/test.sh [pytest args...]
+# Check the import-layer contract, then run the test suite in the project venv:
+#   bash scripts/test.sh [pytest args...]
 #   e.g. bash scripts/test.sh tests/rl -m "not slow"
 # Sets up the venv first (scripts/setup_env.sh; seconds when nothing changed). Exits with pytest's
 # status; "no tests collected" (pytest exit code 5) counts as a failure.
@@ -13,6 +14,8 @@ case "$VENV" in /*) ;; *) VENV="$REPO_ROOT/$VENV" ;; esac
 bash scripts/setup_env.sh
 
 export PYTHONUNBUFFERED=1
+# The layer contract (.importlinter): a package imports only the packages below it.
+"$VENV/bin/lint-imports" --no-cache || { echo "[test.sh] lint-imports: a layer contract is broken (see above)" >&2; exit 1; }
 rc=0
 "$VENV/bin/python" -m pytest -q "$@" || rc=$?
 if [ "$rc" -eq 5 ]; then
