@@ -10,67 +10,21 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from stage_runs import DATA, MODEL, critic_server_cmd, launch, start_servers, stop_servers
 
 pytestmark = [pytest.mark.faults, pytest.mark.server]
 
-REPO = Path(__file__).resolve().parents[2]
-MODEL = ["model.num_layers=1", "model.hidden_size=32", "model.ffn_hidden_size=64", "model.max_position_embeddings=128"]
-DATA = ["data.max_rows=400", "data.max_seq_len=128", "data.max_prompt_len=96"]
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-
-
-def launch(script: str, *args: str, wait: bool = True):
-    cmd = [sys.executable, str(REPO / "launchers" / script), *args]
-    if not wait:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """Randomly initialised SFT policy and reward model of the launchers' tiny config, and a BPE
-    tokenizer trained on HH text (built in-process: faster than running the two stages; what the
-    tests exercise is the PPO actor, the critic server and preemption, not model quality)."""
-    from omegaconf import OmegaConf
-
-    from nemo_rlhf.checkpoint.weights import save_model_weights
-    from nemo_rlhf.data import default_data_dir, load_hh_pairs, train_bpe_tokenizer
-    from nemo_rlhf.models.gpt_sft import GPTSFTModel
-    from nemo_rlhf.models.reward_model import GPTRewardModel
-    from nemo_rlhf.parallel.state import destroy_distributed, initialize_distributed
-
-    d = tmp_path_factory.mktemp("faults_models")
-    pairs, _ = load_hh_pairs([default_data_dir() / "hh-rlhf" / "helpful-base_test.jsonl.gz"], max_rows=400)
-    (d / "sft").mkdir()
-    tok = train_bpe_tokenizer([p.prompt + p.chosen for p in pairs] + [p.rejected for p in pairs], 512,
-                              save_path=d / "sft" / "tokenizer.json")
-    cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "tiny.yaml"))
-    cfg.update({k.split(".", 1)[1].split("=")[0]: int(k.split("=")[1]) for k in MODEL})
-    initialize_distributed(1, 1, "cpu", seed=5)
-    try:
-        save_model_weights(GPTSFTModel(cfg, None, tok.vocab_size, 4, tok.pad_id).gpt, d / "sft" / "sft_weights")
-        save_model_weights(GPTRewardModel(cfg, None, tok.vocab_size, 4).gpt, d / "rm" / "rm_weights")
-    finally:
-        destroy_distributed()
-    return d
-
-
-def start_server(trained: Path, log: Path):
-    from nemo_rlhf.servers.process import find_free_ports, start_server_process
-
-    port = find_free_ports(3)[0]
-    cmd = [sys.executable, str(REPO / "launchers" / "serve_critic.py"), f"reward_model_path={trained / 'rm' / 'rm_weights'}",
-           f"tokenizer.path={trained / 'sft' / 'tokenizer.json'}", f"server.port={port}", f"server.grpc_port={port + 1}",
-           f"server.metrics_port={port + 2}", "batch.global_batch_size=8", "batch.micro_batch_size=4", *MODEL]
-    return start_server_process(cmd, "127.0.0.1", port, ready_timeout_s=240, log_path=log), port
+def trained(sft_run, rm_run) -> dict[str, Path]:
+    """The session's SFT policy, tokenizer and reward model (tests/conftest.py: trained once per
+    test run, at the launchers' smallest size, which MODEL and DATA here repeat)."""
+    return {"sft_weights": sft_run / "sft_weights", "tokenizer": sft_run / "tokenizer.json",
+            "rm_weights": rm_run / "rm_weights"}
 
 
 def ppo_steps(run: Path) -> list[int]:
@@ -82,16 +36,23 @@ def ppo_steps(run: Path) -> list[int]:
 
 
 def test_critic_server_killed_mid_run(trained, tmp_path):
-    server, port = start_server(trained, tmp_path / "server1.log")
+    from nemo_rlhf.servers.process import find_free_ports
+
+    # The server starts while the actor starts (the actor waits for it: critic.init_timeout_s).
+    ports = find_free_ports(3)
+    port = ports[0]
+    starting = start_servers([(critic_server_cmd(trained["rm_weights"], trained["tokenizer"], ports), port,
+                               tmp_path / "server1.log")])
     run = tmp_path / "ppo"
-    args = [f"run_dir={run}", f"init_from={trained / 'sft' / 'sft_weights'}",
-            f"tokenizer.path={trained / 'sft' / 'tokenizer.json'}", *MODEL, *DATA,
+    args = [f"run_dir={run}", f"init_from={trained['sft_weights']}",
+            f"tokenizer.path={trained['tokenizer']}", *MODEL, *DATA, "critic.init_timeout_s=300",
             "batch.global_batch_size=8", "batch.micro_batch_size=4", "ppo.sampling.max_new_tokens=8",
             "data.max_heldout_prompts=8", "trainer.val_check_interval=null", "checkpoint.every_n_steps=1",
             "checkpoint.keep_last=2", "critic.infer_timeout_s=10", "critic.train_timeout_s=10",
             "++critic.retry_limit_s=4", "++critic.retry_backoff_s=0.5"]
+    proc = launch("train_ppo_actor.py", *args, f"critic.port={port}", "trainer.max_steps=1000", wait=False)
     try:
-        proc = launch("train_ppo_actor.py", *args, f"critic.port={port}", "trainer.max_steps=1000", wait=False)
+        server = starting[0].result(timeout=600)
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None and len(ppo_steps(run)) < 2:
             time.sleep(0.2)
@@ -101,7 +62,10 @@ def test_critic_server_killed_mid_run(trained, tmp_path):
         out, _ = proc.communicate(timeout=240)
         detected_s = time.time() - killed
     finally:
-        server.stop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        stop_servers(starting)
     print(f"critic server killed: actor exited {proc.returncode} after {detected_s:.1f} s")  # -s shows it
     print("\n".join(line for line in out.splitlines() if "critic server 127.0.0.1" in line or "emergency" in line)[-2000:])
     assert proc.returncode != 0, out[-3000:]
@@ -130,8 +94,8 @@ def test_reward_model_stage_preempted_checkpoints_and_exits_cleanly(trained, tmp
     """SLURM's --signal=B:USR1@300 / preemption SIGTERM: checkpoint at the next step boundary, exit 0
     within a bounded time; the same command then resumes from that checkpoint."""
     run = tmp_path / "rm"
-    args = [f"run_dir={run}", f"init_from={trained / 'sft' / 'sft_weights'}",
-            f"tokenizer.path={trained / 'sft' / 'tokenizer.json'}", *MODEL, *DATA, "trainer.val_check_interval=null",
+    args = [f"run_dir={run}", f"init_from={trained['sft_weights']}",
+            f"tokenizer.path={trained['tokenizer']}", *MODEL, *DATA, "trainer.val_check_interval=null",
             "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=0"]
     proc = launch("train_reward_model.py", *args, "trainer.max_steps=100000", wait=False)
     deadline = time.time() + 300
