@@ -55,6 +55,23 @@ def rm_init(sft_run: Path) -> list[str]:
     return [f"init_from={sft_run / 'sft_weights'}", f"tokenizer.path={sft_run / 'tokenizer.json'}"]
 
 
+def start_stage(launcher: str, run_dir: Path, *overrides: str, log: Path):
+    """:func:`run_stage` in the background, its output going to ``log`` (a file: an unread pipe
+    would block it). Finish it with :func:`finish`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, str(REPO / "launchers" / launcher), f"run_dir={run_dir}", *SMALL,
+                                 *overrides], stdout=out, stderr=subprocess.STDOUT, text=True, env=ENV)
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float = 600) -> str:
+    """Wait for a :func:`start_stage` process, assert exit status 0, return its output."""
+    proc.wait(timeout=timeout)
+    out = log.read_text()
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
 def losses(run_dir: Path, stage: str) -> dict[int, float]:
     """``{step: train/loss}`` of ``stage`` in ``<run_dir>/metrics.jsonl``."""
     path = run_dir / "metrics.jsonl"

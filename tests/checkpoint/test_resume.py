@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from stage_runs import MODEL_CFG, critic_server_cmd, losses, rm_init, run_stage, start_servers, stop_servers
+from stage_runs import (MODEL_CFG, critic_server_cmd, finish, losses, rm_init, run_stage, start_servers, start_stage,
+                        stop_servers)
 
 pytestmark = pytest.mark.checkpoint
 
@@ -57,7 +58,7 @@ def wait_for(proc, done, timeout_s: float = 300, poll_s: float = 0.2) -> None:
 
 
 @pytest.fixture(scope="module")
-def sft_stopped_twice(sft_run, tmp_path_factory):
+def sft_stopped_twice(request, tmp_path_factory):
     """ONE SFT run directory stopped twice, each time resumed by the same command, for the two SFT
     resume tests below (three launcher processes instead of four):
 
@@ -68,12 +69,17 @@ def sft_stopped_twice(sft_run, tmp_path_factory):
     3. ``trainer.max_steps=8`` resumes from step k and finishes.
 
     Compared with the uninterrupted 8-step session run (or, when k >= 8 on a very slow machine, a
-    new uninterrupted run of k + 3 steps). Returns the facts the tests assert on.
+    new uninterrupted run of k + 3 steps), which runs alongside step 1 when not done yet.
+    Returns the facts the tests assert on.
     """
     tmp = tmp_path_factory.mktemp("sft_stopped_twice")
     run = tmp / "part"
     facts = {"run": run}
-    run_stage("train_sft.py", run, "trainer.max_steps=3")
+    first = start_stage("train_sft.py", run, "trainer.max_steps=3", log=tmp / "part_1.log")
+    try:
+        sft_run = request.getfixturevalue("sft_run")
+    finally:
+        finish(first, tmp / "part_1.log")
     facts["stopped_ckpt_complete"] = (run / "checkpoints" / "sft" / "step_00000003" / "COMPLETE").exists()
     facts["losses_at_stop"] = losses(run, "sft")
     proc = run_stage("train_sft.py", run, "trainer.max_steps=100000", wait=False)
@@ -113,9 +119,15 @@ def test_sft_resume_is_bitwise_exact(sft_stopped_twice):
     assert_same_as_uninterrupted(facts)
 
 
-def test_rm_resume_is_bitwise_exact(sft_run, rm_run, tmp_path):
+def test_rm_resume_is_bitwise_exact(sft_run, request, tmp_path):
     part = tmp_path / "part"
-    run_stage("train_reward_model.py", part, *rm_init(sft_run), "trainer.max_steps=2")
+    # The stopped run's first leg runs alongside the session's uninterrupted one (when not done yet).
+    first = start_stage("train_reward_model.py", part, *rm_init(sft_run), "trainer.max_steps=2",
+                        log=tmp_path / "part_1.log")
+    try:
+        rm_run = request.getfixturevalue("rm_run")
+    finally:
+        finish(first, tmp_path / "part_1.log")
     run_stage("train_reward_model.py", part, *rm_init(sft_run), "trainer.max_steps=4")
     assert losses(rm_run, "rm") == losses(part, "rm") and len(losses(rm_run, "rm")) == 4
     assert_bitwise(weights(rm_run / "rm_weights", "rm"), weights(part / "rm_weights", "rm"))
