@@ -245,7 +245,7 @@ class ModelConfig(_Section):
     vocab_size: Optional[int] = None  # None: from the tokenizer
     make_vocab_size_divisible_by: int = 128
     position_embedding_type: str = "rope"  # rope | learned_absolute
-    rotary_base: int = 10000
+    rotary_base: float = 10000.0  # RoPE θ (HF rope_theta)
     rotary_percent: float = 1.0
     normalization: str = "LayerNorm"  # LayerNorm | RMSNorm
     layernorm_epsilon: float = 1e-5

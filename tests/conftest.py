@@ -1,14 +1,25 @@
-"""Session-wide fixtures: the tiny SFT policy and reward model, trained ONCE per test run through
-the launchers (tests/stage_runs.py: SMALL size) and shared by tests/checkpoint, tests/faults and
-tests/integration. Tests must not write into these run directories (copy what they modify)."""
+"""Fixtures shared by the whole suite.
+
+* ``megatron_world`` / ``megatron_cpu`` / ``build`` / ``tiny``: a one-process megatron world and
+  tiny models built in it (tests/models, tests/checkpoint, tests/generation, tests/algorithms, ...).
+* ``sft_run`` / ``rm_run``: the tiny SFT policy and reward model, trained ONCE per test run through
+  the launchers (tests/stage_runs.py: SMALL size) and shared by tests/checkpoint, tests/faults and
+  tests/integration. Tests must not write into these run directories (copy what they modify).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
 
 import pytest
+import torch
 
 import stage_runs
+from nemo_rlhf.utils.hydra import quiet_warnings
+
+quiet_warnings()
 
 SFT_STEPS = 8  # tests/checkpoint resumes runs of this length and compares them with this one
 RM_STEPS = 4
@@ -33,3 +44,82 @@ def rm_run(sft_run, tmp_path_factory) -> Path:
     stage_runs.run_stage("train_reward_model.py", d, *stage_runs.rm_init(sft_run), f"trainer.max_steps={RM_STEPS}")
     return d
 
+
+# ---------------------------------------------------------------------- in-process megatron
+SEED = 1234
+# Tiny GPT: 2 layers, H = 32, 4 heads, FFN 64, up to 64 positions (RoPE, LayerNorm, tied embeddings).
+TINY_MODEL: dict[str, Any] = dict(num_layers=2, hidden_size=32, num_attention_heads=4,
+                                  ffn_hidden_size=64, max_position_embeddings=64)
+VOCAB = 100  # tokenizer vocabulary; the model pads it to PADDED_VOCAB
+PADDED_VOCAB = 128
+PAD_ID = 0
+EOS_ID = 1
+OPTIM: dict[str, Any] = dict(lr=1e-3, clip_grad=1.0)
+
+
+@pytest.fixture(scope="module")
+def megatron_world():
+    """A single-process gloo world with megatron's groups at TP = PP = 1, per test module (the one
+    fixture every in-process megatron test uses; megatron's parallel state is process-global, so
+    multi-rank layouts run in separate processes: tests/multiprocess).
+
+    Torn down after each module (unless one existed already) so that tests elsewhere see no process
+    group (several check the "not initialized" errors); a re-initialisation costs well under a second.
+    """
+    if torch.cuda.is_available():
+        pytest.skip("in-process megatron tests run on CPU through cpu_compat, which refuses CUDA machines")
+    quiet_warnings()
+    from nemo_rlhf.parallel.state import destroy_distributed, initialize_distributed
+
+    created = not torch.distributed.is_initialized()
+    initialize_distributed(1, 1, "cpu", seed=SEED)
+    # These models are tiny: intra-op threads only contend (100x slower on a busy 2-core machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    if created:
+        destroy_distributed()
+
+
+@pytest.fixture
+def megatron_cpu(megatron_world) -> None:
+    """The megatron CPU world, with every RNG re-seeded to :data:`SEED` for this test."""
+    from nemo_rlhf.parallel.state import seed_everything
+
+    seed_everything(SEED)
+
+
+@pytest.fixture
+def build(megatron_cpu) -> Callable[..., Any]:
+    """``build(cls, seed=SEED, **kwargs)``: a model of the tiny config, initialised from ``seed``.
+
+    ``kwargs`` are the role's constructor arguments after ``model_cfg`` (``optim_cfg`` defaults to
+    None, i.e. a frozen model; ``vocab_size`` to :data:`VOCAB`); ``model_cfg`` overrides merge into
+    :data:`TINY_MODEL`.
+    """
+    from nemo_rlhf.parallel.state import seed_everything
+
+    def make(cls, seed: int = SEED, model_cfg: dict[str, Any] | None = None, **kwargs: Any):
+        kwargs.setdefault("optim_cfg", None)
+        kwargs.setdefault("vocab_size", VOCAB)
+        seed_everything(seed)
+        return cls({**TINY_MODEL, **(model_cfg or {})}, **kwargs)
+
+    return make
+
+
+def random_tokens(batch: int, seq: int, seed: int = 0, low: int = 2) -> torch.Tensor:
+    """``[batch, seq]`` int64 ids in ``[low, VOCAB)`` from a private generator (no pad/EOS ids)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(low, VOCAB, (batch, seq), generator=g)
+
+
+@pytest.fixture
+def tiny() -> SimpleNamespace:
+    """The constants above and :func:`random_tokens`, for test modules (which cannot import a
+    conftest): ``model``, ``vocab``, ``padded_vocab``, ``pad_id``, ``eos_id``, ``optim``, ``seed``,
+    ``tokens``."""
+    return SimpleNamespace(model=dict(TINY_MODEL), vocab=VOCAB, padded_vocab=PADDED_VOCAB,
+                           pad_id=PAD_ID, eos_id=EOS_ID, optim=dict(OPTIM), seed=SEED,
+                           tokens=random_tokens)

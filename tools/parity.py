@@ -102,7 +102,7 @@ def build_ppo(model_cfg: dict[str, Any], optim_cfg: dict[str, Any] | None):
                                     value_clip=0.2)
     reference = GPTPolicyModel(model_cfg, None, VOCAB, MICRO_BATCH, eos_id=1, pad_id=0)
     cfg = parse_config(PPOActorStageConfig, {
-        "run_dir": ".", "init_from": "init/actor",
+        "run_dir": ".", "init_from": "init/actor", "tokenizer": {"path": "unused"},
         "batch": {"global_batch_size": GLOBAL_BATCH, "micro_batch_size": MICRO_BATCH},
         "ppo": {"ppo_epochs": 1, "num_minibatches": 2, "entropy_coef": 0.01, "seed": 5,
                 "kl_controller": {"type": "fixed", "init_kl_coef": 0.05}, "sampling": {"max_new_tokens": 6}}})
@@ -142,7 +142,7 @@ def run_role(role: str, model, data: dict[str, torch.Tensor]) -> dict[str, Any]:
         labels, label_mask = shift_labels(tokens, data["loss_mask"], 0)
         batch = {"tokens": tokens, "labels": labels, "label_mask": label_mask}
         nll = model.forward_backward(split_microbatches(batch, MICRO_BATCH), model.forward_step,
-                                     lambda mb, o: (o.sum() * 0, {"nll": -o.float()}), forward_only=True)
+                                     lambda mb, o: (o.sum() * 0, {"nll": o.float()}), forward_only=True)
         out["outputs"] = broadcast_from_last_stage(torch.cat([o["nll"] for o in nll]) if nll else None,
                                                    tuple(tokens.shape), torch.float32)
         out["metrics"] = model.train_on(sft_loss, {k: _dp_slice(v) for k, v in batch.items()}, MICRO_BATCH)
@@ -187,33 +187,51 @@ def run_role(role: str, model, data: dict[str, torch.Tensor]) -> dict[str, Any]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def layout_parser(description: str | None) -> argparse.ArgumentParser:
+    """The arguments every layout tool takes: ``--tp``, ``--pp``, ``--sp``,
+    ``--distributed-optimizer``, ``--out``, ``--seed``."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--sp", action="store_true")
     p.add_argument("--distributed-optimizer", action="store_true")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=1234)
+    return p
+
+
+def init_layout(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
+    """Validate the parity model in the layout of ``args`` for this world and initialise the
+    process groups (CPU, gloo). Returns ``(model_cfg, world_size)``.
+
+    Raises:
+        LayoutError: the layout does not fit the world, the model or the batch.
+    """
+    from nemo_rlhf.parallel.layout import validate_layout
+    from nemo_rlhf.parallel.state import initialize_distributed, read_dist_env
+    from nemo_rlhf.utils.hydra import quiet_warnings
+
+    quiet_warnings()
+    model_cfg = dict(MODEL, tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+                     sequence_parallel=args.sp)
+    world = read_dist_env().world_size
+    validate_layout(model_cfg, world, GLOBAL_BATCH, MICRO_BATCH)
+    initialize_distributed(args.tp, args.pp, "cpu", seed=args.seed)
+    return model_cfg, world
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = layout_parser(__doc__)
     p.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"),
                    help="megatron's distributed optimizer supports only adam")
     p.add_argument("--roles", default=",".join(ROLES))
     p.add_argument("--init", required=True, help="initial-weights directory (one sub-directory per role)")
     p.add_argument("--save-init", action="store_true", help="write the initial weights (reference run)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args(argv)
-
-    from nemo_rlhf.utils.hydra import quiet_warnings
-
-    quiet_warnings()
+    model_cfg, _ = init_layout(args)
     from nemo_rlhf.checkpoint.weights import load_weights, save_model_weights
-    from nemo_rlhf.parallel.layout import validate_layout
-    from nemo_rlhf.parallel.state import destroy_distributed, initialize_distributed, is_rank_zero, read_dist_env
-    from nemo_rlhf.parallel.state import seed_everything
+    from nemo_rlhf.parallel.state import destroy_distributed, is_rank_zero, seed_everything
 
-    model_cfg = dict(MODEL, tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
-                     sequence_parallel=args.sp)
-    validate_layout(model_cfg, read_dist_env().world_size, GLOBAL_BATCH, MICRO_BATCH)
-    initialize_distributed(args.tp, args.pp, "cpu", seed=args.seed)
     data = fixed_data()
     optim = dict(OPTIM, optimizer=args.optimizer, distributed_optimizer=args.distributed_optimizer)
     if args.optimizer == "adam":

@@ -23,7 +23,6 @@ whatever the TP size).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
@@ -138,32 +137,17 @@ def snapshot(module) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from tools.parity import GLOBAL_BATCH, build_role, init_layout, layout_parser
+
+    p = layout_parser(__doc__)
     p.add_argument("--mode", required=True, choices=("save", "load", "ref"))
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--sp", action="store_true")
-    p.add_argument("--distributed-optimizer", action="store_true")
     p.add_argument("--ckpt", help="checkpoint root (save) or checkpoint directory (load)")
     p.add_argument("--save-at", type=int, default=2, help="save mode: steps before the checkpoint")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps at the end of the run")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args(argv)
-
-    from nemo_rlhf.utils.hydra import quiet_warnings
-
-    quiet_warnings()
+    model_cfg, world = init_layout(args)
     from nemo_rlhf.checkpoint.training_state import load_training_checkpoint, save_training_checkpoint
-    from nemo_rlhf.parallel.layout import validate_layout
-    from tools.parity import GLOBAL_BATCH, MICRO_BATCH, MODEL, build_role
-    from nemo_rlhf.parallel.state import destroy_distributed, initialize_distributed, is_rank_zero, read_dist_env
-
-    model_cfg = dict(MODEL, tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
-                     sequence_parallel=args.sp)
-    world = read_dist_env().world_size
-    validate_layout(model_cfg, world, GLOBAL_BATCH, MICRO_BATCH)
-    initialize_distributed(args.tp, args.pp, "cpu", seed=args.seed)
+    from nemo_rlhf.parallel.state import destroy_distributed, is_rank_zero
     result: dict[str, Any] = {"layout": dict(tp=args.tp, pp=args.pp, sp=args.sp, world=world,
                                              distributed_optimizer=args.distributed_optimizer)}
     try:

@@ -279,7 +279,7 @@ class PPOTrainer(Trainer):
         if any_rank(bad is not None):
             # Skip the whole PPO step: no actor update, no critic training, no KL-controller update.
             self.policy.record_nonfinite(f"rollout {bad or 'elsewhere'} (reward/value/advantage)")
-            return {"nonfinite": 1.0, "nonfinite_total": float(self.policy.nonfinite_skipped)}
+            return {"nonfinite": 1.0, "skipped": 1.0, "nonfinite_total": float(self.policy.nonfinite_skipped)}
         loss_fn = ppo_loss_fn(self.policy, float(p.clip_eps), float(p.entropy_coef), p.clip_eps_high)
         generator = torch.Generator().manual_seed(int(p.seed) + self.step)  # CPU permutation
         actor_metrics: list[dict[str, float]] = []

@@ -15,21 +15,21 @@ from nemo_rlhf.rl.losses import masked_token_nll
 from nemo_rlhf.rl.masked import masked_sum
 
 
-def sft_loss(mb, logprobs):
+def sft_loss(mb, nll):
     """SFT loss of one micro-batch: mean NLL (nats/token) of the masked label tokens.
 
     Args:
         mb: ``label_mask [b, S]`` float (1 where ``labels[:, t] = tokens[:, t+1]`` is a response token).
-        logprobs: ``[b, S]`` float32 log-probs of the labels (the policy's labels forward).
+        nll: ``[b, S]`` per-token negative log-likelihood of the labels (the policy's labels forward).
 
     Returns:
         ``(loss, {"loss", "nll_sum", "nll_count"})``; ``nll`` = sum/count over micro-batches and
         ranks (token-weighted) in the averaged metrics.
     """
     mask = mb["label_mask"]
-    loss = masked_token_nll(logprobs, mask)
-    return loss, {"loss": loss.detach(), "nll_sum": masked_sum(-logprobs.detach(), mask),
-                  "nll_count": mask.sum()}
+    nll = nll.float()
+    loss = masked_token_nll(-nll, mask)
+    return loss, {"loss": loss.detach(), "nll_sum": masked_sum(nll.detach(), mask), "nll_count": mask.sum()}
 
 
 class SFTTrainer(SupervisedTrainer):

@@ -755,7 +755,7 @@ def export_nemo(ckpt_dir: str | os.PathLike, model_cfg: Mapping[str, Any], out_p
     """
     from megatron.core import dist_checkpointing
 
-    from nemo_rlhf.checkpoint.weights import COMPLETE_MARKER, CheckpointError, _rank
+    from nemo_rlhf.checkpoint.weights import COMPLETE_MARKER, CheckpointError, global_rank
 
     ckpt_dir, out_path = Path(ckpt_dir), Path(out_path)
     if not ckpt_dir.is_dir():
@@ -782,7 +782,7 @@ def export_nemo(ckpt_dir: str | os.PathLike, model_cfg: Mapping[str, Any], out_p
         try:
             _export_staged(cfg, role, ckpt_dir, staging, out_path, tok)
         finally:
-            if _rank() == 0:
+            if global_rank() == 0:
                 shutil.rmtree(staging, ignore_errors=True)
     return out_path
 
@@ -793,13 +793,13 @@ def _export_staged(cfg: Mapping[str, Any], role: str, ckpt_dir: Path, staging: P
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
-    from nemo_rlhf.checkpoint.weights import _barrier, _rank, load_model_weights
+    from nemo_rlhf.checkpoint.weights import barrier, global_rank, load_model_weights
 
     head = role in _HEAD_ROLES
-    if _rank() == 0:
+    if global_rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)
         (staging / WEIGHTS_DIR).mkdir(parents=True)
-    _barrier()
+    barrier()
     gpt = _build(cfg, role)
     load_model_weights(gpt, ckpt_dir)
     sharded = gpt.sharded_state_dict(prefix="model.")
@@ -814,8 +814,8 @@ def _export_staged(cfg: Mapping[str, Any], role: str, ckpt_dir: Path, staging: P
         sharded["model.output_layer.weight"] = ShardedTensor.from_rank_offsets(
             "model.output_layer.weight", emb, replica_id=0)
     dist_checkpointing.save(sharded, str(staging / WEIGHTS_DIR))
-    _barrier()
-    if _rank() == 0:
+    barrier()
+    if global_rank() == 0:
         tmp = out_path.with_name(out_path.name + ".tmp")
         try:
             section = _tokenizer_section(tok, staging)
@@ -825,4 +825,4 @@ def _export_staged(cfg: Mapping[str, Any], role: str, ckpt_dir: Path, staging: P
             os.replace(tmp, out_path)
         finally:
             tmp.unlink(missing_ok=True)
-    _barrier()
+    barrier()

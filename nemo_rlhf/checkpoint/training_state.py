@@ -27,8 +27,8 @@ import torch
 from nemo_rlhf.checkpoint.weights import (
     COMPLETE_MARKER,
     CheckpointError,
-    _barrier,
-    _rank,
+    barrier,
+    global_rank,
     begin_atomic_dir,
     commit_atomic_dir,
 )
@@ -192,12 +192,12 @@ def save_checkpoint_dir(final: str | Path, module, extra: dict[str, Any] | None 
     tmp = begin_atomic_dir(final)
     dist_checkpointing.save(_sharded(module, is_loading=False), str(tmp),
                             validate_access_integrity=True)
-    torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
-    _barrier()
+    torch.save(rng_state(), tmp / f"rng_rank{global_rank()}.pt")
+    barrier()
     if before_complete is not None:
         before_complete(tmp)
-        _barrier()
-    if _rank() == 0:
+        barrier()
+    if global_rank() == 0:
         state = {"step": module.completed_steps,
                  "distributed_optimizer": _uses_distributed_optimizer(module),
                  "lr_scheduler": module.lr_scheduler.state_dict() if module.lr_scheduler else None,
@@ -205,7 +205,7 @@ def save_checkpoint_dir(final: str | Path, module, extra: dict[str, Any] | None 
                  **(extra or {})}
         (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
         commit_atomic_dir(tmp, final)
-    _barrier()
+    barrier()
     return final
 
 
@@ -221,10 +221,10 @@ def save_training_checkpoint(root: str | Path, module, extra: dict[str, Any] | N
     """
     root = Path(root)
     final = save_checkpoint_dir(root / f"step_{module.completed_steps:08d}", module, extra, before_complete)
-    if _rank() == 0:
+    if global_rank() == 0:
         for old in complete_checkpoints(root)[:-max(int(keep_last), 1)]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 
@@ -273,7 +273,7 @@ def load_training_checkpoint(path: str | Path, module) -> dict[str, Any]:
         module.lr_scheduler.load_state_dict(state["lr_scheduler"])
     module.completed_steps = int(state["step"])
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    rng_file = path / f"rng_rank{_rank()}.pt"
+    rng_file = path / f"rng_rank{global_rank()}.pt"
     if state.get("world_size") == world and rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=True))
     return state

@@ -20,22 +20,24 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or unreadable (the message names the path)."""
 
 
-def _barrier() -> None:
+def barrier() -> None:
+    """``torch.distributed.barrier()`` when a process group exists (a no-op in one process)."""
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 
 
-def _rank() -> int:
+def global_rank() -> int:
+    """This process's global rank (0 without a process group)."""
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def begin_atomic_dir(final: Path) -> Path:
     """Collective: rank 0 (re)creates an empty ``<final>.tmp``; every rank returns it after a barrier."""
     tmp = final.with_name(final.name + ".tmp")
-    if _rank() == 0:
+    if global_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     return tmp
 
 
@@ -62,10 +64,10 @@ def save_model_weights(gpt, path: str | os.PathLike) -> Path:
     path = Path(path)
     tmp = begin_atomic_dir(path)
     dist_checkpointing.save(gpt.sharded_state_dict(), str(tmp))
-    _barrier()
-    if _rank() == 0:
+    barrier()
+    if global_rank() == 0:
         commit_atomic_dir(tmp, path)
-    _barrier()
+    barrier()
     return path
 
 

@@ -50,7 +50,42 @@ def _fit_response(
     return response[:budget]
 
 
-class SFTDataset(Dataset):
+class _PairDataset(Dataset):
+    """Shared construction of :class:`SFTDataset` and :class:`PreferenceDataset`: checks the
+    lengths, tokenizes the prompts in one batch, fits each prompt (``_fit_prompt``) and hands the
+    kept ones to :meth:`_add` with the pair and the response budget ``max_seq_len - len(prompt)``."""
+
+    def __init__(
+        self,
+        pairs: Sequence[PreferencePair],
+        tokenizer: Tokenizer,
+        max_seq_len: int,
+        max_prompt_len: int,
+        overlong: str = "truncate",
+    ):
+        _check_lengths(max_prompt_len, max_seq_len, overlong)
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.samples: list = []
+        prompts = tokenizer.encode_batch([p.prompt for p in pairs])
+        encoded = self._encode(pairs, tokenizer)
+        for prompt, responses in zip(prompts, encoded):
+            prompt = _fit_prompt(prompt, max_prompt_len, overlong, self.stats)
+            if prompt is not None:
+                self._add(prompt, responses, tokenizer.eos_id, max_seq_len - len(prompt))
+
+    def _encode(self, pairs: Sequence[PreferencePair], tokenizer: Tokenizer) -> list:
+        """The responses of every pair, tokenized (one entry per pair)."""
+        raise NotImplementedError
+
+    def _add(self, prompt: list[int], responses, eos_id: int, budget: int) -> None:
+        """Fit the responses into ``budget`` tokens and append the sample (or count a skip)."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+class SFTDataset(_PairDataset):
     """Supervised fine-tuning samples: ``prompt + chosen response + eos``.
 
     Truncation: a prompt longer than ``max_prompt_len`` tokens is left-truncated (keeps the latest
@@ -71,31 +106,15 @@ class SFTDataset(Dataset):
             ``max_seq_len < max_prompt_len``.
     """
 
-    def __init__(
-        self,
-        pairs: Sequence[PreferencePair],
-        tokenizer: Tokenizer,
-        max_seq_len: int,
-        max_prompt_len: int,
-        overlong: str = "truncate",
-    ):
-        _check_lengths(max_prompt_len, max_seq_len, overlong)
-        self.stats: collections.Counter[str] = collections.Counter()
-        self.samples: list[tuple[list[int], int]] = []  # (tokens, prompt length)
-        prompts = tokenizer.encode_batch([p.prompt for p in pairs])
-        responses = tokenizer.encode_batch([p.chosen for p in pairs])
-        for prompt, response in zip(prompts, responses):
-            prompt = _fit_prompt(prompt, max_prompt_len, overlong, self.stats)
-            if prompt is None:
-                continue
-            response = _fit_response(response, tokenizer.eos_id, max_seq_len - len(prompt), self.stats)
-            if response is None:
-                self.stats["skipped_overlong"] += 1
-                continue
-            self.samples.append((prompt + response, len(prompt)))
+    def _encode(self, pairs, tokenizer):
+        return tokenizer.encode_batch([p.chosen for p in pairs])
 
-    def __len__(self) -> int:
-        return len(self.samples)
+    def _add(self, prompt, response, eos_id, budget):
+        response = _fit_response(response, eos_id, budget, self.stats)
+        if response is None:
+            self.stats["skipped_overlong"] += 1
+            return
+        self.samples.append((prompt + response, len(prompt)))  # (tokens, prompt length)
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         tokens, prompt_len = self.samples[idx]
@@ -108,7 +127,7 @@ class SFTDataset(Dataset):
         }
 
 
-class PreferenceDataset(Dataset):
+class PreferenceDataset(_PairDataset):
     """Reward-model pairs: ``prompt + chosen + eos`` and ``prompt + rejected + eos``.
 
     Same truncation rules as :class:`SFTDataset` (the prompt is fitted once and shared; each
@@ -124,34 +143,17 @@ class PreferenceDataset(Dataset):
         ValueError: as :class:`SFTDataset`.
     """
 
-    def __init__(
-        self,
-        pairs: Sequence[PreferencePair],
-        tokenizer: Tokenizer,
-        max_seq_len: int,
-        max_prompt_len: int,
-        overlong: str = "truncate",
-    ):
-        _check_lengths(max_prompt_len, max_seq_len, overlong)
-        self.stats: collections.Counter[str] = collections.Counter()
-        self.samples: list[tuple[list[int], list[int]]] = []
-        prompts = tokenizer.encode_batch([p.prompt for p in pairs])
-        chosens = tokenizer.encode_batch([p.chosen for p in pairs])
-        rejecteds = tokenizer.encode_batch([p.rejected for p in pairs])
-        for prompt, chosen, rejected in zip(prompts, chosens, rejecteds):
-            prompt = _fit_prompt(prompt, max_prompt_len, overlong, self.stats)
-            if prompt is None:
-                continue
-            budget = max_seq_len - len(prompt)
-            chosen = _fit_response(chosen, tokenizer.eos_id, budget, self.stats)
-            rejected = _fit_response(rejected, tokenizer.eos_id, budget, self.stats)
-            if chosen is None or rejected is None:
-                self.stats["skipped_overlong"] += 1
-                continue
-            self.samples.append((prompt + chosen, prompt + rejected))
+    def _encode(self, pairs, tokenizer):
+        return list(zip(tokenizer.encode_batch([p.chosen for p in pairs]),
+                        tokenizer.encode_batch([p.rejected for p in pairs])))
 
-    def __len__(self) -> int:
-        return len(self.samples)
+    def _add(self, prompt, responses, eos_id, budget):
+        chosen = _fit_response(responses[0], eos_id, budget, self.stats)
+        rejected = _fit_response(responses[1], eos_id, budget, self.stats)
+        if chosen is None or rejected is None:
+            self.stats["skipped_overlong"] += 1
+            return
+        self.samples.append((prompt + chosen, prompt + rejected))
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         chosen, rejected = self.samples[idx]

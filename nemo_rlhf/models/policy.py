@@ -64,8 +64,9 @@ class GPTPolicyModel(MegatronGPTModule):
     """Policy model; also used frozen (``optim_cfg=None``) as the reference policy.
 
     :meth:`forward_step` gives the loss function logits ``[b, S, V/TP]`` of ``mb["tokens"]``, or —
-    when the micro-batch has ``labels [b, S]`` — the per-token log-probs ``[b, S]`` float32 of the
-    labels (megatron's fused vocabulary-parallel cross entropy; no ``[b, S, V]`` tensor is kept).
+    when the micro-batch has ``labels [b, S]`` — the per-token negative log-likelihood ``[b, S]``
+    (nats) of the labels (megatron's vocabulary-parallel cross entropy; no ``[b, S, V]`` tensor
+    is kept).
     Turn logits into what a loss needs with :meth:`response_logprobs` and :meth:`entropy`.
 
     Args:
@@ -83,9 +84,10 @@ class GPTPolicyModel(MegatronGPTModule):
 
     @staticmethod
     def forward_step(model, mb):
-        if "labels" in mb:
-            return -model(mb["tokens"], position_ids_like(mb["tokens"]), None, labels=mb["labels"])
-        return model(mb["tokens"], position_ids_like(mb["tokens"]), None)
+        # On the last PP stage: logits, or per-token NLL of mb["labels"]; hidden states elsewhere
+        # (passed on unchanged to the next stage).
+        labels = mb.get("labels")
+        return model(mb["tokens"], position_ids_like(mb["tokens"]), None, labels=labels)
 
     def masked_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """``logits [b, S, V/TP]`` -> float32 ``[b, S-1, V/TP]`` logits that predict tokens 1..S-1,

@@ -6,7 +6,7 @@ activated by :func:`activate` only when the accelerator is CPU (see
 megatron-core runs unmodified with NCCL.
 
 What megatron-core hard-codes for CUDA, and what this module does about it (each item was seen
-failing on CPU without the fix; see ``shared/notes/megatron-core-on-cpu.md``):
+failing on CPU without the fix, megatron-core 0.16.1, torch 2.13 CPU):
 
 1. ``torch.cuda.current_device()`` is used as a tensor device (RoPE ``inv_freq``, attention
    buffers, p2p shape exchange, grad buffers): it returns ``torch.device("cpu")`` here.

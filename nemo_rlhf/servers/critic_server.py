@@ -120,8 +120,8 @@ def triton_env_fix(env: MutableMapping[str, str] | None = None) -> str:
 
     PyTriton's python-backend stub otherwise links the system libpython (a different patch
     release than this interpreter) and model loading fails with ``AttributeError: '_thread.RLock'
-    object has no attribute '_recursion_count'`` (measured, see
-    ``/work/shared/notes/pytriton-and-nemo.md``). PyTriton starts ``tritonserver`` with a copy
+    object has no attribute '_recursion_count'`` (measured on the project's CPU machines with
+    PyTriton 0.7.0 and Python 3.11). PyTriton starts ``tritonserver`` with a copy
     of ``os.environ`` taken when the server starts (``TritonServer._get_env``), so setting it in
     this process before :meth:`CriticServer.start` is enough (verified by the server tests).
     Idempotent.

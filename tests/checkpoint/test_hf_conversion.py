@@ -229,6 +229,7 @@ def test_import_export_directories(name, tmp_path: Path):
 
 def test_reward_head_round_trip(tmp_path: Path):
     from nemo_rlhf.checkpoint.hf import export_hf, import_hf
+    from nemo_rlhf.checkpoint.weights import load_weights
     from nemo_rlhf.models.reward_model import GPTRewardModel
 
     torch.manual_seed(0)
@@ -237,7 +238,7 @@ def test_reward_head_round_trip(tmp_path: Path):
     hf.save_pretrained(tmp_path / "hf")
     cfg = import_hf(tmp_path / "hf", tmp_path / "rm", role="reward")
     rm = GPTRewardModel(cfg, None, vocab_size=VOCAB, micro_batch_size=3)
-    rm.load_weights(tmp_path / "rm" / "weights")
+    load_weights(rm, tmp_path / "rm" / "weights")
     assert torch.equal(rm.gpt.output_layer.weight, hf.score.weight)
     assert not rm.gpt.output_layer.bias.any()
 

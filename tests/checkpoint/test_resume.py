@@ -22,7 +22,8 @@ pytestmark = pytest.mark.checkpoint
 
 
 def weights(path: Path, role: str) -> dict[str, torch.Tensor]:
-    from nemo_rlhf.models.gpt_sft import GPTSFTModel
+    from nemo_rlhf.checkpoint.weights import load_weights
+    from nemo_rlhf.models.policy import GPTPolicyModel
     from nemo_rlhf.models.reward_model import GPTRewardModel
     from nemo_rlhf.parallel.state import destroy_distributed, initialize_distributed
 
@@ -30,14 +31,14 @@ def weights(path: Path, role: str) -> dict[str, torch.Tensor]:
     initialize_distributed(1, 1, "cpu")
     try:
         if role == "sft":
-            model = GPTSFTModel(cfg, None, 512, 8, 0)
+            model = GPTPolicyModel(cfg, None, 512, 8, 0, 0)
         elif role == "critic":
             from nemo_rlhf.models.critic import GPTCriticModel
 
             model = GPTCriticModel(cfg, None, 512, 8)
         else:
             model = GPTRewardModel(cfg, None, 512, 8)
-        model.load_weights(path)
+        load_weights(model, path)
         return {k: v.clone() for k, v in model.gpt.state_dict().items() if torch.is_tensor(v)}
     finally:
         destroy_distributed()
@@ -165,8 +166,8 @@ def test_incomplete_checkpoints_are_never_resumed_and_old_ones_pruned(sft_run, t
 
 def test_corrupt_checkpoint_error_names_the_path(sft_run, tmp_path):
     from nemo_rlhf.checkpoint.training_state import load_training_checkpoint
-    from nemo_rlhf.checkpoint.weights import CheckpointError
-    from nemo_rlhf.models.gpt_sft import GPTSFTModel
+    from nemo_rlhf.checkpoint.weights import CheckpointError, load_weights
+    from nemo_rlhf.models.policy import GPTPolicyModel
     from nemo_rlhf.parallel.state import destroy_distributed, initialize_distributed
 
     # A copy of the final training checkpoint of the session SFT run (this test corrupts it).
@@ -177,14 +178,14 @@ def test_corrupt_checkpoint_error_names_the_path(sft_run, tmp_path):
     initialize_distributed(1, 1, "cpu")
     try:
         # The weights of a training checkpoint are usable as init_from weights ...
-        plain = GPTSFTModel(cfg, None, 512, 8, 0)
-        plain.load_weights(ckpt)
-        final = GPTSFTModel(cfg, None, 512, 8, 0)
-        final.load_weights(run / "sft_weights")
+        plain = GPTPolicyModel(cfg, None, 512, 8, 0, 0)
+        load_weights(plain, ckpt)
+        final = GPTPolicyModel(cfg, None, 512, 8, 0, 0)
+        load_weights(final, run / "sft_weights")
         tensors = lambda m: {k: v for k, v in m.gpt.state_dict().items() if torch.is_tensor(v)}  # noqa: E731
         assert_bitwise(tensors(plain), tensors(final))
         # ... but resuming it with the other optimizer kind is refused, naming path and field.
-        dist = GPTSFTModel(cfg, dict(lr=1e-3, distributed_optimizer=True), 512, 8, 0)
+        dist = GPTPolicyModel(cfg, dict(lr=1e-3, distributed_optimizer=True), 512, 8, 0, 0)
         with pytest.raises(CheckpointError, match="optim.distributed_optimizer=false but this run has "
                                                   "optim.distributed_optimizer=true") as err:
             load_training_checkpoint(ckpt, dist)
@@ -195,7 +196,7 @@ def test_corrupt_checkpoint_error_names_the_path(sft_run, tmp_path):
         f.write_bytes(f.read_bytes()[:100])  # truncated shard files
     initialize_distributed(1, 1, "cpu")
     try:
-        model = GPTSFTModel(cfg, dict(lr=1e-3), 512, 8, 0)
+        model = GPTPolicyModel(cfg, dict(lr=1e-3), 512, 8, 0, 0)
         with pytest.raises(CheckpointError) as err:
             load_training_checkpoint(ckpt, model)
         assert str(ckpt) in str(err.value)
@@ -238,7 +239,8 @@ def test_ppo_resume_with_critic_server_is_bitwise_exact(sft_run, rm_run, tmp_pat
     from nemo_rlhf.servers.process import find_free_ports
 
     def server(i: int, ports: list[int]):
-        return critic_server_cmd(rm_run / "rm_weights", sft_run / "tokenizer.json", ports), ports[0], \
+        return critic_server_cmd(rm_run / "rm_weights", sft_run / "tokenizer.json", ports,
+                                 f"server.checkpoint_root={tmp_path}"), ports[0], \
             tmp_path / f"server{i}.log"
 
     ports = find_free_ports(12)

@@ -30,6 +30,20 @@ def sft_batch(seed: int) -> dict[str, torch.Tensor]:
     return {"tokens": tokens, "loss_mask": mask}
 
 
+def labelled(seed: int) -> dict[str, torch.Tensor]:
+    from nemo_rlhf.models.policy import shift_labels
+
+    b = sft_batch(seed)
+    labels, label_mask = shift_labels(b["tokens"], b["loss_mask"], 0)
+    return {"tokens": b["tokens"], "labels": labels, "label_mask": label_mask}
+
+
+def sft_model(optim):
+    from nemo_rlhf.models.policy import GPTPolicyModel
+
+    return GPTPolicyModel(TINY, optim, VOCAB, 8, eos_id=0, pad_id=0)
+
+
 class PoisonedLoss:
     """Wraps a loss function: the loss of the chosen calls is multiplied by ``value`` (NaN/Inf)."""
 
@@ -45,18 +59,17 @@ class PoisonedLoss:
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_nonfinite_loss_skips_the_step_then_training_continues(one_process_world, value):
-    from nemo_rlhf.models.gpt_sft import GPTSFTModel
+def test_nonfinite_loss_skips_the_step_then_training_continues(megatron_world, value):
+    from nemo_rlhf.algorithms.sft import sft_loss
 
-    model = GPTSFTModel(TINY, dict(lr=1e-2, max_nonfinite_in_a_row=3), VOCAB, 8, 0)
-    poisoned = PoisonedLoss(model._loss, value)
-    model._loss = poisoned
-    model.train_global_batch(model._prepare(sft_batch(0)), 8, model._forward, model._loss)
+    model = sft_model(dict(lr=1e-2, max_nonfinite_in_a_row=3))
+    poisoned = PoisonedLoss(sft_loss, value)
+    model.train_on(poisoned, labelled(0))
     before, lr_before = snapshot(model), model.optimizer.param_groups[0]["lr"]
     adam_before = {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
                    for p, s in model.optimizer.optimizer.state.items()} if hasattr(model.optimizer, "optimizer") else {}
     poisoned.poison = True
-    m = model.train_global_batch(model._prepare(sft_batch(1)), 8, model._forward, model._loss)
+    m = model.train_on(poisoned, labelled(1))
     assert m["skipped"] == 1.0 and m["nonfinite"] == 1.0 and not np.isfinite(m["loss"])
     assert same(before, snapshot(model)), "a non-finite step changed the weights"
     assert model.optimizer.param_groups[0]["lr"] == lr_before
@@ -66,36 +79,36 @@ def test_nonfinite_loss_skips_the_step_then_training_continues(one_process_world
                 assert torch.equal(adam_before[id(p)][k], v), f"optimizer state {k} changed"
     assert (model.nonfinite_skipped, model.nonfinite_in_a_row) == (1, 1)
     poisoned.poison = False
-    m = model.train_global_batch(model._prepare(sft_batch(2)), 8, model._forward, model._loss)
+    m = model.train_on(poisoned, labelled(2))
     assert m["skipped"] == 0.0 and np.isfinite(m["loss"]) and not same(before, snapshot(model))
     assert (model.nonfinite_skipped, model.nonfinite_in_a_row) == (1, 0)
 
 
-def test_nonfinite_gradient_with_finite_loss_is_skipped(one_process_world):
-    from nemo_rlhf.models.gpt_sft import GPTSFTModel
+def test_nonfinite_gradient_with_finite_loss_is_skipped(megatron_world):
+    from nemo_rlhf.algorithms.sft import sft_loss
 
-    model = GPTSFTModel(TINY, dict(lr=1e-2), VOCAB, 8, 0)
+    model = sft_model(dict(lr=1e-2))
     hook = next(model.gpt.parameters()).register_hook(lambda g: g * float("nan"))
     before = snapshot(model)
     try:
-        m = model.train_global_batch(model._prepare(sft_batch(3)), 8, model._forward, model._loss)
+        m = model.train_on(sft_loss, labelled(3))
     finally:
         hook.remove()
     assert np.isfinite(m["loss"]) and m["skipped"] == 1.0
     assert same(before, snapshot(model))
 
 
-def test_n_nonfinite_in_a_row_abort_with_a_clear_error(one_process_world):
-    from nemo_rlhf.models.gpt_sft import GPTSFTModel
+def test_n_nonfinite_in_a_row_abort_with_a_clear_error(megatron_world):
+    from nemo_rlhf.algorithms.sft import sft_loss
     from nemo_rlhf.models.megatron_module import NonFiniteError
 
-    model = GPTSFTModel(TINY, dict(lr=1e-2, max_nonfinite_in_a_row=3), VOCAB, 8, 0)
-    poisoned = PoisonedLoss(model._loss, float("nan"))
-    model._loss, poisoned.poison = poisoned, True
+    model = sft_model(dict(lr=1e-2, max_nonfinite_in_a_row=3))
+    poisoned = PoisonedLoss(sft_loss, float("nan"))
+    poisoned.poison = True
     for i in range(2):
-        model.train_global_batch(model._prepare(sft_batch(i)), 8, model._forward, model._loss)
+        model.train_on(poisoned, labelled(i))
     with pytest.raises(NonFiniteError, match="3 updates in a row had a non-finite loss.*max_nonfinite_in_a_row=3"):
-        model.train_global_batch(model._prepare(sft_batch(2)), 8, model._forward, model._loss)
+        model.train_on(poisoned, labelled(2))
 
 
 class NaNRewardBackend:
@@ -123,41 +136,52 @@ class NaNRewardBackend:
         return self.backend.load(path)
 
 
-def test_ppo_nonfinite_reward_skips_actor_and_critic_updates(one_process_world):
-    from nemo_rlhf.algorithms.ppo import PPOActorModule
-    from nemo_rlhf.models.actor import GPTActorModel
+def test_ppo_nonfinite_reward_skips_actor_and_critic_updates(megatron_world):
+    from nemo_rlhf.algorithms.ppo import PPOTrainer
+    from nemo_rlhf.config import PPOActorStageConfig, parse_config
     from nemo_rlhf.models.critic import GPTCriticModel
-    from nemo_rlhf.servers.megatron_backend import MegatronCriticBackend
     from nemo_rlhf.models.megatron_module import NonFiniteError
+    from nemo_rlhf.models.policy import GPTPolicyModel
     from nemo_rlhf.models.reward_model import GPTRewardModel
     from nemo_rlhf.servers.local import LocalCriticClient
+    from nemo_rlhf.servers.megatron_backend import MegatronCriticBackend
 
     rm = GPTRewardModel(TINY, None, VOCAB, micro_batch_size=8)
     critic = GPTCriticModel(TINY, dict(lr=1e-3), VOCAB, micro_batch_size=8)
     backend = NaNRewardBackend(MegatronCriticBackend(critic, rm, max_seq_len=64))
-    ref = GPTActorModel(TINY, None, VOCAB, micro_batch_size=8, eos_id=0, pad_id=0)
-    ppo_cfg = dict(num_minibatches=2, sampling=dict(max_new_tokens=6), seed=3)
-    actor = PPOActorModule(TINY, dict(lr=1e-3, max_nonfinite_in_a_row=2), VOCAB, 8, 0, 0, ppo_cfg,
-                           LocalCriticClient(backend), ref)
+    ref = GPTPolicyModel(TINY, None, VOCAB, micro_batch_size=8, eos_id=0, pad_id=0)
+    cfg = parse_config(PPOActorStageConfig, {
+        "run_dir": ".", "init_from": "unused", "tokenizer": {"path": "unused"},
+        "batch": {"global_batch_size": 8, "micro_batch_size": 8},
+        "ppo": {"ppo_epochs": 1, "num_minibatches": 2, "sampling": {"max_new_tokens": 6}, "seed": 3,
+                "kl_controller": {"type": "adaptive", "init_kl_coef": 0.05, "target": 6.0, "horizon": 10000}}})
+    actor = GPTPolicyModel(TINY, dict(lr=1e-3, max_nonfinite_in_a_row=2), VOCAB, 8, eos_id=0, pad_id=0)
+    trainer = PPOTrainer.from_models(cfg, actor, ref, LocalCriticClient(backend))
     actor.gpt.load_state_dict(ref.gpt.state_dict())
+
+    def step(prompts):
+        metrics = trainer.train_step(prompts)
+        trainer.step += 1
+        return metrics
+
     prompts = {"prompts": torch.randint(10, VOCAB, (8, 4), generator=torch.Generator().manual_seed(0)),
                "prompt_lengths": torch.full((8,), 4)}
-    actor.training_step(prompts, 0)
-    assert backend.train_calls == 2 and actor.last_metrics["nonfinite_total"] == 0.0
-    kl_coef, weights, critic_weights = actor.kl_ctl.value, snapshot(actor), snapshot(critic)
+    m = step(prompts)
+    assert backend.train_calls == 2 and m["nonfinite_total"] == 0.0
+    kl_coef, weights, critic_weights = trainer.kl_ctl.value, snapshot(actor), snapshot(critic)
     backend.poison = True
-    actor.training_step(prompts, 1)
-    assert actor.last_metrics == {"nonfinite": 1.0, "skipped": 1.0}
+    m = step(prompts)
+    assert m == {"nonfinite": 1.0, "skipped": 1.0, "nonfinite_total": 1.0}
     assert backend.train_calls == 2, "the critic was trained on a non-finite rollout"
     assert same(weights, snapshot(actor)) and same(critic_weights, snapshot(critic))
-    assert actor.kl_ctl.value == kl_coef and actor.nonfinite_skipped == 1
+    assert trainer.kl_ctl.value == kl_coef and actor.nonfinite_skipped == 1
     backend.poison = False
-    actor.training_step(prompts, 2)  # recovers: updates again, streak reset
+    step(prompts)  # recovers: updates again, streak reset
     assert backend.train_calls == 4 and actor.nonfinite_in_a_row == 0 and not same(weights, snapshot(actor))
     backend.poison = True
-    actor.training_step(prompts, 3)
+    step(prompts)
     with pytest.raises(NonFiniteError, match="2 updates in a row had a non-finite rollout scores"):
-        actor.training_step(prompts, 4)
+        step(prompts)
 
 
 def test_sft_stage_aborts_nonzero_and_keeps_the_last_good_checkpoint(tmp_path):

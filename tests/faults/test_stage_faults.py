@@ -41,7 +41,8 @@ def test_critic_server_killed_mid_run(trained, tmp_path):
     # The server starts while the actor starts (the actor waits for it: critic.init_timeout_s).
     ports = find_free_ports(3)
     port = ports[0]
-    starting = start_servers([(critic_server_cmd(trained["rm_weights"], trained["tokenizer"], ports), port,
+    starting = start_servers([(critic_server_cmd(trained["rm_weights"], trained["tokenizer"], ports,
+                                                  f"server.checkpoint_root={tmp_path}"), port,
                                tmp_path / "server1.log")])
     run = tmp_path / "ppo"
     args = [f"run_dir={run}", f"init_from={trained['sft_weights']}",

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.server
 
 
 @pytest.fixture(scope="module")
-def served(megatron_single_process, tmp_path_factory):
+def served(megatron_world, tmp_path_factory):
     from nemo_rlhf.checkpoint.weights import save_model_weights
     from nemo_rlhf.data import train_bpe_tokenizer
     from nemo_rlhf.models.reward_model import GPTRewardModel
@@ -34,6 +34,7 @@ def served(megatron_single_process, tmp_path_factory):
            f"reward_model_path={tmp / 'rm'}", f"tokenizer.path={tmp / 'tokenizer.json'}",
            f"server.port={port}", f"server.grpc_port={port + 1}", f"server.metrics_port={port + 2}",
            "batch.global_batch_size=4", "batch.micro_batch_size=4", "server.max_batch_size=16",
+           f"server.checkpoint_root={tmp}",
            *[f"model.{k}={v}" for k, v in TINY.items()]]
     server = start_server_process(cmd, "127.0.0.1", port, ready_timeout_s=240, log_path=tmp / "server.log")
     client = CriticClient("127.0.0.1", port, infer_timeout_s=60, train_timeout_s=120, init_timeout_s=60)

@@ -27,7 +27,7 @@ def test_demo_pipeline_small(tmp_path):
              "+common.model.max_position_embeddings=128", "+common.data.max_rows=600",
              "+common.data.max_seq_len=128", "+common.data.max_prompt_len=96", "+sft.tokenizer.vocab_size=512",
              "rm.batch.global_batch_size=16", "ppo.data.max_heldout_prompts=16",
-             "+ppo.ppo.sampling.max_new_tokens=8"]
+             "+ppo.ppo.sampling.max_new_tokens=8", "+ppo.logger.tensorboard=true"]
     cmd = [sys.executable, str(REPO / "launchers" / "run_demo.py"), f"run_dir={run_dir}", *small,
            f"sft.trainer.max_steps={SFT_STEPS}", "sft.trainer.val_check_interval=10",
            f"rm.trainer.max_steps={RM_STEPS}", "rm.trainer.val_check_interval=5",
@@ -46,6 +46,19 @@ def test_demo_pipeline_small(tmp_path):
         assert (run_dir / key / "COMPLETE").exists(), key
     stages = {json.loads(line)["stage"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()}
     assert stages == {"sft", "rm", "ppo"}
+    # The PPO stage also logged to TensorBoard (logger.tensorboard=true): every PPO scalar that
+    # matters is in the event files at every step, with the values of metrics.jsonl.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard" / "ppo"))
+    events.Reload()
+    jsonl = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+             if r["stage"] == "ppo" and "ppo/reward" in r}
+    for tag in ("ppo/reward", "ppo/kl", "ppo/pg_loss", "ppo/critic_loss", "ppo/kl_coef"):
+        scalars = events.Scalars(tag)
+        assert [e.step for e in scalars] == list(range(PPO_STEPS)), tag
+        assert [e.value for e in scalars] == pytest.approx([jsonl[e.step][tag] for e in scalars], rel=1e-6), tag
+    assert [e.step for e in events.Scalars("val/reward")] == [0, 2, 4]  # before, every 2 steps, after
     png = (run_dir / "ppo_reward_kl.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     # The server was stopped: no process still serves from this run directory.

@@ -25,6 +25,7 @@ def synthetic_pairs(n: int, length: int, gen: torch.Generator):
 
 
 def train_reward_model(steps: int = 60):
+    from nemo_rlhf.algorithms.reward_model import bradley_terry_step_loss, pair_microbatches
     from nemo_rlhf.models.reward_model import GPTRewardModel
 
     rm = GPTRewardModel(TINY, dict(lr=3e-3, clip_grad=1.0), VOCAB, micro_batch_size=8)
@@ -32,20 +33,23 @@ def train_reward_model(steps: int = 60):
     lengths = torch.full((16,), 12)
     for _ in range(steps):
         c, r = synthetic_pairs(16, 12, gen)
-        rm.train_batch({"tokens": torch.cat([c, r]), "lengths": torch.cat([lengths, lengths])})
+        rm.train_on(bradley_terry_step_loss,
+                    pair_microbatches({"tokens": torch.cat([c, r]), "lengths": torch.cat([lengths, lengths])}, 8))
     c, r = synthetic_pairs(64, 12, gen)
     lengths = torch.full((128,), 12)
-    acc = rm.evaluate_batch({"tokens": torch.cat([c, r]), "lengths": lengths})["accuracy"]
+    acc = rm.evaluate_on(bradley_terry_step_loss,
+                         pair_microbatches({"tokens": torch.cat([c, r]), "lengths": lengths}, 8))["accuracy"]
     return rm, acc
 
 
-def test_ppo_mean_reward_rises(megatron_single_process, tmp_path):
-    from nemo_rlhf.algorithms.ppo import PPOActorModule
-    from nemo_rlhf.models.actor import GPTActorModel
+def test_ppo_mean_reward_rises(megatron_world, tmp_path):
+    from nemo_rlhf.algorithms.ppo import PPOTrainer
+    from nemo_rlhf.config import PPOActorStageConfig, parse_config
     from nemo_rlhf.models.critic import GPTCriticModel
-    from nemo_rlhf.servers.megatron_backend import MegatronCriticBackend
+    from nemo_rlhf.models.policy import GPTPolicyModel
     from nemo_rlhf.parallel.state import seed_everything
     from nemo_rlhf.servers.local import LocalCriticClient
+    from nemo_rlhf.servers.megatron_backend import MegatronCriticBackend
 
     seed_everything(1)
     rm, acc = train_reward_model()
@@ -53,18 +57,21 @@ def test_ppo_mean_reward_rises(megatron_single_process, tmp_path):
     rm.requires_grad_(False)
     critic = GPTCriticModel(TINY, dict(lr=1e-3), VOCAB, micro_batch_size=8)
     backend = MegatronCriticBackend(critic, rm, max_seq_len=64, save_fn=lambda p: None)
-    ref = GPTActorModel(TINY, None, VOCAB, micro_batch_size=8, eos_id=0, pad_id=0)
-    ppo_cfg = dict(ppo_epochs=2, num_minibatches=2, kl_controller=dict(type="fixed", init_kl_coef=0.01),
-                   sampling=dict(max_new_tokens=8), seed=3)
-    actor = PPOActorModule(TINY, dict(lr=2e-3, clip_grad=1.0), VOCAB, 8, 0, 0, ppo_cfg,
-                           LocalCriticClient(backend), ref)
+    ref = GPTPolicyModel(TINY, None, VOCAB, micro_batch_size=8, eos_id=0, pad_id=0)
+    cfg = parse_config(PPOActorStageConfig, {
+        "run_dir": str(tmp_path), "init_from": "unused", "tokenizer": {"path": "unused"},
+        "batch": {"global_batch_size": 16, "micro_batch_size": 8},
+        "ppo": {"ppo_epochs": 2, "num_minibatches": 2, "kl_controller": {"type": "fixed", "init_kl_coef": 0.01},
+                "sampling": {"max_new_tokens": 8}, "seed": 3}})
+    actor = GPTPolicyModel(TINY, dict(lr=2e-3, clip_grad=1.0), VOCAB, 8, eos_id=0, pad_id=0)
+    trainer = PPOTrainer.from_models(cfg, actor, ref, LocalCriticClient(backend))
     actor.gpt.load_state_dict(ref.gpt.state_dict())
     gen = torch.Generator().manual_seed(5)
     rewards, critic_losses = [], []
     for step in range(20):
         prompts = torch.randint(10, VOCAB, (16, 4), generator=gen)
-        actor.training_step({"prompts": prompts, "prompt_lengths": torch.full((16,), 4)}, step)
-        m = actor.last_metrics
+        m = trainer.train_step({"prompts": prompts, "prompt_lengths": torch.full((16,), 4)})
+        trainer.step += 1
         rewards.append(m["reward"])
         critic_losses.append(m["critic_loss"])
         assert np.isfinite(m["loss"]) and np.isfinite(m["kl"])
