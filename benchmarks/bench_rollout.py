@@ -93,7 +93,7 @@ def main() -> None:
     backend = MegatronCriticBackend(critic, rm, args.prompt + args.new_tokens, lambda path: None)
     actor = GPTPolicyModel(mc, dict(lr=1e-5), args.vocab, mbs, eos_id=0, pad_id=0).to(dev)
     cfg = parse_config(PPOActorStageConfig, {
-        "run_dir": ".", "init_from": "none", "batch": {"global_batch_size": args.batch, "micro_batch_size": mbs},
+        "run_dir": ".", "init_from": "none", "tokenizer": {"path": "unused"}, "batch": {"global_batch_size": args.batch, "micro_batch_size": mbs},
         "ppo": {"ppo_epochs": 1, "num_minibatches": 1, "sampling": {"max_new_tokens": args.new_tokens}}})
     trainer = PPOTrainer.from_models(cfg, actor, actor_ref, LocalCriticClient(backend))
     phases: dict[str, float] = {}
