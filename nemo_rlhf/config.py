@@ -47,6 +47,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Optional
 
+from nemo_rlhf.utils.loggers import LoggerConfig  # the ``logger:`` section lives with the loggers it configures
+
 MISSING = "???"  # omegaconf.MISSING: a value the user must give (e.g. ``init_from``)
 
 __all__ = [
@@ -690,21 +692,6 @@ class ServerConfig(_Section):
         self._greater("max_batch_size", 1, or_equal=True)
         if str(self.log_level).upper() not in LOG_LEVELS:
             raise ConfigError(f"server.log_level must be one of {list(LOG_LEVELS)}, got {self.log_level!r}")
-
-
-try:  # the ``logger:`` section is defined with the loggers it configures
-    from nemo_rlhf.utils.loggers import LoggerConfig
-except ModuleNotFoundError as _exc:  # pragma: no cover - only before nemo_rlhf/utils/loggers.py exists
-    if _exc.name != "nemo_rlhf.utils.loggers":
-        raise
-
-    @dataclass
-    class LoggerConfig(_Section):  # type: ignore[no-redef]
-        """``logger:`` — placeholder until ``nemo_rlhf/utils/loggers.py`` defines the section."""
-
-        SECTION: ClassVar[str] = "logger"
-
-        jsonl: bool = True
 
 
 # ----------------------------------------------------------------------------- stages
