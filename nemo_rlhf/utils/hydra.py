@@ -50,12 +50,22 @@ def hydra_entry(config_name: str):
 
         return job
 
-    try:
-        from nemo.core.config import hydra_runner
+    def decorate(fn):
+        @functools.wraps(fn)
+        def main(*args, **kwargs):
+            # NeMo/Hydra are imported here, when the entry point runs, not when the launcher module
+            # is imported: megatron's checkpoint writer starts a `spawn` helper process that
+            # re-imports the launcher module, and it needs none of this (~8 s per launcher saved).
+            try:
+                from nemo.core.config import hydra_runner
 
-        runner = hydra_runner(config_path=CONF_DIR, config_name=config_name)
-    except ImportError:  # pragma: no cover - nemo_toolkit is a declared dependency
-        import hydra
+                runner = hydra_runner(config_path=CONF_DIR, config_name=config_name)
+            except ImportError:  # pragma: no cover - nemo_toolkit is a declared dependency
+                import hydra
 
-        runner = hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")
-    return lambda fn: runner(with_console_logging(fn))
+                runner = hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")
+            return runner(with_console_logging(fn))(*args, **kwargs)
+
+        return main
+
+    return decorate
