@@ -260,6 +260,7 @@ class Trainer:
     def run_logged(self) -> dict[str, Any]:
         """:meth:`run` with the configured loggers (``logger`` section) open, closed afterwards."""
         self.logger = MetricLogger.from_config(self.cfg.logger, self.run_dir, self.name, is_rank_zero=is_rank_zero)
+        LOG.info("%s: starting (trainer.max_steps=%d, run_dir=%s)", self.name, self.max_steps, self.run_dir)
         try:
             return self.run()
         finally:
