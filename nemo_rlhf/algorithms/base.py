@@ -199,11 +199,12 @@ class Trainer:
     def fit(self) -> dict[str, Any] | None:
         """Train from ``self.step`` to ``trainer.max_steps``.
 
-        After each step: log (every ``trainer.log_every_n_steps`` and at the last step), evaluate
-        every ``trainer.val_check_interval`` steps (global step count, so a resumed run evaluates
-        at the same steps; not at the last step, which the caller evaluates in full), checkpoint
-        every ``checkpoint.every_n_steps`` and at the last step (never right after a step skipped
-        for non-finite values), and on SIGTERM/SIGUSR1 checkpoint and stop.
+        After each step: evaluate every ``trainer.val_check_interval`` steps (global step count,
+        so a resumed run evaluates at the same steps; not at the last step, which the caller
+        evaluates in full), checkpoint every ``checkpoint.every_n_steps`` and at the last step
+        (never right after a step skipped for non-finite values), then log the step's metrics
+        (every ``trainer.log_every_n_steps`` and at the last step); on SIGTERM/SIGUSR1 checkpoint
+        and stop.
 
         Returns:
             None when training reached ``trainer.max_steps``; after a preemption
@@ -227,8 +228,6 @@ class Trainer:
                     index = self.step
                     self.step += 1
                     last = self.step >= self.max_steps
-                    if (index + 1) % every_log == 0 or last:
-                        self.log_metrics({f"{self.metric_prefix}/{k}": v for k, v in metrics.items()}, index)
                     progress.update(self.step, metrics)
                     if every_val and self.step % every_val == 0 and not last:
                         self.run_evaluation(int(t.limit_val_batches) if t.limit_val_batches else None)
@@ -239,6 +238,10 @@ class Trainer:
                     periodic = every_ckpt > 0 and self.step % every_ckpt == 0
                     if preempted or ((periodic or last) and not suspect):
                         self.save_checkpoint(f" (preempted by {preemption.requested})" if preempted else "")
+                    # Logged after the step's checkpoint: a step's metrics row implies its state is saved
+                    # whenever that step was due for a checkpoint.
+                    if (index + 1) % every_log == 0 or last:
+                        self.log_metrics({f"{self.metric_prefix}/{k}": v for k, v in metrics.items()}, index)
                     if preempted:
                         self.preempted_by = preemption.requested or "signal on another rank"
                         break
