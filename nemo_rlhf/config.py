@@ -724,16 +724,16 @@ def _json_tokenizer() -> TokenizerConfig:
 
 
 @dataclass
-class SFTStageConfig(_Stage):
-    """``conf/gpt_sft.yaml``: supervised fine-tuning on prompt + chosen response."""
+class _TrainingStage(_Stage):
+    """The sections every training stage has (SFT, reward model, PPO actor)."""
 
-    run_dir: str = "runs/sft"
+    run_dir: str = "runs/stage"
     seed: int = 1234
-    init_from: Optional[str] = None  # weights directory to start from; None: random init
+    init_from: Optional[str] = MISSING  # weights directory to start from
     model: ModelConfig = field(default_factory=ModelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    tokenizer: TokenizerConfig = field(default_factory=_json_tokenizer)
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -741,42 +741,33 @@ class SFTStageConfig(_Stage):
 
 
 @dataclass
-class RewardModelStageConfig(_Stage):
+class SFTStageConfig(_TrainingStage):
+    """``conf/gpt_sft.yaml``: supervised fine-tuning on prompt + chosen response."""
+
+    run_dir: str = "runs/sft"
+    init_from: Optional[str] = None  # weights directory to start from; None: random init
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+
+@dataclass
+class RewardModelStageConfig(_TrainingStage):
     """``conf/gpt_rm.yaml``: Bradley-Terry reward model initialised from the SFT weights
     (``init_from``, required) with the SFT tokenizer (``tokenizer.path``, required)."""
 
     run_dir: str = "runs/rm"
-    seed: int = 1234
     init_from: str = MISSING  # the SFT weights directory
-    model: ModelConfig = field(default_factory=ModelConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    tokenizer: TokenizerConfig = field(default_factory=_json_tokenizer)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    batch: BatchConfig = field(default_factory=BatchConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
 @dataclass
-class PPOActorStageConfig(_Stage):
+class PPOActorStageConfig(_TrainingStage):
     """``conf/gpt_ppo_actor.yaml``: the PPO actor against a critic server (``critic:``); policy and
-    frozen reference from ``init_from`` (required), tokenizer ``tokenizer.path`` (required).
-    ``batch.global_batch_size`` counts prompts (rollouts) per PPO step over all DP ranks."""
+    frozen reference from ``init_from`` (SFT weights, required), tokenizer ``tokenizer.path``
+    (required). ``batch.global_batch_size`` counts prompts (rollouts) per PPO step over all DP ranks."""
 
     run_dir: str = "runs/ppo"
-    seed: int = 1234
     init_from: str = MISSING  # SFT weights: initial policy and the frozen reference policy
-    model: ModelConfig = field(default_factory=ModelConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    tokenizer: TokenizerConfig = field(default_factory=_json_tokenizer)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    batch: BatchConfig = field(default_factory=BatchConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     critic: CriticClientConfig = field(default_factory=CriticClientConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
 @dataclass
