@@ -14,6 +14,10 @@ case "$VENV" in /*) ;; *) VENV="$REPO_ROOT/$VENV" ;; esac
 bash scripts/setup_env.sh
 
 export PYTHONUNBUFFERED=1
+# Tiny models, many processes (launchers, critic servers, torchrun ranks) sharing few cores: one
+# intra-op thread each unless the caller says otherwise (with torch's default two threads per
+# process a critic server once missed PyTriton's start-up timeout under that contention).
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 # The layer contract (.importlinter): a package imports only the packages below it.
 "$VENV/bin/lint-imports" --no-cache || { echo "[test.sh] lint-imports: a layer contract is broken (see above)" >&2; exit 1; }
 rc=0
