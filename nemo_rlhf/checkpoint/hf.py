@@ -8,6 +8,8 @@ Two layers:
 * directory functions (:func:`import_hf`, :func:`export_hf`) that read a ``save_pretrained``
   directory (``config.json`` + ``*.safetensors``) into a megatron dist-checkpoint written by
   :func:`nemo_rlhf.checkpoint.weights.save_model_weights` plus ``model_config.yaml``, and back.
+  Every import goes through one writer, :func:`import_state_dict`; :func:`import_hf_model` takes
+  an in-memory ``transformers`` model (and tokenizer), as :mod:`nemo_rlhf.checkpoint.gguf` does.
 
 Layouts (see ``docs/conversion.md`` for the full name tables):
 
@@ -29,6 +31,7 @@ Layouts (see ``docs/conversion.md`` for the full name tables):
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -41,6 +44,7 @@ ROLES = ("policy", "reward", "critic")
 ARCHS = ("llama", "gpt2")
 MODEL_CONFIG_FILE = "model_config.yaml"
 _HEAD_ROLES = ("reward", "critic")
+HEAD_INIT_SEED = 0  # seed of a freshly initialised reward / critic head on import
 
 
 def _arch_of(hf_config) -> str:
@@ -534,15 +538,75 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
     return cfg
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+                   "special_tokens_map.json")
+
+
+def import_state_dict(hf_config, hf_sd: Mapping[str, torch.Tensor], out_dir: str | os.PathLike,
+                      role: str = "policy", source: str = "the HF state dict") -> dict[str, Any]:
+    """Write an HF Llama / GPT-2 state dict as a megatron checkpoint of ``role`` (the one writer
+    behind :func:`import_hf`, :func:`import_hf_model` and :func:`nemo_rlhf.checkpoint.gguf.import_gguf`).
+
+    Maps ``hf_sd`` with :func:`hf_state_dict_to_megatron`, loads it into a freshly built TP = PP = 1
+    ``GPTModel`` of ``role`` (in the parameters' dtype), and writes ``<out_dir>/weights`` (a
+    :func:`~nemo_rlhf.checkpoint.weights.save_model_weights` dist-checkpoint, TP/PP-reshardable) and
+    ``<out_dir>/model_config.yaml`` (our ``model:`` config). For ``role`` reward / critic the scalar
+    head comes from HF ``score.weight [1, H]`` (and ``score.bias`` if present, else 0); when there is
+    no ``score.weight`` (a causal LM), the head keeps a fresh init (normal(0, init_method_std)
+    weight drawn after ``torch.manual_seed(HEAD_INIT_SEED)`` in a forked RNG, so every import gives
+    the same head; zero bias) and a warning is issued. Runs in the current
+    megatron world (it must be TP = PP = 1) or creates and destroys a one-process CPU world.
+
+    Args:
+        hf_config: the HF config (``LlamaConfig`` / ``GPT2Config``).
+        hf_sd: its state dict (full tensors, any float dtype).
+        out_dir: output directory (created).
+        role: ``policy``, ``reward`` or ``critic``.
+        source: where ``hf_sd`` came from, for messages.
+
+    Returns:
+        the ``model:`` config written.
+
+    Raises:
+        ValueError: unknown role, unsupported HF architecture, or tensors that do not fill the model.
+    """
+    from nemo_rlhf.checkpoint.weights import save_model_weights
+
+    if role not in ROLES:
+        raise ValueError(f"role={role!r} not in {ROLES}")
+    out_dir = Path(out_dir)
+    model_cfg = hf_config_to_model_cfg(hf_config)
+    head = role in _HEAD_ROLES
+    if not head:
+        hf_sd = {k: v for k, v in hf_sd.items() if not k.startswith("score.")}
+    elif "score.weight" not in hf_sd:
+        warnings.warn(f"{source} has no score.weight: the {role} head is freshly initialised", stacklevel=3)
+    sd = hf_state_dict_to_megatron(hf_sd, hf_config)
+    if head and sd.get("output_layer.weight") is not None and sd["output_layer.weight"].shape[0] != 1:
+        del sd["output_layer.weight"]  # an untied LM's lm_head: not part of a scalar-head model
+    with _OneProcessWorld():
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left untouched
+            torch.manual_seed(HEAD_INIT_SEED)  # a fresh scalar head is the same on every import
+            gpt = _build(model_cfg, role)
+        dtype = next(gpt.parameters()).dtype
+        result = gpt.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")
+                   and not (head and k.startswith("output_layer."))]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"conversion of {source} gave missing {missing}, unexpected {result.unexpected_keys}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_model_weights(gpt, out_dir / "weights")
+    _write_yaml(out_dir / MODEL_CONFIG_FILE, model_cfg)
+    return model_cfg
+
+
 def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, role: str = "policy") -> dict[str, Any]:
     """Convert an HF ``save_pretrained`` directory into a megatron checkpoint of ``role``.
 
-    Writes ``<out_dir>/weights`` (a :func:`save_model_weights` dist-checkpoint, TP/PP-reshardable)
-    and ``<out_dir>/model_config.yaml`` (our ``model:`` config). For ``role`` reward / critic the
-    scalar head comes from HF ``score.weight [1, H]`` (and ``score.bias`` if present, else 0);
-    when the directory has no ``score.weight`` (a causal LM), the head keeps a fresh init
-    (normal(0, init_method_std) weight, zero bias) and a warning is issued. Runs in the current
-    megatron world (it must be TP = PP = 1) or creates and destroys a one-process CPU world.
+    Writes ``<out_dir>/weights`` and ``<out_dir>/model_config.yaml`` through
+    :func:`import_state_dict` (heads: see there), and copies the directory's tokenizer files
+    (:data:`TOKENIZER_FILES`, those present) next to them, so that ``<out_dir>`` also serves as
+    ``tokenizer.type: hf``, ``tokenizer.path: <out_dir>`` when the HF directory had a tokenizer.
 
     Returns:
         the ``model:`` config written.
@@ -551,32 +615,42 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, role: str =
         FileNotFoundError: ``hf_dir`` missing, or without config.json / safetensors (names the path).
         ValueError: unknown role or unsupported HF architecture.
     """
-    from nemo_rlhf.checkpoint.weights import save_model_weights
-
     if role not in ROLES:
         raise ValueError(f"role={role!r} not in {ROLES}")
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     hf_config, hf_sd = _load_hf_dir(hf_dir)
-    model_cfg = hf_config_to_model_cfg(hf_config)
-    head = role in _HEAD_ROLES
-    if not head:
-        hf_sd = {k: v for k, v in hf_sd.items() if not k.startswith("score.")}
-    elif "score.weight" not in hf_sd:
-        warnings.warn(f"{hf_dir} has no score.weight: the {role} head is freshly initialised", stacklevel=2)
-    sd = hf_state_dict_to_megatron(hf_sd, hf_config)
-    if head and sd.get("output_layer.weight") is not None and sd["output_layer.weight"].shape[0] != 1:
-        del sd["output_layer.weight"]  # an untied LM's lm_head: not part of a scalar-head model
-    with _OneProcessWorld():
-        gpt = _build(model_cfg, role)
-        dtype = next(gpt.parameters()).dtype
-        result = gpt.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False)
-        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")
-                   and not (head and k.startswith("output_layer."))]
-        if missing or result.unexpected_keys:
-            raise ValueError(f"conversion of {hf_dir} gave missing {missing}, unexpected {result.unexpected_keys}")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_model_weights(gpt, out_dir / "weights")
-    _write_yaml(out_dir / MODEL_CONFIG_FILE, model_cfg)
+    model_cfg = import_state_dict(hf_config, hf_sd, out_dir, role, source=str(hf_dir))
+    for name in TOKENIZER_FILES:
+        if (hf_dir / name).is_file():
+            shutil.copyfile(hf_dir / name, out_dir / name)
+    return model_cfg
+
+
+def import_hf_model(model, out_dir: str | os.PathLike, role: str = "policy", tokenizer=None,
+                    source: str | None = None) -> dict[str, Any]:
+    """Convert an in-memory ``transformers`` model (e.g. one loaded from a GGUF file) into a
+    megatron checkpoint of ``role`` through :func:`import_state_dict`, and save its tokenizer.
+
+    Args:
+        model: a ``LlamaForCausalLM`` / ``GPT2LMHeadModel`` (or ``*ForSequenceClassification``);
+            its ``state_dict()`` is converted in its own dtype (load it in fp32 for exact weights).
+        out_dir: output directory: ``weights/``, ``model_config.yaml`` and, with ``tokenizer``,
+            ``tokenizer.save_pretrained`` files (``tokenizer.json``, ``tokenizer_config.json``,
+            ``chat_template.jinja``), loadable as ``tokenizer.type: hf``, ``tokenizer.path: <out_dir>``.
+        role: ``policy``, ``reward`` or ``critic``.
+        tokenizer: a ``transformers`` tokenizer, or None.
+        source: where the model came from, for messages (default: its class name).
+
+    Returns:
+        the ``model:`` config written.
+
+    Raises:
+        ValueError: see :func:`import_state_dict`.
+    """
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    model_cfg = import_state_dict(model.config, sd, out_dir, role, source=source or type(model).__name__)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))
     return model_cfg
 
 

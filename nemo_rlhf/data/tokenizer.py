@@ -1,6 +1,7 @@
-"""Byte-level BPE tokenizers (GPT-2 vocabulary or a small one trained on the fly), wrapping
-Hugging Face ``tokenizers``. GPT-2 BPE: Radford et al. 2019, "Language Models are Unsupervised
-Multitask Learners", section 2.2."""
+"""Tokenizers wrapping Hugging Face ``tokenizers``: byte-level BPE (GPT-2 vocabulary or a small one
+trained on the fly), a saved ``tokenizer.json``, or a Hugging Face tokenizer directory with a chat
+template (e.g. SmolLM2-135M-Instruct's, written by ``python -m nemo_rlhf.convert gguf-to-megatron``).
+GPT-2 BPE: Radford et al. 2019, "Language Models are Unsupervised Multitask Learners", section 2.2."""
 
 from __future__ import annotations
 
@@ -16,31 +17,58 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from nemo_rlhf.data.hh import DataFormatError
 
 EOS_TOKEN = "<|endoftext|>"
+HF_INSTALL = "pip install -e .[hf]"
 
 
 class Tokenizer:
-    """Thin wrapper over a ``tokenizers.Tokenizer`` with an ``<|endoftext|>`` token.
+    """Thin wrapper over a ``tokenizers.Tokenizer`` with an end-of-sequence token.
 
-    No special tokens are added by :meth:`encode`; callers append ``eos_id`` themselves.
-    ``<|endoftext|>`` written literally in text is encoded as ``eos_id`` (as GPT2TokenizerFast does).
+    No special tokens are added by :meth:`encode`; callers append ``eos_id`` themselves. Special
+    tokens written literally in text (``<|endoftext|>``, ``<|im_end|>``, ...) are encoded as their
+    ids (as ``transformers``' fast tokenizers do).
+
+    End of sequence and padding: the GPT-2 BPE and trained tokenizers end a sequence with
+    ``<|endoftext|>`` and pad with it too. A Hugging Face tokenizer (``tokenizer.type: hf``) uses
+    the ``eos_token`` and ``pad_token`` of its ``tokenizer_config.json``, i.e. the way the model
+    was trained: for SmolLM2-135M-Instruct both are ``<|im_end|>`` (id 2), the token that closes
+    every turn of its chat template and the one its generation config stops at; ``<|endoftext|>``
+    (id 0, the pretraining document separator) and ``<|im_start|>`` (id 1, which opens a turn)
+    are ordinary special tokens. Padding is always masked out, so ``pad_id == eos_id`` is safe.
+
+    Args:
+        tokenizer: the ``tokenizers.Tokenizer`` that encodes and decodes.
+        eos_token: the end-of-sequence token (must be in the vocabulary).
+        pad_token: the padding token (default: ``eos_token``).
+        hf_tokenizer: the ``transformers`` tokenizer whose chat template
+            :meth:`apply_chat_template` renders (``tokenizer`` is its ``backend_tokenizer``), or None.
 
     Attributes:
         vocab_size: number of ids, added special tokens included.
-        eos_id: id of ``"<|endoftext|>"``.
-        pad_id: padding id, equal to ``eos_id`` (padding is always masked out).
+        eos_id: id of ``eos_token``.
+        pad_id: id of ``pad_token``.
+        chat_template: the Jinja chat template, or None.
 
     Raises:
-        ValueError: the wrapped tokenizer has no ``"<|endoftext|>"`` token.
+        ValueError: ``eos_token`` or ``pad_token`` is not in the vocabulary.
     """
 
-    def __init__(self, tokenizer: tokenizers.Tokenizer):
+    def __init__(self, tokenizer: tokenizers.Tokenizer, eos_token: str = EOS_TOKEN,
+                 pad_token: str | None = None, hf_tokenizer: Any = None):
         self.backend = tokenizer
-        eos = tokenizer.token_to_id(EOS_TOKEN)
-        if eos is None:
-            raise ValueError(f"tokenizer has no {EOS_TOKEN!r} token")
-        self.eos_id: int = eos
-        self.pad_id: int = eos
+        self.hf_tokenizer = hf_tokenizer
+        ids = {}
+        for name, token in (("eos", eos_token), ("pad", pad_token or eos_token)):
+            ids[name] = tokenizer.token_to_id(token)
+            if ids[name] is None:
+                raise ValueError(f"tokenizer has no {token!r} token (its {name} token)")
+        self.eos_token: str = eos_token
+        self.eos_id: int = ids["eos"]
+        self.pad_id: int = ids["pad"]
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self.hf_tokenizer, "chat_template", None)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (no special tokens added). Raises TypeError if not a str."""
@@ -61,10 +89,51 @@ class Tokenizer:
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
         return self.backend.decode(ids, skip_special_tokens=False)
 
+    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False,
+                            tokenize: bool = True) -> list[int] | str:
+        """Format a dialogue with the model's own chat template (as it was fine-tuned).
+
+        The template is rendered by ``transformers`` (``apply_chat_template(tokenize=False)``:
+        its Jinja environment, default system prompt and special tokens) and the text encoded by
+        :meth:`encode`; the ids equal ``transformers``' ``apply_chat_template(tokenize=True)``.
+        SmolLM2-Instruct: ``<|im_start|>{role}\n{content}<|im_end|>\n`` per message, with a
+        default system message first when the dialogue has none.
+
+        Args:
+            messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``.
+            add_generation_prompt: append the header of an assistant turn
+                (``<|im_start|>assistant\n``), for prompting generation.
+            tokenize: return ids (True) or the rendered text (False).
+
+        Returns:
+            ``list[int]`` ids, or the text.
+
+        Raises:
+            ValueError: the tokenizer has no chat template (only ``tokenizer.type: hf`` directories
+                with one do), or a message is not a ``{"role", "content"}`` mapping.
+        """
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat template: use tokenizer.type=hf with a Hugging Face "
+                             "tokenizer directory that has one (e.g. python -m nemo_rlhf.convert "
+                             "gguf-to-megatron --smollm2 --out DIR)")
+        for i, m in enumerate(messages):
+            if not (isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise ValueError(f"messages[{i}] must be a mapping with str 'role' and 'content', got {m!r}")
+        text = self.hf_tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False,
+                                                     add_generation_prompt=add_generation_prompt)
+        return self.encode(text) if tokenize else text
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``tokenizer.json`` to ``path`` (a file path, or an existing directory to write
-        ``<dir>/tokenizer.json`` into). Returns the file written."""
+        ``<dir>/tokenizer.json`` into). Returns the file written. A Hugging Face tokenizer
+        (with a chat template) is saved whole into the directory ``path`` (``save_pretrained``:
+        ``tokenizer.json``, ``tokenizer_config.json``, ``chat_template.jinja``), loadable again as
+        ``tokenizer.type: hf``."""
         path = Path(path)
+        if self.hf_tokenizer is not None:
+            path.mkdir(parents=True, exist_ok=True)
+            self.hf_tokenizer.save_pretrained(str(path))
+            return path / "tokenizer.json"
         if path.is_dir():
             path = path / "tokenizer.json"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -205,7 +274,8 @@ def load_tokenizer(cfg: Mapping[str, Any]) -> Tokenizer:
     ``type: gpt2_bpe`` with ``vocab_file`` and ``merges_file`` (GPT-2 ``vocab.json`` /
     ``merges.txt``): BPE model, ByteLevel pre-tokenizer (no prefix space) and decoder; gives the
     same ids as ``transformers.GPT2TokenizerFast``. ``type: tokenizer_json`` with ``path``: a saved
-    ``tokenizer.json``.
+    ``tokenizer.json`` (EOS and padding ``<|endoftext|>``). ``type: hf`` with ``path``: a Hugging
+    Face tokenizer directory with its chat template (:func:`load_hf_tokenizer`).
 
     The GPT-2 files are validated first (:func:`read_gpt2_vocab`, :func:`read_gpt2_merges`);
     there is no skip policy for a vocabulary: any defect is an error.
@@ -216,6 +286,7 @@ def load_tokenizer(cfg: Mapping[str, Any]) -> Tokenizer:
             ``tokenizer.json``; the message names the file (and the line for merges).
         ValueError: unknown ``tokenizer.type``, a required field is missing, or the vocabulary
             has no ``<|endoftext|>``.
+        ImportError: ``type: hf`` without ``transformers``.
     """
     kind = cfg.get("type")
     if kind == "gpt2_bpe":
@@ -236,7 +307,48 @@ def load_tokenizer(cfg: Mapping[str, Any]) -> Tokenizer:
             raise DataFormatError(f"{path}: cannot load tokenizer.json: {e}", path=path,
                                   reason="bad_tokenizer_json") from e
         return Tokenizer(backend)
-    raise ValueError(f"unknown tokenizer.type {kind!r}; expected 'gpt2_bpe' or 'tokenizer_json'")
+    if kind == "hf":
+        return load_hf_tokenizer(cfg.get("path"))
+    raise ValueError(f"unknown tokenizer.type {kind!r}; expected 'gpt2_bpe', 'tokenizer_json' or 'hf'")
+
+
+def load_hf_tokenizer(path: str | os.PathLike | None) -> Tokenizer:
+    """A :class:`Tokenizer` from a Hugging Face tokenizer directory (``tokenizer.type: hf``).
+
+    Loads ``<path>`` with ``transformers.AutoTokenizer.from_pretrained`` (local files only) and
+    wraps its fast ``backend_tokenizer``; ``eos_id`` / ``pad_id`` are its ``eos_token`` /
+    ``pad_token`` (pad defaults to EOS), and its chat template serves
+    :meth:`Tokenizer.apply_chat_template`.
+
+    Raises:
+        ValueError: ``tokenizer.path`` not set, or the tokenizer has no ``eos_token`` or is not a
+            fast (``tokenizers``-backed) tokenizer.
+        FileNotFoundError: ``tokenizer.path`` is not a directory with ``tokenizer.json``.
+        ImportError: ``transformers`` is not installed (names ``pip install -e .[hf]``).
+        DataFormatError: the files exist but do not load (names the directory).
+    """
+    if path is None:
+        raise ValueError("tokenizer.path is required for tokenizer.type='hf' (a Hugging Face tokenizer directory)")
+    path = Path(str(path)).expanduser()
+    if not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"tokenizer.path: {str(path)!r} is not a Hugging Face tokenizer directory "
+                                "(no tokenizer.json in it)")
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError(f"tokenizer.type=hf needs transformers: `{HF_INSTALL}`") from e
+    try:
+        hf = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers' errors rarely name the file
+        raise DataFormatError(f"{path}: cannot load the Hugging Face tokenizer: {e}", path=path,
+                              reason="bad_tokenizer_json") from e
+    backend = getattr(hf, "backend_tokenizer", None)
+    if not isinstance(backend, tokenizers.Tokenizer):
+        raise ValueError(f"tokenizer.path {str(path)!r}: {type(hf).__name__} is not a fast (tokenizers) tokenizer")
+    if not hf.eos_token:
+        raise ValueError(f"tokenizer.path {str(path)!r}: tokenizer_config.json sets no eos_token")
+    return Tokenizer(backend, eos_token=str(hf.eos_token), pad_token=str(hf.pad_token or hf.eos_token),
+                     hf_tokenizer=hf)
 
 
 def train_bpe_tokenizer(
