@@ -23,6 +23,16 @@ register_configs()  # the typed schemas the YAMLs in conf/ extend
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _leaves(node, prefix: str):
+    """``(dotted key, value)`` of every leaf of a config mapping: nested sections (``model.lora``)
+    become one command-line override per key (Hydra's override grammar takes no quoted dict keys)."""
+    for key, value in node.items():
+        if hasattr(value, "items"):
+            yield from _leaves(value, f"{prefix}.{key}")
+        else:
+            yield f"{prefix}.{key}", value
+
+
 def stage_config(name: str, demo_cfg, section: str, **extra):
     """conf/<name>.yaml merged with the demo's `common` (the sections that stage has), the demo's
     stage section and `extra` (see nemo_rlhf.config.demo_stage_node)."""
@@ -86,8 +96,8 @@ def main(cfg) -> None:
         if cfg.common.data.get("data_dir"):
             overrides.append(f"data.data_dir={cfg.common.data.data_dir}")
         # Forward the demo's critic/common model settings to the server process.
-        for key, value in critic_cfg.model.items():
-            overrides.append(f"model.{key}={'null' if value is None else value}")
+        for key, value in _leaves(critic_cfg.model, "model"):
+            overrides.append(f"{key}={'null' if value is None else value}")
         cmd = [sys.executable, str(REPO / "launchers" / "serve_critic.py"), *overrides]
         # One access token per demo run (inherited by the server process, read by the client).
         os.environ.setdefault("NEMO_RLHF_CRITIC_TOKEN", secrets.token_urlsafe(32))

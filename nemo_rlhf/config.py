@@ -53,7 +53,7 @@ MISSING = "???"  # omegaconf.MISSING: a value the user must give (e.g. ``init_fr
 
 __all__ = [
     "MISSING", "ConfigError", "ConfigTypeError",
-    "ModelConfig", "OptimConfig", "BatchConfig", "DataConfig", "TokenizerConfig", "TrainerConfig",
+    "ModelConfig", "LoRAConfig", "OptimConfig", "BatchConfig", "DataConfig", "TokenizerConfig", "TrainerConfig",
     "CheckpointConfig", "KLControllerConfig", "SamplingConfig", "ValSamplingConfig", "PPOConfig",
     "CriticClientConfig", "ServerConfig", "LoggerConfig",
     "SFTStageConfig", "RewardModelStageConfig", "PPOActorStageConfig", "CriticServerStageConfig",
@@ -220,6 +220,52 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "squared_relu", "swiglu", "geglu")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 PARAMS_DTYPES = ("fp32", "32", "bf16", "16", "fp16")
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
+LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")  # model.lora.target_modules: attention / MLP linears
+
+
+@dataclass
+class LoRAConfig(_Section):
+    """``model.lora:`` — low-rank adapters (Hu et al. 2021, "LoRA", eq. 3: ``h = W0 x + (alpha / r)
+    B A x``) on the attention (``qkv``: ``linear_qkv``, ``proj``: ``linear_proj``) and MLP (``fc1``,
+    ``fc2``) linears of every transformer layer; see ``nemo_rlhf/models/lora.py``. ``rank`` r: 0 or
+    None turns LoRA off. ``alpha``: the scale numerator (the update is ``alpha / r * B A``).
+    ``dropout``: dropout probability on the adapter's input. ``train_head``: the output head (the LM
+    head -- with tied embeddings that is the embedding matrix -- or the reward/value head) trains
+    too; otherwise only the adapters do.
+
+    Raises:
+        ConfigError: ``rank`` < 0, ``alpha`` <= 0, ``dropout`` outside [0, 1), an unknown or repeated
+            ``target_modules`` entry (named, with the nearest valid one), no target module.
+    """
+
+    SECTION: ClassVar[str] = "model.lora"
+
+    rank: Optional[int] = 0  # 0 / None: off
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    train_head: bool = False
+
+    def _validate(self) -> None:
+        self._greater("rank", 0, or_equal=True)
+        self._greater("alpha", 0.0)
+        self._between("dropout", 0.0, 1.0, high_open=True)
+        if not self.target_modules:
+            raise ConfigError(f"model.lora.target_modules must name at least one of {list(LORA_TARGETS)}")
+        for i, name in enumerate(self.target_modules):
+            if name not in LORA_TARGETS:
+                close = difflib.get_close_matches(str(name), LORA_TARGETS, n=1, cutoff=0.5)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"model.lora.target_modules[{i}]={name!r} is not one of {list(LORA_TARGETS)}{hint}")
+            if name in self.target_modules[:i]:
+                raise ConfigError(f"model.lora.target_modules[{i}]={name!r} is listed twice")
+
+    @property
+    def enabled(self) -> bool:
+        """True when adapters are built (``rank`` >= 1)."""
+        return bool(self.rank)
+
+
 
 
 @dataclass
@@ -263,6 +309,7 @@ class ModelConfig(_Section):
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
     use_cpu_initialization: Optional[bool] = None  # None: True on CPU runs, False on GPU
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # low-rank adapters (off: rank 0)
 
     def _validate(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",

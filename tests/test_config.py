@@ -76,6 +76,7 @@ PPO_DEFAULTS = dict(
     kl_controller=dict(type="adaptive", init_kl_coef=0.05, target=6.0, horizon=10000),
     whiten_advantages=True, reference_offload=False,
     sampling=dict(max_new_tokens=32, temperature=1.0, top_k=0, top_p=1.0), val_sampling=dict(), seed=1234)
+ADDED_MODEL_KEYS = {"lora"}  # model keys added after 214b4b6 (the old code had none of them)
 SAMPLING_PARAMS_DEFAULTS = dict(greedy=False)  # SamplingParams fields PPO_DEFAULTS["sampling"] lacks
 CLIENT_RETRY_DEFAULTS = dict(retry_limit_s=300.0, retry_backoff_s=1.0, retry_backoff_max_s=30.0)
 
@@ -138,6 +139,16 @@ def effective(cfg: dict, stage: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- composition
+def _leaves(node, prefix: str):
+    """``(dotted key, value)`` of every leaf of a config mapping: nested sections (``model.lora``)
+    become one command-line override per key (Hydra's override grammar takes no quoted dict keys)."""
+    for key, value in node.items():
+        if hasattr(value, "items"):
+            yield from _leaves(value, f"{prefix}.{key}")
+        else:
+            yield f"{prefix}.{key}", value
+
+
 def _compose_all(conf_dir: Path, schema: bool) -> dict:
     """Plain dicts of every stage config: the launchers' (required values filled in) and the demo's,
     composed exactly as launchers/run_demo.py composes them."""
@@ -170,8 +181,8 @@ def _compose_all(conf_dir: Path, schema: bool) -> dict:
         overrides = [f"reward_model_path={RM_W}", f"tokenizer.path={TOK}", f"server.port={PORT}",
                      f"server.grpc_port={PORT + 1}", f"server.metrics_port={PORT + 2}", f"run_dir={RUN}",
                      f"trainer.accelerator={critic_cfg.trainer.accelerator}"]
-        for key, value in critic_cfg.model.items():  # forwarded to the server process
-            overrides.append(f"model.{key}={'null' if value is None else value}")
+        for key, value in _leaves(critic_cfg.model, "model"):  # forwarded to the server process
+            overrides.append(f"{key}={'null' if value is None else value}")
         out["demo/critic_server"] = plain(compose("gpt_ppo_critic", overrides))
         out["demo/ppo"] = plain(stage_config("gpt_ppo_actor", "ppo", run_dir=RUN, init_from=SFT_W,
                                              tokenizer=tokenizer, critic={"host": "127.0.0.1", "port": PORT}))
@@ -454,7 +465,8 @@ def test_to_plain_keeps_todays_mapping_shapes():
     plain = to_plain(cfg)
     assert plain["ppo"]["val_sampling"] == {"temperature": 0.5}  # overrides of sampling only
     assert cfg.ppo.val_sampling.resolve(cfg.ppo.sampling) == SamplingConfig(temperature=0.5)
-    assert set(plain["model"]) == set(MODEL_DEFAULTS)  # builder.model_cfg_with_defaults accepts it
+    # builder.model_cfg_with_defaults accepts it; keys added after 214b4b6 (default: off) come on top
+    assert set(plain["model"]) - ADDED_MODEL_KEYS == set(MODEL_DEFAULTS)
     assert set(plain["optim"]) == set(OPTIM_DEFAULTS)
     assert set(plain["ppo"]) == set(PPO_DEFAULTS)
     assert set(plain["ppo"]["sampling"]) - set(PPO_DEFAULTS["sampling"]) == {"greedy"}  # a SamplingParams field

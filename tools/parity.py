@@ -14,6 +14,9 @@ optimizer step on this DP rank's share of the global batch (several micro-batche
 averaged loss, saves the updated weights (``<out>/<role>/after``) and, for the actor, greedy
 generation from prompts of different lengths. Global rank 0 writes ``<out>/<role>/result.pt``.
 It is the tool behind ``tests/parallel`` and a quick check of a new cluster layout.
+
+``--lora`` puts LoRA adapters (:data:`LORA`) on every role, with random non-zero B in the initial
+weights (``tests/multiprocess/test_lora_tp.py``).
 """
 
 from __future__ import annotations
@@ -37,6 +40,26 @@ MODEL = dict(num_layers=4, hidden_size=32, num_attention_heads=4, num_query_grou
 # reduction-order noise move a weight by 2 * lr, which says nothing about the layout.)
 OPTIM = dict(optimizer="sgd", lr=1.0, clip_grad=1.0, weight_decay=0.0)
 GLOBAL_BATCH, SEQ, MICRO_BATCH = 8, 16, 2
+# --lora: adapters on every attention/MLP linear; the scalar heads of rm/critic train with them.
+LORA = dict(rank=4, alpha=8.0)
+
+
+def with_lora(model_cfg: dict[str, Any], role: str) -> dict[str, Any]:
+    """``model_cfg`` with LoRA adapters (:data:`LORA`; ``train_head`` for the scalar-head roles)."""
+    return dict(model_cfg, lora=dict(LORA, train_head=role in ("rm", "critic")))
+
+
+def randomize_adapters(model, seed: int = 7, std: float = 0.1) -> None:
+    """Non-zero B for the reference run's initial weights (B = 0 would make the adapters invisible
+    in the forward outputs); call in one process, before saving them."""
+    from nemo_rlhf.models.lora import adapter_parameters
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in adapter_parameters(model):
+            if name.endswith("lora_b"):
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
 
 
 def fixed_data(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -227,6 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--roles", default=",".join(ROLES))
     p.add_argument("--init", required=True, help="initial-weights directory (one sub-directory per role)")
     p.add_argument("--save-init", action="store_true", help="write the initial weights (reference run)")
+    p.add_argument("--lora", action="store_true", help="LoRA adapters (parity.LORA) on every role; initial B random")
     args = p.parse_args(argv)
     model_cfg, _ = init_layout(args)
     from nemo_rlhf.checkpoint.weights import load_weights, save_model_weights
@@ -239,12 +263,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for role in args.roles.split(","):
             seed_everything(args.seed)
-            model = build_role(role, model_cfg, optim)
+            model = build_role(role, with_lora(model_cfg, role) if args.lora else model_cfg, optim)
             init = Path(args.init) / role
             if role == "ppo":
                 load_ppo(model, Path(args.init))  # reuses the other roles' initial weights
             else:
                 if args.save_init:
+                    if args.lora:
+                        randomize_adapters(model)
                     save_model_weights(model.gpt, init)
                 load_weights(model, init)
             result = run_role(role, model, data)

@@ -686,6 +686,7 @@ def export_hf(
     from safetensors.torch import save_file
 
     from nemo_rlhf.checkpoint.weights import COMPLETE_MARKER, CheckpointError, load_model_weights
+    from nemo_rlhf.models.lora import is_adapter_name, merge_lora
 
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     if not ckpt_dir.is_dir():
@@ -706,7 +707,8 @@ def export_hf(
     with _OneProcessWorld():
         gpt = _build(cfg, role)
         load_model_weights(gpt, ckpt_dir)
-        sd = {k: v.detach().cpu() for k, v in gpt.state_dict().items() if v is not None}
+        merge_lora(gpt, keep_base=False)  # model.lora: the adapters are folded into the exported weights
+        sd = {k: v.detach().cpu() for k, v in gpt.state_dict().items() if v is not None and not is_adapter_name(k)}
     hf_sd = megatron_state_dict_to_hf(sd, hf_config)
     if hf_config.tie_word_embeddings:
         hf_sd.pop("lm_head.weight", None)

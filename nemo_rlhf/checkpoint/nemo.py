@@ -794,6 +794,7 @@ def _export_staged(cfg: Mapping[str, Any], role: str, ckpt_dir: Path, staging: P
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
     from nemo_rlhf.checkpoint.weights import barrier, global_rank, load_model_weights
+    from nemo_rlhf.models.lora import is_adapter_name, merge_lora
 
     head = role in _HEAD_ROLES
     if global_rank() == 0:
@@ -802,7 +803,8 @@ def _export_staged(cfg: Mapping[str, Any], role: str, ckpt_dir: Path, staging: P
     barrier()
     gpt = _build(cfg, role)
     load_model_weights(gpt, ckpt_dir)
-    sharded = gpt.sharded_state_dict(prefix="model.")
+    merge_lora(gpt, keep_base=False)  # model.lora: the adapters are folded into the exported weights
+    sharded = {k: v for k, v in gpt.sharded_state_dict(prefix="model.").items() if not is_adapter_name(k)}
     if head and gpt.post_process:
         for name in [n for n in sharded if n.startswith("model.output_layer.")]:
             item = sharded.pop(name)

@@ -58,10 +58,20 @@ def save_model_weights(gpt, path: str | os.PathLike) -> Path:
     """Save a megatron ``GPTModel``'s weights (all TP/PP shards, collectively) to ``path``.
 
     Must be called on every rank. An existing checkpoint at ``path`` is replaced atomically.
+    With LoRA on, the adapter tensors (``*.lora_a``, ``*.lora_b``) are saved with the base weights.
+
+    Raises:
+        CheckpointError: the model's LoRA adapters are merged (:func:`save_merged_weights` exports
+            a merged model).
     """
     from megatron.core import dist_checkpointing
 
+    from nemo_rlhf.models.lora import is_merged
+
     path = Path(path)
+    if is_merged(gpt):  # the base weights hold the adapters: saving both would apply them twice
+        raise CheckpointError(f"cannot save {path}: the LoRA adapters are merged into the base weights; unmerge "
+                              f"them (nemo_rlhf.models.lora.unmerge_lora) or use save_merged_weights for export")
     tmp = begin_atomic_dir(path)
     dist_checkpointing.save(gpt.sharded_state_dict(), str(tmp))
     barrier()
@@ -82,10 +92,13 @@ def load_model_weights(gpt, path: str | os.PathLike, skip_prefixes: tuple[str, .
             critic starts from an SFT checkpoint (its head replaces the vocabulary projection).
 
     Returns:
-        names of the parameters that were skipped.
+        names of the parameters that were skipped (with LoRA on and a checkpoint without adapters,
+        e.g. the SFT weights LoRA starts from: the adapters, which keep their fresh values).
 
     Raises:
-        CheckpointError: the directory is missing or incomplete, or lacks required weights.
+        CheckpointError: the directory is missing or incomplete, or lacks required weights (some
+            but not all adapters included); it holds LoRA adapters and the model has none; the
+            model's adapters are merged.
     """
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpointException
@@ -97,12 +110,23 @@ def load_model_weights(gpt, path: str | os.PathLike, skip_prefixes: tuple[str, .
         available = set(dist_checkpointing.load_tensors_metadata(str(path)).keys())
     except Exception as exc:  # noqa: BLE001 - re-raised with the path
         raise CheckpointError(f"cannot read checkpoint metadata at {path}: {exc}") from exc
+    from nemo_rlhf.models.lora import is_adapter_name, is_merged
+
+    if is_merged(gpt):
+        raise CheckpointError(f"cannot load {path} into a model whose LoRA adapters are merged: unmerge them first")
     sharded = gpt.sharded_state_dict()
     missing = []
+    saved_adapters = sorted(k for k in available if is_adapter_name(k))
+    if saved_adapters and not any(is_adapter_name(k) for k in sharded):
+        raise CheckpointError(
+            f"checkpoint {path} holds LoRA adapters ({saved_adapters[0]!r}, ...) but this model has none: set "
+            f"model.lora as the run that wrote it did (see its model_config / lora_config), or export a merged "
+            f"model with save_merged_weights")
     for name in list(sharded.keys()):
         item = sharded[name]
         key = getattr(item, "key", name)
-        if any(name.startswith(p) for p in skip_prefixes):
+        if any(name.startswith(p) for p in skip_prefixes) or (is_adapter_name(name) and not saved_adapters):
+            # (a base checkpoint without adapters: LoRA starts from its fresh adapters, B = 0)
             missing.append(name)
             del sharded[name]
             continue
@@ -141,3 +165,117 @@ def load_weights(module, path: str | os.PathLike, skip_prefixes: tuple[str, ...]
     if module.optimizer is not None:
         module.optimizer.reload_model_params()
     return skipped
+
+
+# ----------------------------------------------------------------------------- LoRA adapters
+def save_adapters(gpt, path: str | os.PathLike) -> Path:
+    """Save only the LoRA adapters of ``gpt`` (every TP/PP shard, collectively) and its LoRA config.
+
+    ``path`` becomes a dist-checkpoint of the ``*.lora_a`` / ``*.lora_b`` tensors (kilobytes to
+    megabytes instead of the whole model) plus ``lora_config.json`` (``model.lora``); it loads
+    under any TP/PP layout with :func:`load_adapters`. Replaced atomically, as
+    :func:`save_model_weights`. Must be called on every rank.
+
+    Raises:
+        CheckpointError: the model has no LoRA adapters, or they are merged.
+    """
+    import json
+
+    from megatron.core import dist_checkpointing
+
+    from nemo_rlhf.models.lora import CONFIG_FILE, adapter_sharded_state_dict, is_merged, lora_config_dict
+
+    path = Path(path)
+    config = lora_config_dict(gpt)
+    if config is None:
+        raise CheckpointError(f"cannot save adapters to {path}: the model has no LoRA adapters (model.lora.rank=0)")
+    if is_merged(gpt):
+        raise CheckpointError(f"cannot save adapters to {path}: they are merged into the base weights; unmerge first")
+    tmp = begin_atomic_dir(path)
+    dist_checkpointing.save(adapter_sharded_state_dict(gpt), str(tmp))
+    barrier()
+    if global_rank() == 0:
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
+        commit_atomic_dir(tmp, path)
+    barrier()
+    return path
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict:
+    """The ``model.lora`` config saved with adapters at ``path`` (``lora_config.json``).
+
+    Raises:
+        CheckpointError: no complete adapter checkpoint at ``path``.
+    """
+    import json
+
+    from nemo_rlhf.models.lora import CONFIG_FILE
+
+    path = Path(path)
+    if not (path / COMPLETE_MARKER).exists() or not (path / CONFIG_FILE).exists():
+        raise CheckpointError(f"no complete LoRA adapter checkpoint at {path} (needs {COMPLETE_MARKER} and "
+                              f"{CONFIG_FILE}; written by save_adapters)")
+    return json.loads((path / CONFIG_FILE).read_text())
+
+
+def load_adapters(module, path: str | os.PathLike) -> None:
+    """Load adapters saved by :func:`save_adapters` into a model with the same LoRA shape (any
+    TP/PP layout); the base weights are untouched. ``module``: a role (its optimizer's fp32 main
+    copies are refreshed, as :func:`load_weights`) or a megatron ``GPTModel``.
+
+    Raises:
+        CheckpointError: no adapter checkpoint at ``path``; the model has no LoRA, its adapters are
+            merged, or ``model.lora.rank`` / ``alpha`` / ``target_modules`` differ from the saved
+            ones (each named with both values).
+    """
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpointException
+
+    from nemo_rlhf.models.lora import adapter_sharded_state_dict, is_adapter_name, is_merged, lora_config_dict
+
+    path = Path(path)
+    gpt = getattr(module, "gpt", module)
+    saved = read_adapter_config(path)
+    ours = lora_config_dict(gpt)
+    if ours is None:
+        raise CheckpointError(f"adapters at {path} (rank {saved.get('rank')}) need a model built with model.lora "
+                              f"(this one has model.lora.rank=0): set model.lora as in {path}/lora_config.json")
+    for key in ("rank", "alpha", "target_modules"):
+        if saved.get(key) != ours[key]:
+            raise CheckpointError(f"adapters at {path} were saved with model.lora.{key}={saved.get(key)!r}, this model "
+                                  f"has model.lora.{key}={ours[key]!r}: build the model with the saved value")
+    if is_merged(gpt):
+        raise CheckpointError(f"cannot load adapters from {path}: this model's adapters are merged; unmerge first")
+    try:
+        state = dist_checkpointing.load(adapter_sharded_state_dict(gpt), str(path))
+    except (Exception, TorchCheckpointException) as exc:  # noqa: BLE001 - torch's is a BaseException
+        raise CheckpointError(f"failed to load adapters from {path}: {exc}") from exc
+    result = gpt.load_state_dict(state, strict=False)
+    absent = [k for k in result.missing_keys if is_adapter_name(k)]
+    if absent:
+        raise CheckpointError(f"adapter checkpoint {path} did not provide {absent}")
+    if getattr(module, "optimizer", None) is not None:
+        module.optimizer.reload_model_params()
+
+
+def save_merged_weights(gpt, path: str | os.PathLike) -> Path:
+    """Export ``gpt`` with its LoRA adapters merged into the base weights, as a plain weights
+    checkpoint (no adapter tensors): it loads into a model without LoRA (``model.lora.rank=0``)
+    and converts like any other (``python -m nemo_rlhf.convert megatron-to-hf`` / ``-to-nemo``).
+    The model itself is unmerged again (bitwise) on return. Collective; without LoRA the same as
+    :func:`save_model_weights`.
+    """
+    from megatron.core import dist_checkpointing
+
+    from nemo_rlhf.models.lora import is_adapter_name, merged_lora
+
+    path = Path(path)
+    with merged_lora(gpt):
+        sharded = {k: v for k, v in gpt.sharded_state_dict().items() if not is_adapter_name(k)}
+        tmp = begin_atomic_dir(path)
+        dist_checkpointing.save(sharded, str(tmp))
+    barrier()
+    if global_rank() == 0:
+        commit_atomic_dir(tmp, path)
+    barrier()
+    return path

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from nemo_rlhf.config import ModelConfig, parse_config, to_plain
+from nemo_rlhf.models.lora import init_lora_weights, lora_config, lora_layer_spec
 from nemo_rlhf.models.norms import TPAwareNorm
 
 _ACTIVATIONS = {
@@ -105,8 +106,9 @@ def transformer_config(model_cfg: Mapping[str, Any]):
     )
 
 
-def gpt_block_spec(config, vp_stage: int | None = None):
-    """Local (torch-only) transformer block spec for this pipeline stage, with TP/SP-aware norms."""
+def gpt_block_spec(config, vp_stage: int | None = None, lora=None):
+    """Local (torch-only) transformer block spec for this pipeline stage, with TP/SP-aware norms
+    (and LoRA linears when ``lora``, a :class:`~nemo_rlhf.config.LoRAConfig`, is given)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
@@ -117,6 +119,8 @@ def gpt_block_spec(config, vp_stage: int | None = None):
     sub = layer_spec.submodules
     sub.input_layernorm = TPAwareNorm
     sub.pre_mlp_layernorm = TPAwareNorm
+    if lora is not None:
+        layer_spec = lora_layer_spec(layer_spec, lora)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=TPAwareNorm)
 
@@ -139,6 +143,8 @@ def build_gpt_model(
         ``GPTModel`` whose forward takes ``input_ids [B, S]`` int64, ``position_ids [B, S]`` int64,
         ``attention_mask`` (None: causal) and returns logits ``[B, S, V_padded / TP]`` on the last
         stage, or hidden states ``[S, B, H]`` on other stages.
+        With ``model.lora.rank`` >= 1 its attention/MLP linears carry LoRA adapters
+        (:mod:`nemo_rlhf.models.lora`; ``model.lora_config`` holds the config, else None).
 
     Raises:
         ValueError: no vocabulary size given, or a bad config value.
@@ -148,6 +154,7 @@ def build_gpt_model(
 
     cfg = model_cfg_with_defaults(model_cfg)
     config = transformer_config(cfg)
+    lora = lora_config(cfg)  # model.lora: None when off
     vocab = cfg["vocab_size"] or vocab_size
     if not vocab:
         raise ValueError("model.vocab_size is null and no tokenizer vocabulary size was given")
@@ -158,7 +165,7 @@ def build_gpt_model(
         tie = share_embeddings_and_output_weights
     model = GPTModel(
         config=config,
-        transformer_layer_spec=gpt_block_spec(config),
+        transformer_layer_spec=gpt_block_spec(config, lora=lora),
         vocab_size=padded,
         max_sequence_length=cfg["max_position_embeddings"],
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -170,6 +177,9 @@ def build_gpt_model(
         rotary_base=cfg["rotary_base"],
     )
     model.unpadded_vocab_size = int(vocab)
+    model.lora_config = lora
+    if lora is not None:
+        init_lora_weights(model)
     return model
 
 

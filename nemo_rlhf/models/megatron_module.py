@@ -20,6 +20,7 @@ import torch
 from nemo_rlhf.config import OptimConfig, parse_config, to_plain
 from nemo_rlhf.models.builder import build_gpt_model, model_cfg_with_defaults
 from nemo_rlhf.models.heads import attach_scalar_head
+from nemo_rlhf.models.lora import freeze_for_lora
 
 class NonFiniteError(FloatingPointError):
     """Raised after ``optim.max_nonfinite_in_a_row`` consecutive updates had a non-finite loss,
@@ -83,6 +84,7 @@ class MegatronGPTModule(pl.LightningModule):
         self.nonfinite_skipped = 0  # updates skipped because something was NaN/Inf (this process)
         self.nonfinite_in_a_row = 0
         if self.trainable:
+            freeze_for_lora(gpt)  # model.lora: only the adapters (and with lora.train_head the head) train
             self.model = self._wrap_ddp(gpt)
             self._build_optimizer()
         else:
