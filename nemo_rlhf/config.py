@@ -53,7 +53,7 @@ MISSING = "???"  # omegaconf.MISSING: a value the user must give (e.g. ``init_fr
 
 __all__ = [
     "MISSING", "ConfigError", "ConfigTypeError",
-    "ModelConfig", "LoRAConfig", "OptimConfig", "BatchConfig", "DataConfig", "TokenizerConfig", "TrainerConfig",
+    "ModelConfig", "LoRAConfig", "OptimConfig", "LRMultConfig", "BatchConfig", "DataConfig", "TokenizerConfig", "TrainerConfig",
     "CheckpointConfig", "KLControllerConfig", "SamplingConfig", "ValSamplingConfig", "PPOConfig",
     "CriticClientConfig", "ServerConfig", "LoggerConfig",
     "SFTStageConfig", "RewardModelStageConfig", "PPOActorStageConfig", "CriticServerStageConfig",
@@ -309,6 +309,13 @@ class ModelConfig(_Section):
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
     use_cpu_initialization: Optional[bool] = None  # None: True on CPU runs, False on GPU
+    # trlX's name. -1: every parameter trains. k >= 0: only the top k transformer layers (global
+    # index >= num_layers - k), the final norm and the output head (LM head when untied, or the
+    # reward/value head) train; the embeddings and the bottom layers are frozen (no gradient, no
+    # optimizer state). With share_embeddings_and_output_weights the LM head IS the embedding
+    # matrix and stays frozen with it (as trlX's freeze_bottom_causal_layers). Used by training
+    # roles only; see nemo_rlhf/models/trainable.py.
+    num_layers_unfrozen: int = -1
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # low-rank adapters (off: rank 0)
 
     def _validate(self) -> None:
@@ -331,10 +338,39 @@ class ModelConfig(_Section):
                               f"(set model.kv_channels or change one of them)")
         if groups and heads and heads % groups:
             raise ConfigError(f"model.num_attention_heads={heads} is not divisible by model.num_query_groups={groups}")
+        self._greater("num_layers_unfrozen", -1, or_equal=True)
+        unfrozen, layers = self._get("num_layers_unfrozen"), self._get("num_layers")
+        if unfrozen is not None and layers is not None and unfrozen > layers:
+            raise ConfigError(f"model.num_layers_unfrozen={unfrozen} > model.num_layers={layers}: at most every "
+                              f"layer can train (-1: all parameters, including the embeddings)")
 
 
 OPTIMIZERS = ("adam", "sgd")
 DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root")
+
+
+@dataclass
+class LRMultConfig(_Section):
+    """``optim.lr_mult:`` — learning-rate multipliers per part of the GPT (each >= 0; 1: the plain
+    schedule). ``embedding``: word (and learned position) embeddings, and the LM head when it is
+    tied to them; ``layers``: every transformer layer; ``final_norm``: the norm after the last
+    layer; ``head``: the untied LM head or the reward/value head. They multiply
+    ``optim.layer_lr_decay``'s factor (see :class:`OptimConfig`).
+
+    Raises:
+        ConfigError: a negative or non-finite multiplier (naming it).
+    """
+
+    SECTION: ClassVar[str] = "optim.lr_mult"
+
+    embedding: float = 1.0
+    layers: float = 1.0
+    final_norm: float = 1.0
+    head: float = 1.0
+
+    def _validate(self) -> None:
+        for name in ("embedding", "layers", "final_norm", "head"):
+            self._greater(name, 0.0, or_equal=True)
 
 
 @dataclass
@@ -345,7 +381,7 @@ class OptimConfig(_Section):
     Raises:
         ConfigError: ``lr`` <= 0, ``min_lr`` < 0 or > ``lr``, ``betas`` not two values in [0, 1),
             ``eps``/``clip_grad`` <= 0, negative steps, ``warmup_steps`` > ``decay_steps``, unknown
-            ``optimizer``/``decay_style``.
+            ``optimizer``/``decay_style``, ``layer_lr_decay`` outside (0, 1].
     """
 
     SECTION: ClassVar[str] = "optim"
@@ -363,8 +399,15 @@ class OptimConfig(_Section):
     decay_style: str = "cosine"  # cosine | linear | constant | inverse-square-root
     distributed_optimizer: bool = False
     max_nonfinite_in_a_row: int = 5  # NaN/Inf loss or gradient: skipped; this many in a row abort
+    # Layer-wise learning-rate decay (ELECTRA, Clark et al. 2020, app. A; BEiT, Bao et al. 2022,
+    # sec. 2.6): a parameter at depth d from the top trains at lr * layer_lr_decay**d. Depths: LM /
+    # scalar head and final norm 0, top transformer layer 1, ..., bottom layer num_layers,
+    # embeddings (and a tied LM head) num_layers + 1. 1.0: off.
+    layer_lr_decay: float = 1.0
+    lr_mult: LRMultConfig = field(default_factory=LRMultConfig)
 
     def _validate(self) -> None:
+        self._between("layer_lr_decay", 0.0, 1.0, low_open=True)
         self._choice("optimizer", OPTIMIZERS)
         self._choice("decay_style", DECAY_STYLES)
         self._greater("lr", 0.0)
@@ -535,6 +578,7 @@ class CheckpointConfig(_Section):
 
 KL_CONTROLLERS = ("fixed", "adaptive")
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")  # as nemo_rlhf.rl.kl.KL_ESTIMATORS
+REFERENCES = ("full", "hydra")  # ppo.reference
 
 
 @dataclass
@@ -652,6 +696,11 @@ class PPOConfig(_Section):
     kl_controller: KLControllerConfig = field(default_factory=KLControllerConfig)
     whiten_advantages: bool = True
     reference_offload: bool = False  # keep the reference policy on the CPU between uses (GPU runs)
+    # The reference policy. full: a frozen copy of the whole initial policy. hydra (trlX's hydra
+    # heads): the actor's frozen trunk (layers below model.num_layers_unfrozen, which must be >= 0)
+    # shared, plus a frozen copy of the top num_layers_unfrozen layers, final norm and LM head
+    # branching off it (nemo_rlhf/models/hydra.py); one trunk forward gives both log-probs.
+    reference: str = "full"  # full | hydra
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     val_sampling: ValSamplingConfig = field(default_factory=ValSamplingConfig)
     seed: int = 1234
@@ -665,6 +714,10 @@ class PPOConfig(_Section):
         self._between("gamma", 0.0, 1.0)
         self._between("lam", 0.0, 1.0)
         self._choice("kl_estimator", KL_ESTIMATORS)
+        self._choice("reference", REFERENCES)
+        if self.reference == "hydra" and self.reference_offload:
+            raise ConfigError("ppo.reference_offload=true moves a full reference copy off the GPU; with "
+                              "ppo.reference=hydra the reference shares the actor's trunk: set one of them off")
 
 
 @dataclass
@@ -818,6 +871,22 @@ class PPOActorStageConfig(_TrainingStage):
     init_from: str = MISSING  # SFT weights: initial policy and the frozen reference policy
     ppo: PPOConfig = field(default_factory=PPOConfig)
     critic: CriticClientConfig = field(default_factory=CriticClientConfig)
+
+    def _validate(self) -> None:
+        super()._validate()
+        if self.ppo.reference != "hydra":
+            return
+        k, layers, pp = self.model.num_layers_unfrozen, self.model.num_layers, self.model.pipeline_model_parallel_size
+        if k < 0:
+            raise ConfigError(f"ppo.reference=hydra branches the reference off the actor's frozen trunk: set "
+                              f"model.num_layers_unfrozen >= 0 (got {k}; -1 trains every layer, so there is no "
+                              f"shared trunk)")
+        if pp > 1 and k > layers // pp:
+            raise ConfigError(f"ppo.reference=hydra under pipeline parallelism needs the branch on the last stage: "
+                              f"model.num_layers_unfrozen={k} > the {layers // pp} layers of the last stage "
+                              f"(model.num_layers={layers} / model.pipeline_model_parallel_size={pp}); lower "
+                              f"model.num_layers_unfrozen or model.pipeline_model_parallel_size, or use "
+                              f"ppo.reference=full")
 
 
 @dataclass

@@ -15,8 +15,11 @@ averaged loss, saves the updated weights (``<out>/<role>/after``) and, for the a
 generation from prompts of different lengths. Global rank 0 writes ``<out>/<role>/result.pt``.
 It is the tool behind ``tests/parallel`` and a quick check of a new cluster layout.
 
-``--lora`` puts LoRA adapters (:data:`LORA`) on every role, with random non-zero B in the initial
-weights (``tests/multiprocess/test_lora_tp.py``).
+``--num-layers-unfrozen k`` trains every role with ``model.num_layers_unfrozen=k`` (frozen
+embeddings and bottom layers; at PP=2 with k=2 the whole first stage is frozen), and
+``--reference hydra`` gives the ``ppo`` role a hydra reference policy (``models/hydra.py``) instead
+of a full frozen copy (needs k >= 0). ``--lora`` puts LoRA adapters (:data:`LORA`) on every
+role, with random non-zero B in the initial weights (``tests/multiprocess/test_lora_tp.py``).
 """
 
 from __future__ import annotations
@@ -61,7 +64,6 @@ def randomize_adapters(model, seed: int = 7, std: float = 0.1) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-
 def fixed_data(seed: int = 0) -> dict[str, torch.Tensor]:
     """The fixed inputs, identical in every layout (CPU tensors from a seeded generator)."""
     g = torch.Generator().manual_seed(seed)
@@ -90,9 +92,10 @@ def _dp_slice(x: torch.Tensor) -> torch.Tensor:
     return x[rank * n : (rank + 1) * n]
 
 
-def build_role(role: str, model_cfg: dict[str, Any], optim_cfg: dict[str, Any] | None):
+def build_role(role: str, model_cfg: dict[str, Any], optim_cfg: dict[str, Any] | None, reference: str = "full"):
     """A trainable model of ``role`` with the parity model and vocabulary (``ppo``: a
-    :class:`~nemo_rlhf.algorithms.ppo.PPOTrainer` holding all four models)."""
+    :class:`~nemo_rlhf.algorithms.ppo.PPOTrainer` holding all four models, its reference policy
+    ``full`` or ``hydra``)."""
     from nemo_rlhf.models.critic import GPTCriticModel
     from nemo_rlhf.models.policy import GPTPolicyModel
     from nemo_rlhf.models.reward_model import GPTRewardModel
@@ -104,13 +107,14 @@ def build_role(role: str, model_cfg: dict[str, Any], optim_cfg: dict[str, Any] |
     if role == "critic":
         return GPTCriticModel(model_cfg, optim_cfg, VOCAB, MICRO_BATCH)
     if role == "ppo":
-        return build_ppo(model_cfg, optim_cfg)
+        return build_ppo(model_cfg, optim_cfg, reference)
     raise ValueError(f"unknown role {role!r}; roles: {ROLES}")
 
 
-def build_ppo(model_cfg: dict[str, Any], optim_cfg: dict[str, Any] | None):
+def build_ppo(model_cfg: dict[str, Any], optim_cfg: dict[str, Any] | None, reference: str = "full"):
     """A PPO trainer with its policy, reference policy and an in-process critic + reward model, all
-    in this layout (weights are loaded by :func:`load_ppo`)."""
+    in this layout (weights are loaded by :func:`load_ppo`; a ``hydra`` reference is built there,
+    from the loaded policy)."""
     from nemo_rlhf.algorithms.ppo import PPOTrainer
     from nemo_rlhf.config import PPOActorStageConfig, parse_config
     from nemo_rlhf.models.critic import GPTCriticModel
@@ -123,7 +127,7 @@ def build_ppo(model_cfg: dict[str, Any], optim_cfg: dict[str, Any] | None):
     rm = GPTRewardModel(model_cfg, None, VOCAB, MICRO_BATCH)
     backend = MegatronCriticBackend(critic, rm, int(MODEL["max_position_embeddings"]), lambda path: None,
                                     value_clip=0.2)
-    reference = GPTPolicyModel(model_cfg, None, VOCAB, MICRO_BATCH, eos_id=1, pad_id=0)
+    reference = GPTPolicyModel(model_cfg, None, VOCAB, MICRO_BATCH, eos_id=1, pad_id=0) if reference == "full" else None
     cfg = parse_config(PPOActorStageConfig, {
         "run_dir": ".", "init_from": "init/actor", "tokenizer": {"path": "unused"},
         "batch": {"global_batch_size": GLOBAL_BATCH, "micro_batch_size": MICRO_BATCH},
@@ -140,9 +144,14 @@ def load_ppo(trainer, init: Path) -> None:
     """Policy and reference from the ``actor`` weights, critic and reward model from ``critic``/``rm``."""
     from nemo_rlhf.checkpoint.weights import load_weights
 
+    from nemo_rlhf.models.hydra import HydraReference
+
     reference, critic, rm = trainer.parity_parts
     load_weights(trainer.policy, init / "actor")
-    load_weights(reference, init / "actor")
+    if reference is None:  # hydra: the branch copies the loaded policy's top layers
+        trainer.reference = HydraReference(trainer.policy)
+    else:
+        load_weights(reference, init / "actor")
     load_weights(critic, init / "critic")
     load_weights(rm, init / "rm")
 
@@ -251,8 +260,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--init", required=True, help="initial-weights directory (one sub-directory per role)")
     p.add_argument("--save-init", action="store_true", help="write the initial weights (reference run)")
     p.add_argument("--lora", action="store_true", help="LoRA adapters (parity.LORA) on every role; initial B random")
+    p.add_argument("--num-layers-unfrozen", type=int, default=-1, help="model.num_layers_unfrozen of every role")
+    p.add_argument("--reference", default="full", choices=("full", "hydra"), help="the ppo role's reference policy")
     args = p.parse_args(argv)
     model_cfg, _ = init_layout(args)
+    model_cfg["num_layers_unfrozen"] = args.num_layers_unfrozen
     from nemo_rlhf.checkpoint.weights import load_weights, save_model_weights
     from nemo_rlhf.parallel.state import destroy_distributed, is_rank_zero, seed_everything
 
@@ -263,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for role in args.roles.split(","):
             seed_everything(args.seed)
-            model = build_role(role, with_lora(model_cfg, role) if args.lora else model_cfg, optim)
+            model = build_role(role, with_lora(model_cfg, role) if args.lora else model_cfg, optim, args.reference)
             init = Path(args.init) / role
             if role == "ppo":
                 load_ppo(model, Path(args.init))  # reuses the other roles' initial weights

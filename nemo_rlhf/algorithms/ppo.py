@@ -39,6 +39,7 @@ from nemo_rlhf.config import PPOActorStageConfig, check_heldout_size, check_size
 from nemo_rlhf.data import PromptDataset, collate_prompts
 from nemo_rlhf.data.tokenizer import tokenizer_from_config
 from nemo_rlhf.generation.sampling import SamplingParams
+from nemo_rlhf.models.hydra import HydraReference
 from nemo_rlhf.models.policy import GPTPolicyModel
 from nemo_rlhf.parallel.state import any_rank, setup_parallel
 from nemo_rlhf.rl.advantages import ppo_advantages, response_mask
@@ -171,11 +172,12 @@ class PPOTrainer(Trainer):
         self.heldout_before: dict[str, float] | None = None
 
     @classmethod
-    def from_models(cls, cfg: PPOActorStageConfig, policy: GPTPolicyModel, reference: GPTPolicyModel,
-                    critic_client) -> "PPOTrainer":
+    def from_models(cls, cfg: PPOActorStageConfig, policy: GPTPolicyModel,
+                    reference: GPTPolicyModel | HydraReference, critic_client) -> "PPOTrainer":
         """A trainer around models built elsewhere (tests, benchmarks, the layout-parity tool):
         :meth:`train_step`, :meth:`rollout` and :meth:`evaluate` work without :meth:`setup`
-        (``val_loader`` must be set for :meth:`evaluate`)."""
+        (``val_loader`` must be set for :meth:`evaluate`). ``reference``: a frozen full copy, or a
+        :class:`~nemo_rlhf.models.hydra.HydraReference` branching off ``policy``'s trunk."""
         trainer = cls(cfg, critic_client)
         trainer.policy = trainer.model = policy
         trainer.reference = reference
@@ -207,10 +209,16 @@ class PPOTrainer(Trainer):
             client.wait_until_ready(float(cfg.critic.init_timeout_s))  # health check before anything else
         self.critic = CriticHandle(client)
         model_cfg = to_plain(cfg.model)
-        self.reference = GPTPolicyModel(model_cfg, None, tok.vocab_size, mbs, tok.eos_id, tok.pad_id)
-        load_weights(self.reference, cfg.init_from)
-        self.policy = self.model = GPTPolicyModel(model_cfg, to_plain(cfg.optim), tok.vocab_size, mbs,
-                                                  tok.eos_id, tok.pad_id)
+        if cfg.ppo.reference == "hydra":  # the actor's frozen trunk + a frozen copy of its initial top layers
+            self.policy = self.model = GPTPolicyModel(model_cfg, to_plain(cfg.optim), tok.vocab_size, mbs,
+                                                      tok.eos_id, tok.pad_id)
+            load_weights(self.policy, cfg.init_from)  # before resume() may load a trained actor
+            self.reference = HydraReference(self.policy)
+        else:
+            self.reference = GPTPolicyModel(model_cfg, None, tok.vocab_size, mbs, tok.eos_id, tok.pad_id)
+            load_weights(self.reference, cfg.init_from)
+            self.policy = self.model = GPTPolicyModel(model_cfg, to_plain(cfg.optim), tok.vocab_size, mbs,
+                                                      tok.eos_id, tok.pad_id)
 
     # -------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -235,6 +243,13 @@ class PPOTrainer(Trainer):
         return state
 
     # -------------------------------------------------------------- rollouts
+    def _rollout_logprobs(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Actor and reference-policy log-probs ``[B, L-1]`` of ``tokens [B, L]`` (a hydra reference:
+        one trunk forward for both)."""
+        if isinstance(self.reference, HydraReference):
+            return self.reference.actor_and_reference_logprobs(tokens)
+        return self.policy.logprobs(tokens), self._reference_logprobs(tokens)
+
     def _reference_logprobs(self, tokens: torch.Tensor) -> torch.Tensor:
         offload = bool(self.cfg.ppo.reference_offload) and torch.cuda.is_available()
         if offload:
@@ -251,8 +266,7 @@ class PPOTrainer(Trainer):
         gen = self.policy.generate(prompts, prompt_lengths, params)
         tokens, lengths = gen.tokens, gen.lengths
         future = self.critic.infer_async(tokens, lengths)  # overlaps the two forwards below
-        logprobs = self.policy.logprobs(tokens)
-        ref_logprobs = self._reference_logprobs(tokens)
+        logprobs, ref_logprobs = self._rollout_logprobs(tokens)
         values, scores = self.critic.infer_result(future, tuple(tokens.shape), self.policy.model_device)
         mask = response_mask(gen.prompt_lengths, lengths, tokens.shape[1])
         return Rollout(tokens, lengths, gen.prompt_lengths, scores, values, logprobs, ref_logprobs, mask)

@@ -162,9 +162,21 @@ def _sharded(module, is_loading: bool) -> dict[str, Any]:
         # (a preemption during the initial evaluation). Either way the values are a fresh Adam's.
         for part in _torch_adam_distributed_optimizers(module.optimizer):
             _init_adam_state(part.optimizer)
-        out["optimizer"] = module.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
-                                                               metadata=_OPTIM_METADATA)
+        out["optimizer"] = module.optimizer.sharded_state_dict(_optimizer_model_sd(module, model_sd),
+                                                               is_loading=is_loading, metadata=_OPTIM_METADATA)
     return out
+
+
+def _optimizer_model_sd(module, model_sd: dict[str, Any]) -> dict[str, Any]:
+    """The model's sharded state dict that keys the optimizer state: ``model_sd`` itself, or — when
+    some parameters are frozen (``model.num_layers_unfrozen``) — one keyed per layer
+    (``non_homogeneous_layers``). megatron stacks a tensor of every layer into one sharded tensor
+    ``[num_layers, ...]``; the optimizer state of frozen layers does not exist, so its rows would
+    be written by no rank, which dist_checkpointing refuses ("Invalid access pattern"). Per-layer
+    keys use global layer numbers, so the state still reshards across PP layouts."""
+    if all(p.requires_grad for p in module.gpt.parameters()):
+        return model_sd
+    return module.gpt.sharded_state_dict(metadata={"non_homogeneous_layers": True})
 
 
 def save_checkpoint_dir(final: str | Path, module, extra: dict[str, Any] | None = None,

@@ -21,6 +21,7 @@ from nemo_rlhf.config import OptimConfig, parse_config, to_plain
 from nemo_rlhf.models.builder import build_gpt_model, model_cfg_with_defaults
 from nemo_rlhf.models.heads import attach_scalar_head
 from nemo_rlhf.models.lora import freeze_for_lora
+from nemo_rlhf.models.trainable import freeze_bottom_layers, lr_config_overrides
 
 class NonFiniteError(FloatingPointError):
     """Raised after ``optim.max_nonfinite_in_a_row`` consecutive updates had a non-finite loss,
@@ -84,6 +85,8 @@ class MegatronGPTModule(pl.LightningModule):
         self.nonfinite_skipped = 0  # updates skipped because something was NaN/Inf (this process)
         self.nonfinite_in_a_row = 0
         if self.trainable:
+            # model.num_layers_unfrozen: frozen before DDP/optimizer, so no grad buffer or state
+            freeze_bottom_layers(gpt, int(self.model_cfg["num_layers_unfrozen"]))
             freeze_for_lora(gpt)  # model.lora: only the adapters (and with lora.train_head the head) train
             self.model = self._wrap_ddp(gpt)
             self._build_optimizer()
@@ -115,16 +118,17 @@ class MegatronGPTModule(pl.LightningModule):
         lr = float(o["lr"])
         min_lr = float(o["min_lr"]) if o["min_lr"] is not None else lr / 10
         betas = tuple(o["betas"])
-        self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(
-                optimizer=str(o["optimizer"]), sgd_momentum=float(o["sgd_momentum"]), lr=lr, min_lr=min_lr, weight_decay=float(o["weight_decay"]),
-                adam_beta1=float(betas[0]), adam_beta2=float(betas[1]), adam_eps=float(o["eps"]),
-                clip_grad=float(o["clip_grad"]), bf16=cfg.bf16, fp16=cfg.fp16,
-                params_dtype=cfg.params_dtype,
-                use_distributed_optimizer=bool(o["distributed_optimizer"]),
-            ),
-            [self.model],
+        optimizer_config = OptimizerConfig(
+            optimizer=str(o["optimizer"]), sgd_momentum=float(o["sgd_momentum"]), lr=lr, min_lr=min_lr, weight_decay=float(o["weight_decay"]),
+            adam_beta1=float(betas[0]), adam_beta2=float(betas[1]), adam_eps=float(o["eps"]),
+            clip_grad=float(o["clip_grad"]), bf16=cfg.bf16, fp16=cfg.fp16,
+            params_dtype=cfg.params_dtype,
+            use_distributed_optimizer=bool(o["distributed_optimizer"]),
         )
+        # optim.layer_lr_decay / optim.lr_mult: parameter groups with scaled max_lr/min_lr (None: default groups)
+        self.optimizer = get_megatron_optimizer(
+            optimizer_config, [self.model],
+            config_overrides=lr_config_overrides(self.model, optimizer_config, o))
         warmup = int(o["warmup_steps"])
         decay = o["decay_steps"]
         self.lr_scheduler = OptimizerParamScheduler(
@@ -194,6 +198,11 @@ class MegatronGPTModule(pl.LightningModule):
         def step(data_iterator, model):
             mb = next(data_iterator)
             out = forward_fn(model, mb)
+            if not forward_only and not out.requires_grad:
+                # Only frozen parameters up to here and no gradient-carrying input (the first
+                # pipeline stages under model.num_layers_unfrozen): a leaf makes this stage's
+                # backward empty instead of an autograd error.
+                out = out.detach().requires_grad_(True)
             return out, functools.partial(loss_and_metrics, mb)
 
         if not forward_only:
@@ -221,9 +230,14 @@ class MegatronGPTModule(pl.LightningModule):
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.lr_scheduler.step(increment=1)
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = self.base_lr()
         return {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "lr": float(lr), "skipped": 0.0 if ok else 1.0}
+
+    def base_lr(self) -> float:
+        """The learning rate of the base schedule (``optim.lr``'s) at the current step; parameter
+        groups of ``optim.layer_lr_decay`` / ``optim.lr_mult`` train at multiples of it."""
+        return float(self.lr_scheduler.get_lr({}))
 
     def _grads_finite(self) -> bool:
         """True on every rank iff every gradient of every rank is finite (one all-reduce)."""
@@ -319,7 +333,7 @@ class MegatronGPTModule(pl.LightningModule):
         loss_ok = math.isfinite(metrics.get("loss", 0.0))
         if not (loss_ok and self._grads_finite()):
             self.record_nonfinite("loss" if not loss_ok else "gradient")
-            metrics.update(grad_norm=float("nan"), lr=float(self.optimizer.param_groups[0]["lr"]),
+            metrics.update(grad_norm=float("nan"), lr=self.base_lr(),
                            skipped=1.0, nonfinite=1.0)
             return metrics
         self.nonfinite_in_a_row = 0
