@@ -266,8 +266,6 @@ class LoRAConfig(_Section):
         return bool(self.rank)
 
 
-
-
 @dataclass
 class ModelConfig(_Section):
     """``model:`` — GPT architecture and its parallel layout (the keys of ``models/builder.py``'s
@@ -578,7 +576,7 @@ class CheckpointConfig(_Section):
 
 KL_CONTROLLERS = ("fixed", "adaptive")
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")  # as nemo_rlhf.rl.kl.KL_ESTIMATORS
-REFERENCES = ("full", "hydra")  # ppo.reference
+REFERENCES = ("full", "hydra", "lora_disabled")  # ppo.reference
 
 
 @dataclass
@@ -700,7 +698,8 @@ class PPOConfig(_Section):
     # heads): the actor's frozen trunk (layers below model.num_layers_unfrozen, which must be >= 0)
     # shared, plus a frozen copy of the top num_layers_unfrozen layers, final norm and LM head
     # branching off it (nemo_rlhf/models/hydra.py); one trunk forward gives both log-probs.
-    reference: str = "full"  # full | hydra
+    # lora_disabled: the actor itself with its LoRA adapters switched off (model.lora; no copy).
+    reference: str = "full"  # full | hydra | lora_disabled
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     val_sampling: ValSamplingConfig = field(default_factory=ValSamplingConfig)
     seed: int = 1234
@@ -718,6 +717,9 @@ class PPOConfig(_Section):
         if self.reference == "hydra" and self.reference_offload:
             raise ConfigError("ppo.reference_offload=true moves a full reference copy off the GPU; with "
                               "ppo.reference=hydra the reference shares the actor's trunk: set one of them off")
+        if self.reference == "lora_disabled" and self.reference_offload:
+            raise ConfigError("ppo.reference_offload=true moves a full reference copy off the GPU; with "
+                              "ppo.reference=lora_disabled the reference is the actor itself: set one of them off")
 
 
 @dataclass
@@ -874,6 +876,12 @@ class PPOActorStageConfig(_TrainingStage):
 
     def _validate(self) -> None:
         super()._validate()
+        lora = self.model.lora
+        if self.ppo.reference == "lora_disabled" and (not lora.enabled or lora.train_head):
+            raise ConfigError(f"ppo.reference=lora_disabled is the actor with its LoRA adapters off, the initial "
+                              f"policy only when nothing else trains: set model.lora.rank >= 1 (got {lora.rank}) "
+                              f"and model.lora.train_head=false (got {str(lora.train_head).lower()}), or use "
+                              f"ppo.reference=full")
         if self.ppo.reference != "hydra":
             return
         k, layers, pp = self.model.num_layers_unfrozen, self.model.num_layers, self.model.pipeline_model_parallel_size

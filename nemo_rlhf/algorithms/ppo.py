@@ -40,6 +40,7 @@ from nemo_rlhf.data import PromptDataset, collate_prompts
 from nemo_rlhf.data.tokenizer import tokenizer_from_config
 from nemo_rlhf.generation.sampling import SamplingParams
 from nemo_rlhf.models.hydra import HydraReference
+from nemo_rlhf.models.lora import LoRAReference
 from nemo_rlhf.models.policy import GPTPolicyModel
 from nemo_rlhf.parallel.state import any_rank, setup_parallel
 from nemo_rlhf.rl.advantages import ppo_advantages, response_mask
@@ -209,7 +210,11 @@ class PPOTrainer(Trainer):
             client.wait_until_ready(float(cfg.critic.init_timeout_s))  # health check before anything else
         self.critic = CriticHandle(client)
         model_cfg = to_plain(cfg.model)
-        if cfg.ppo.reference == "hydra":  # the actor's frozen trunk + a frozen copy of its initial top layers
+        if cfg.ppo.reference == "lora_disabled":  # the actor itself with its LoRA adapters off: no copy
+            self.policy = self.model = GPTPolicyModel(model_cfg, to_plain(cfg.optim), tok.vocab_size, mbs,
+                                                      tok.eos_id, tok.pad_id)
+            self.reference = LoRAReference(self.policy)
+        elif cfg.ppo.reference == "hydra":  # the actor's frozen trunk + a frozen copy of its initial top layers
             self.policy = self.model = GPTPolicyModel(model_cfg, to_plain(cfg.optim), tok.vocab_size, mbs,
                                                       tok.eos_id, tok.pad_id)
             load_weights(self.policy, cfg.init_from)  # before resume() may load a trained actor

@@ -4,8 +4,9 @@ Fresh adapters (B = 0) give exactly the base model; merged forward equals unmerg
 restores the base weights bitwise; ``adapters_disabled`` is exactly the base (the reference policy);
 only adapter tensors reach the optimizer (counted); training lowers the loss while every base weight
 stays bitwise unchanged; adapters save/load on their own and inside the full weights and training
-checkpoints (resume exact); ``save_merged_weights`` exports a plain model. TP = 2 (and SP) parity is
-in tests/multiprocess/test_lora_tp.py.
+checkpoints (resume exact); ``save_merged_weights`` / ``export_hf`` export the merged model;
+``ppo.reference: lora_disabled`` gives bitwise the log-probs of a frozen copy of the initial policy.
+TP = 2 (and SP) parity is in tests/multiprocess/test_lora_tp.py.
 """
 
 from __future__ import annotations
@@ -341,6 +342,55 @@ def test_training_checkpoint_resumes_lora_exactly(build, tiny, tmp_path):
     assert all(torch.equal(got[n], want[n]) for n in want)
     base_a, base_b = _base_state(model), _base_state(resumed)
     assert all(torch.equal(base_a[k], base_b[k]) for k in base_a)
+
+
+# ------------------------------------------------------------------ the reference policy in PPO
+def test_ppo_reference_lora_disabled_equals_a_frozen_copy(build, tiny):
+    """``ppo.reference: lora_disabled``: the rollout's reference log-probs are bitwise those of a
+    separate frozen copy of the initial policy, before and after PPO steps moved the actor."""
+    from nemo_rlhf.algorithms.ppo import PPOTrainer
+    from nemo_rlhf.config import PPOActorStageConfig
+    from nemo_rlhf.models.critic import GPTCriticModel
+    from nemo_rlhf.servers.local import LocalCriticClient
+    from nemo_rlhf.servers.megatron_backend import MegatronCriticBackend
+
+    policy = _policy(build, optim=dict(tiny.optim, lr=1e-2))
+    frozen_copy = _policy(build, lora=None)  # same seed: the same base weights
+    critic = build(GPTCriticModel, optim_cfg=tiny.optim, micro_batch_size=2)
+    rm = build(GPTRewardModel, micro_batch_size=2)
+    backend = MegatronCriticBackend(critic, rm, tiny.model["max_position_embeddings"], lambda path: None,
+                                    value_clip=0.2)
+    cfg = parse_config(PPOActorStageConfig, {
+        "run_dir": ".", "init_from": "unused", "tokenizer": {"path": "unused"},
+        "model": {**tiny.model, "lora": LORA},
+        "batch": {"global_batch_size": 4, "micro_batch_size": 2},
+        "ppo": {"reference": "lora_disabled", "ppo_epochs": 1, "num_minibatches": 2, "seed": 5,
+                "kl_controller": {"type": "fixed", "init_kl_coef": 0.05}, "sampling": {"max_new_tokens": 6}}})
+    trainer = PPOTrainer.from_models(cfg, policy, L.LoRAReference(policy), LocalCriticClient(backend))
+    prompts, plens = tiny.tokens(4, 6, seed=3), torch.tensor([6, 3, 5, 4])
+    ro = trainer.rollout(prompts, plens, trainer.sampling)
+    assert torch.equal(ro.ref_logprobs, frozen_copy.logprobs(ro.tokens))
+    assert torch.equal(ro.logprobs, ro.ref_logprobs)  # fresh adapters: the actor is the reference
+    for _ in range(2):
+        metrics = trainer.train_step({"prompts": prompts, "prompt_lengths": plens})
+        trainer.step += 1
+    assert metrics["nonfinite"] == 0.0
+    ro = trainer.rollout(prompts, plens, trainer.sampling)
+    assert torch.equal(ro.ref_logprobs, frozen_copy.logprobs(ro.tokens))
+    assert (ro.logprobs - ro.ref_logprobs).abs().max().item() > 1e-4  # the actor moved
+
+
+@pytest.mark.parametrize("model, ppo, message", [
+    ({}, {"reference": "lora_disabled"}, "set model.lora.rank >= 1 (got 0)"),
+    ({"lora": {"rank": 2, "train_head": True}}, {"reference": "lora_disabled"}, "model.lora.train_head=false (got true)"),
+    ({"lora": {"rank": 2}}, {"reference": "lora_disabled", "reference_offload": True}, "set one of them off"),
+])
+def test_ppo_reference_lora_disabled_config_errors(model, ppo, message):
+    from nemo_rlhf.config import PPOActorStageConfig
+
+    with pytest.raises(ConfigError) as err:
+        parse_config(PPOActorStageConfig, {"init_from": "a", "tokenizer": {"path": "t"}, "model": model, "ppo": ppo})
+    assert message in str(err.value)
 
 
 def test_hf_export_folds_the_adapters_in(build, tiny, tmp_path):
