@@ -1,11 +1,12 @@
-"""KV-cache generation (``nemo_rlhf.generation.sampling``) against a no-cache reference loop."""
+"""KV-cache generation (``nemo_rlhf.generation.sampling``) against a no-cache reference loop and
+against megatron-core's own static-batching attention path."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from nemo_rlhf.generation.sampling import SamplingParams, filter_logits, generate
+from nemo_rlhf.generation.sampling import SamplingParams, fast_generation, filter_logits, generate
 from nemo_rlhf.models.policy import GPTPolicyModel
 from nemo_rlhf.models.megatron_module import position_ids_like
 
@@ -180,3 +181,33 @@ def test_prompt_lengths_out_of_range_raise(actor, prompts, lengths):
     p, _ = prompts
     with pytest.raises(ValueError, match=r"prompt_lengths must be in \[1, 6\]"):
         actor.generate(p, torch.tensor(lengths), SamplingParams(greedy=True, max_new_tokens=2))
+
+
+# Grouped-query attention (4 heads, 2 KV groups) with RoPE and RMSNorm, like Llama / SmolLM2.
+GQA = dict(num_query_groups=2, normalization="RMSNorm", position_embedding_type="rope")
+
+
+@pytest.mark.parametrize("model_cfg", [dict(CONTEXT_DEPENDENT, **GQA), GQA], ids=["context_dependent", "near_uniform"])
+def test_fast_generation_gives_the_tokens_of_megatrons_own_path(build, prompts, tiny, model_cfg):
+    # generate() swaps megatron's static-batching attention (RoPE re-applied to the whole cache,
+    # KV heads copied per query head, baddbmm/softmax/bmm) for cached rotated keys and SDPA with
+    # grouped-query attention, and runs the layers' TP linears without megatron's per-call
+    # overhead: the same maths, so the same tokens, greedy and sampled with a seed.
+    actor = build(GPTPolicyModel, model_cfg=model_cfg, micro_batch_size=1, eos_id=tiny.eos_id, pad_id=tiny.pad_id)
+    modules = [m for layer in actor.gpt.decoder.layers
+               for m in (layer.self_attention, layer.self_attention.linear_qkv, layer.self_attention.linear_proj,
+                         layer.mlp.linear_fc1, layer.mlp.linear_fc2)]
+    with fast_generation(actor.gpt) as switched:
+        assert switched == {"attention": 2, "linear": 8}
+        assert all("forward" in vars(m) for m in modules)
+    assert not any("forward" in vars(m) for m in modules)  # megatron's forwards are back
+    p, lens = prompts
+    for params in (SamplingParams(greedy=True, max_new_tokens=MAX_NEW),
+                   SamplingParams(temperature=1.0, max_new_tokens=MAX_NEW, seed=5),
+                   SamplingParams(temperature=0.8, top_k=20, top_p=0.9, max_new_tokens=MAX_NEW, seed=6)):
+        fast = generate(actor, p, lens, params, eos_id=tiny.eos_id, pad_id=tiny.pad_id)
+        megatron = generate(actor, p, lens, params, eos_id=tiny.eos_id, pad_id=tiny.pad_id, fast_path=False)
+        assert torch.equal(fast.tokens, megatron.tokens) and torch.equal(fast.lengths, megatron.lengths), params
+    greedy = generate(actor, p, lens, SamplingParams(greedy=True, max_new_tokens=MAX_NEW), tiny.eos_id, tiny.pad_id)
+    for i, n in enumerate(PROMPT_LENGTHS):  # and the no-cache reference (a full forward per token)
+        _check_row(greedy, i, reference_greedy(actor, p[i, :n], MAX_NEW, tiny.eos_id, tiny.vocab), tiny.pad_id)
