@@ -16,21 +16,11 @@ import time
 from pathlib import Path
 
 from nemo_rlhf.config import register_configs
-from nemo_rlhf.utils.hydra import hydra_entry
+from nemo_rlhf.utils.hydra import dotted_leaves, hydra_entry
 
 register_configs()  # the typed schemas the YAMLs in conf/ extend
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _leaves(node, prefix: str):
-    """``(dotted key, value)`` of every leaf of a config mapping: nested sections (``model.lora``)
-    become one command-line override per key (Hydra's override grammar takes no quoted dict keys)."""
-    for key, value in node.items():
-        if hasattr(value, "items"):
-            yield from _leaves(value, f"{prefix}.{key}")
-        else:
-            yield f"{prefix}.{key}", value
 
 
 def stage_config(name: str, demo_cfg, section: str, **extra):
@@ -96,7 +86,7 @@ def main(cfg) -> None:
         if cfg.common.data.get("data_dir"):
             overrides.append(f"data.data_dir={cfg.common.data.data_dir}")
         # Forward the demo's critic/common model settings to the server process.
-        for key, value in _leaves(critic_cfg.model, "model"):
+        for key, value in dotted_leaves(critic_cfg.model, "model"):
             overrides.append(f"{key}={'null' if value is None else value}")
         cmd = [sys.executable, str(REPO / "launchers" / "serve_critic.py"), *overrides]
         # One access token per demo run (inherited by the server process, read by the client).

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from nemo_rlhf.utils.hydra import dotted_leaves
 from nemo_rlhf.config import (
     BatchConfig,
     CheckpointConfig,
@@ -143,16 +144,6 @@ def effective(cfg: dict, stage: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- composition
-def _leaves(node, prefix: str):
-    """``(dotted key, value)`` of every leaf of a config mapping: nested sections (``model.lora``)
-    become one command-line override per key (Hydra's override grammar takes no quoted dict keys)."""
-    for key, value in node.items():
-        if hasattr(value, "items"):
-            yield from _leaves(value, f"{prefix}.{key}")
-        else:
-            yield f"{prefix}.{key}", value
-
-
 def _compose_all(conf_dir: Path, schema: bool) -> dict:
     """Plain dicts of every stage config: the launchers' (required values filled in) and the demo's,
     composed exactly as launchers/run_demo.py composes them."""
@@ -185,7 +176,7 @@ def _compose_all(conf_dir: Path, schema: bool) -> dict:
         overrides = [f"reward_model_path={RM_W}", f"tokenizer.path={TOK}", f"server.port={PORT}",
                      f"server.grpc_port={PORT + 1}", f"server.metrics_port={PORT + 2}", f"run_dir={RUN}",
                      f"trainer.accelerator={critic_cfg.trainer.accelerator}"]
-        for key, value in _leaves(critic_cfg.model, "model"):  # forwarded to the server process
+        for key, value in dotted_leaves(critic_cfg.model, "model"):  # forwarded to the server process
             overrides.append(f"{key}={'null' if value is None else value}")
         out["demo/critic_server"] = plain(compose("gpt_ppo_critic", overrides))
         out["demo/ppo"] = plain(stage_config("gpt_ppo_actor", "ppo", run_dir=RUN, init_from=SFT_W,

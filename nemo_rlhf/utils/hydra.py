@@ -27,6 +27,16 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+def dotted_leaves(node: Any, prefix: str):
+    """``(dotted key, value)`` of every leaf of a config mapping: nested sections (``model.lora``)
+    become one command-line override per key (Hydra's override grammar takes no quoted dict keys)."""
+    for key, value in node.items():
+        if hasattr(value, "items"):
+            yield from dotted_leaves(value, f"{prefix}.{key}")
+        else:
+            yield f"{prefix}.{key}", value
+
+
 def hydra_entry(config_name: str):
     """``@hydra_entry("gpt_sft")``: parse ``conf/<config_name>.yaml`` plus command-line overrides.
 
