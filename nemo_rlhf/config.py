@@ -451,15 +451,25 @@ class BatchConfig(_Section):
 
 OVERLONG = ("truncate", "skip")
 ON_ERROR = ("skip", "error")
+DATASETS = ("hh", "imdb")
 
 
 @dataclass
 class DataConfig(_Section):
-    """``data:`` — the HH-RLHF files and how they are split and cut. Lengths are in tokens.
+    """``data:`` — the data set, its files and how they are split and cut. Lengths are in tokens.
+
+    ``dataset``: ``hh`` (HH-RLHF dialogue pairs, :mod:`nemo_rlhf.data.hh`) or ``imdb`` (IMDB
+    reviews, :mod:`nemo_rlhf.data.imdb`: reward-model pairs are (positive review, negative review)
+    cut to their last ``max_seq_len`` tokens; PPO prompts are the first ``prompt_tokens_min`` ..
+    ``prompt_tokens_max`` tokens of a review). Held-out rows come from ``heldout_files`` when set
+    (at most ``max_heldout_rows`` of them), else from a hash split of ``files``
+    (``heldout_fraction``). ``chat_template`` (``hh`` only): format each dialogue with the
+    tokenizer's chat template (``tokenizer.type: hf``), as the model was fine-tuned.
 
     Raises:
         ConfigError: ``heldout_fraction`` outside (0, 1), ``max_prompt_len`` >= ``max_seq_len``,
-            a size < 1, unknown ``overlong``/``on_error``, no ``files``.
+            a size < 1, unknown ``dataset``/``overlong``/``on_error``, no ``files``,
+            ``prompt_tokens_min`` > ``prompt_tokens_max``, ``chat_template`` with ``imdb``.
     """
 
     SECTION: ClassVar[str] = "data"
@@ -478,13 +488,27 @@ class DataConfig(_Section):
     on_error: str = "skip"  # skip (count) | error: what to do with malformed rows
     max_rows: Optional[int] = None  # None: every row
     max_heldout_prompts: Optional[int] = None  # PPO: evaluate on at most this many; None: all
+    dataset: str = "hh"  # hh | imdb (what `files` hold)
+    heldout_files: List[str] = field(default_factory=list)  # empty: hash split of `files`
+    max_heldout_rows: Optional[int] = None  # rows read from heldout_files; None: every row
+    chat_template: bool = False  # hh: dialogues through the tokenizer's chat template
+    prompt_tokens_min: int = 4  # imdb: a PPO prompt is the first k tokens of a review,
+    prompt_tokens_max: int = 12  # k uniform in [min, max] (seeded by split_seed)
 
     def _validate(self) -> None:
+        self._choice("dataset", DATASETS)
         self._choice("overlong", OVERLONG)
         self._choice("on_error", ON_ERROR)
         self._between("heldout_fraction", 0.0, 1.0, low_open=True, high_open=True)
-        for name in ("max_seq_len", "max_prompt_len", "max_rows", "max_heldout_prompts"):
+        for name in ("max_seq_len", "max_prompt_len", "max_rows", "max_heldout_prompts", "max_heldout_rows",
+                     "prompt_tokens_min", "prompt_tokens_max"):
             self._greater(name, 1, or_equal=True)
+        if self.prompt_tokens_min > self.prompt_tokens_max:
+            raise ConfigError(f"data.prompt_tokens_min={self.prompt_tokens_min} must be <= "
+                              f"data.prompt_tokens_max={self.prompt_tokens_max}")
+        if self.chat_template and self.dataset != "hh":
+            raise ConfigError(f"data.chat_template=true formats HH dialogues; data.dataset={self.dataset!r} "
+                              "has none (set data.chat_template=false)")
         if not self.files:
             raise ConfigError("data.files must name at least one file")
         if self.max_prompt_len >= self.max_seq_len:

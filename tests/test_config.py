@@ -501,7 +501,9 @@ def test_every_section_has_the_documented_keys():
     assert [f.name for f in dataclasses.fields(CheckpointConfig)] == ["dir", "every_n_steps", "keep_last", "resume"]
     assert {f.name for f in dataclasses.fields(DataConfig)} == {
         "data_dir", "files", "heldout_fraction", "split_seed", "max_seq_len", "max_prompt_len", "overlong",
-        "on_error", "max_rows", "max_heldout_prompts"}
+        "on_error", "max_rows", "max_heldout_prompts",
+        # issue 12: the IMDB data set, held-out files, HH through the chat template
+        "dataset", "heldout_files", "max_heldout_rows", "chat_template", "prompt_tokens_min", "prompt_tokens_max"}
 
 
 if __name__ == "__main__":  # python tests/test_config.py --record <old conf dir>

@@ -1,5 +1,6 @@
 """What every trainer shares: the step loop with checkpoints, preemption, evaluation cadence and
-logging, plus the data plumbing of a stage (HH data, DP-sharded loaders, result files).
+logging, plus the data plumbing of a stage (DP-sharded loaders, result files; the data sets
+themselves come from :mod:`nemo_rlhf.data.tasks`).
 
 A trainer (one file per algorithm) subclasses :class:`Trainer` and implements ``train_step``
 (one optimizer/PPO step on a batch), ``evaluate`` (held-out metrics) and, when it has state of
@@ -24,7 +25,6 @@ from nemo_rlhf.checkpoint.training_state import (
     load_training_checkpoint,
     save_training_checkpoint,
 )
-from nemo_rlhf.data import default_data_dir, load_hh_pairs, split_heldout
 from nemo_rlhf.data.samplers import StepBatchSampler
 from nemo_rlhf.parallel.state import is_rank_zero
 from nemo_rlhf.utils.loggers import MetricLogger
@@ -34,24 +34,6 @@ LOG = logging.getLogger("nemo_rlhf")
 
 
 # ---------------------------------------------------------------------------- stage data
-def data_files(data_cfg) -> list[Path]:
-    """Absolute paths of ``data.files`` under ``data.data_dir`` (default: ``../shared/data``)."""
-    root = Path(data_cfg.data_dir) if data_cfg.data_dir else default_data_dir()
-    return [Path(f) if os.path.isabs(f) else root / f for f in data_cfg.files]
-
-
-def load_split_pairs(data_cfg):
-    """Load HH pairs and split them into (train, held-out) by prompt hash.
-
-    Returns:
-        ``(train_pairs, heldout_pairs, LoadStats)``.
-    """
-    pairs, stats = load_hh_pairs(data_files(data_cfg), on_error=data_cfg.on_error, max_rows=data_cfg.max_rows)
-    LOG.info("HH data: %s", stats.summary())
-    train, heldout = split_heldout(pairs, float(data_cfg.heldout_fraction), seed=int(data_cfg.split_seed))
-    return train, heldout, stats
-
-
 def step_loader(dataset, global_batch_size: int, seed: int, start_step: int, max_steps: int, collate):
     """DataLoader of this DP rank's share of global steps ``start_step .. max_steps - 1``; the batch
     of step k depends only on (seed, k), so a resumed run sees what an uninterrupted one would."""

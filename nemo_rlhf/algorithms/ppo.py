@@ -29,7 +29,6 @@ from nemo_rlhf.algorithms.base import (
     Trainer,
     dp_mean,
     heldout_loader,
-    load_split_pairs,
     step_loader,
     write_result,
 )
@@ -37,6 +36,7 @@ from nemo_rlhf.checkpoint.training_state import latest_checkpoint, save_checkpoi
 from nemo_rlhf.checkpoint.weights import load_weights, save_model_weights
 from nemo_rlhf.config import PPOActorStageConfig, check_heldout_size, check_sizes, load_stage_config, to_plain
 from nemo_rlhf.data import PromptDataset, collate_prompts
+from nemo_rlhf.data.tasks import load_split_prompts
 from nemo_rlhf.data.tokenizer import tokenizer_from_config
 from nemo_rlhf.generation.sampling import SamplingParams
 from nemo_rlhf.models.hydra import HydraReference
@@ -192,13 +192,10 @@ class PPOTrainer(Trainer):
         gbs, mbs = int(cfg.batch.global_batch_size), int(cfg.batch.micro_batch_size)
         self.dp = setup_parallel(to_plain(cfg.model), (gbs, mbs), cfg.trainer.accelerator, int(cfg.seed))
         check_sizes(cfg, self.dp)
-        train_pairs, heldout, _ = load_split_pairs(cfg.data)
         tok = tokenizer_from_config(to_plain(cfg.tokenizer))
         d = cfg.data
-        heldout_prompts = sorted({p.prompt for p in heldout})
-        if d.max_heldout_prompts:
-            heldout_prompts = heldout_prompts[: int(d.max_heldout_prompts)]
-        self.train_ds = PromptDataset(sorted({p.prompt for p in train_pairs}), tok, int(d.max_prompt_len), d.overlong)
+        train_prompts, heldout_prompts, _ = load_split_prompts(d, tok)
+        self.train_ds = PromptDataset(train_prompts, tok, int(d.max_prompt_len), d.overlong)
         self.val_ds = PromptDataset(heldout_prompts, tok, int(d.max_prompt_len), d.overlong)
         LOG.info("PPO prompts: train %d (%s), held-out %d (%s)", len(self.train_ds), dict(self.train_ds.stats),
                  len(self.val_ds), dict(self.val_ds.stats))

@@ -12,6 +12,7 @@ import torch
 from nemo_rlhf.algorithms.supervised import SupervisedTrainer
 from nemo_rlhf.config import RewardModelStageConfig, load_stage_config, to_plain
 from nemo_rlhf.data import PreferenceDataset, collate_preference
+from nemo_rlhf.data.tasks import preference_dataset
 from nemo_rlhf.models.megatron_module import split_microbatches
 from nemo_rlhf.models.reward_model import GPTRewardModel, gather_last_token
 from nemo_rlhf.rl.losses import bradley_terry_loss
@@ -60,6 +61,11 @@ class RewardModelTrainer(SupervisedTrainer):
 
     def __init__(self, cfg: RewardModelStageConfig):
         super().__init__(cfg, "rm")
+
+    def make_dataset(self, pairs, tokenizer):
+        """HH: :class:`PreferenceDataset`; IMDB: the reviews' last ``data.max_seq_len`` tokens
+        (:func:`nemo_rlhf.data.tasks.preference_dataset`)."""
+        return preference_dataset(self.cfg.data, pairs, tokenizer)
 
     def build_model(self, tokenizer) -> GPTRewardModel:
         c = self.cfg

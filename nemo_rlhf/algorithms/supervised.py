@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from nemo_rlhf.algorithms.base import Trainer, heldout_loader, load_split_pairs, step_loader, write_result
+from nemo_rlhf.algorithms.base import Trainer, heldout_loader, step_loader, write_result
 from nemo_rlhf.checkpoint.weights import load_weights, save_model_weights
 from nemo_rlhf.config import check_heldout_size, check_sizes, to_plain
+from nemo_rlhf.data.tasks import load_split_pairs
 from nemo_rlhf.data.tokenizer import tokenizer_from_config
 from nemo_rlhf.parallel.state import is_rank_zero, setup_parallel
 
@@ -40,6 +41,12 @@ class SupervisedTrainer(Trainer):
         super().__init__(cfg, name)
         self.val_before: dict[str, float] | None = None
 
+    def make_dataset(self, pairs, tokenizer):
+        """The torch dataset of ``pairs`` (``dataset_cls`` cut by ``data.max_seq_len`` /
+        ``max_prompt_len`` / ``overlong``)."""
+        d = self.cfg.data
+        return self.dataset_cls(pairs, tokenizer, int(d.max_seq_len), int(d.max_prompt_len), d.overlong)
+
     def build_model(self, tokenizer):
         """The model to train (``MegatronGPTModule``), built after the data and tokenizer."""
         raise NotImplementedError
@@ -62,9 +69,8 @@ class SupervisedTrainer(Trainer):
         texts = [p.prompt + p.chosen for p in train_pairs] + [p.rejected for p in train_pairs]
         self.tokenizer = tok = tokenizer_from_config(to_plain(cfg.tokenizer), texts,
                                                      save_dir=self.run_dir if is_rank_zero() else None)
-        d = cfg.data
-        self.train_ds = self.dataset_cls(train_pairs, tok, int(d.max_seq_len), int(d.max_prompt_len), d.overlong)
-        self.val_ds = self.dataset_cls(heldout, tok, int(d.max_seq_len), int(d.max_prompt_len), d.overlong)
+        self.train_ds = self.make_dataset(train_pairs, tok)
+        self.val_ds = self.make_dataset(heldout, tok)
         LOG.info("%s samples: train %d (%s), held-out %d (%s)", self.name, len(self.train_ds),
                  dict(self.train_ds.stats), len(self.val_ds), dict(self.val_ds.stats))
         check_heldout_size(len(self.val_ds), gbs, self.dp, data=cfg.data)

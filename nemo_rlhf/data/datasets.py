@@ -165,6 +165,43 @@ class PreferenceDataset(_PairDataset):
         }
 
 
+class ReviewPairDataset(Dataset):
+    """Reward-model pairs of whole texts cut to their LAST ``max_seq_len`` tokens (no eos added):
+    for IMDB, where a review's verdict is usually at its end. ``pairs`` come from
+    :func:`nemo_rlhf.data.imdb.review_pairs` (``prompt`` must be empty). ``self.stats`` counts
+    ``response_truncated`` (texts cut, up to 2 per pair) and ``skipped_empty`` (pairs with an
+    empty text).
+
+    Item (same keys as :class:`PreferenceDataset`): ``chosen [Sc]``, ``rejected [Sr]`` int64,
+    ``chosen_length``, ``rejected_length`` ``[]`` int64.
+
+    Raises:
+        ValueError: ``max_seq_len < 1``, or a pair with a non-empty prompt (its source named).
+    """
+
+    def __init__(self, pairs: Sequence[PreferencePair], tokenizer: Tokenizer, max_seq_len: int):
+        if max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
+        for p in pairs:
+            if p.prompt:
+                raise ValueError(f"ReviewPairDataset: pair {p.source} has a prompt; it takes whole texts")
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.samples: list[tuple[list[int], list[int]]] = []
+        chosen = tokenizer.encode_batch([p.chosen for p in pairs])
+        rejected = tokenizer.encode_batch([p.rejected for p in pairs])
+        for c, r in zip(chosen, rejected):
+            if not c or not r:
+                self.stats["skipped_empty"] += 1
+                continue
+            self.stats["response_truncated"] += (len(c) > max_seq_len) + (len(r) > max_seq_len)
+            self.samples.append((c[-max_seq_len:], r[-max_seq_len:]))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    __getitem__ = PreferenceDataset.__getitem__
+
+
 class PromptDataset(Dataset):
     """Prompts for PPO rollouts.
 

@@ -10,10 +10,13 @@ is 1 for a rating >= 7 and 0 for a rating <= 4 (the dataset has no 5 or 6). Text
 from __future__ import annotations
 
 import dataclasses
+import html
 import os
-from collections.abc import Iterable
+import random
+import re
+from collections.abc import Iterable, Sequence
 
-from nemo_rlhf.data.hh import JSONL_REASONS, Bad, LoadStats, check_fields, load_jsonl
+from nemo_rlhf.data.hh import JSONL_REASONS, Bad, LoadStats, PreferencePair, check_fields, load_jsonl
 
 # Skip reasons, in the order they are checked.
 IMDB_SKIP_REASONS = (*JSONL_REASONS, "bad_value", "label_mismatch")
@@ -93,3 +96,46 @@ def load_imdb(
     """
     return load_jsonl(paths, _parse_imdb, lambda v, src: ImdbReview(*v, src),
                       on_error=on_error, max_rows=max_rows, kind="imdb")
+
+
+_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
+_SPACE = re.compile(r"\s+")
+
+
+def clean_review(text: str) -> str:
+    """A review as plain text: ``<br />`` line breaks become spaces, HTML entities are unescaped
+    (``&amp;`` -> ``&``), and every run of whitespace (U+2028 and U+0085 included) becomes one
+    space; leading and trailing space is removed."""
+    return _SPACE.sub(" ", html.unescape(_BREAK.sub(" ", text))).strip()
+
+
+def review_pairs(reviews: Sequence[ImdbReview], seed: int) -> list[PreferencePair]:
+    """Reward-model pairs from labelled reviews: (a positive review, a negative review).
+
+    The positive and the negative reviews are each shuffled with ``random.Random(seed)`` and
+    paired in order; ``min(#positive, #negative)`` pairs, texts cleaned (:func:`clean_review`),
+    prompt ``""``, source ``"<pos source>|<neg source>"``. Deterministic in (reviews, seed).
+    """
+    rng = random.Random(seed)
+    pos = [r for r in reviews if r.label == 1]
+    neg = [r for r in reviews if r.label == 0]
+    rng.shuffle(pos)
+    rng.shuffle(neg)
+    return [PreferencePair("", clean_review(p.text), clean_review(n.text), f"{p.source}|{n.source}")
+            for p, n in zip(pos, neg)]
+
+
+def review_prompts(reviews: Sequence[ImdbReview], tokenizer, min_tokens: int, max_tokens: int,
+                   seed: int) -> list[str]:
+    """PPO prompts: the first k tokens of each (cleaned) review, decoded back to text, with k
+    drawn uniformly from ``[min_tokens, max_tokens]`` by ``random.Random(seed)`` (trlX's IMDB
+    sentiment task). A review shorter than k tokens is used whole. Order: the reviews' order.
+
+    Raises:
+        ValueError: ``min_tokens < 1`` or ``min_tokens > max_tokens``.
+    """
+    if not 1 <= min_tokens <= max_tokens:
+        raise ValueError(f"need 1 <= min_tokens <= max_tokens, got {min_tokens}, {max_tokens}")
+    rng = random.Random(seed)
+    ids = tokenizer.encode_batch([clean_review(r.text) for r in reviews])
+    return [tokenizer.decode(t[: rng.randint(min_tokens, max_tokens)]) for t in ids]
