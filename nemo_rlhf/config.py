@@ -3,7 +3,8 @@
 Every section of a stage's Hydra config (``model:``, ``optim:``, ``batch:``, ``data:``,
 ``tokenizer:``, ``trainer:``, ``checkpoint:``, ``ppo:``, ``critic:``, ``server:``, ``logger:``) is a
 dataclass below; the stages are :class:`SFTStageConfig`, :class:`RewardModelStageConfig`,
-:class:`PPOActorStageConfig`, :class:`CriticServerStageConfig` and the demo :class:`DemoConfig`.
+:class:`PPOActorStageConfig`, :class:`CriticServerStageConfig`, :class:`GenerateConfig` (generate and
+evaluate) and the demo :class:`DemoConfig`.
 
 Where defaults live:
 
@@ -58,6 +59,8 @@ __all__ = [
     "CriticClientConfig", "ServerConfig", "LoggerConfig",
     "SFTStageConfig", "RewardModelStageConfig", "PPOActorStageConfig", "CriticServerStageConfig",
     "DemoConfig", "STAGE_CONFIGS",
+    "ModelSourceConfig", "PolicySourceConfig", "ReferenceSourceConfig", "RewardSourceConfig", "PromptsConfig",
+    "GenerateSamplingConfig", "ScoreConfig", "GenerateConfig",
     "parse_config", "load_stage_config", "to_plain", "unknown_key_message", "explain_unknown_key",
     "check_sizes", "check_heldout_size", "demo_stage_node", "register_configs",
 ]
@@ -947,11 +950,173 @@ class CriticServerStageConfig(_Stage):
         self._greater("value_clip", 0.0)
 
 
+
+# ----------------------------------------------------------------------------- generate (evaluation)
+SOURCE_FORMATS = ("auto", "megatron", "weights", "hf", "gguf")
+PROMPT_SPLITS = ("heldout", "train")
+
+
+@dataclass
+class ModelSourceConfig(_Section):
+    """Where a model's weights come from (``policy:``, ``reference:``, ``score.reward:`` of
+    :class:`GenerateConfig`; see :mod:`nemo_rlhf.evaluation.sources`).
+
+    ``path``: a directory written by ``python -m nemo_rlhf.convert gguf-to-megatron|hf-to-megatron``
+    (``format: megatron``: ``weights/`` + ``model_config.yaml`` + tokenizer files), a weights
+    directory written by a trainer (``format: weights``: ``<run_dir>/sft_weights``,
+    ``ppo_actor_weights``, ``rm_weights``; its shape comes from ``model_config`` or the top-level
+    ``model:`` section), a Hugging Face ``save_pretrained`` directory (``hf``) or a ``.gguf`` file
+    (``gguf``), both converted first. ``auto`` tells them apart by their files. ``cache_dir``: where
+    an HF / GGUF conversion is written and found again next time (None: a temporary directory,
+    deleted at exit).
+
+    Raises:
+        ConfigError: unknown ``format``.
+    """
+
+    SECTION: ClassVar[str] = "policy"
+
+    path: Optional[str] = None
+    format: str = "auto"  # auto | megatron | weights | hf | gguf
+    model_config: Optional[str] = None  # model_config.yaml of a weights dir; None: the top-level model: section
+    cache_dir: Optional[str] = None  # hf / gguf conversions; None: a temporary directory
+
+    def _validate(self) -> None:
+        self._choice("format", SOURCE_FORMATS)
+
+
+@dataclass
+class PolicySourceConfig(ModelSourceConfig):
+    """``policy:`` (generate) — the policy whose completions are written (``path`` required)."""
+
+    SECTION: ClassVar[str] = "policy"
+
+    path: str = MISSING
+
+
+@dataclass
+class ReferenceSourceConfig(ModelSourceConfig):
+    """``reference:`` (generate) — optional reference policy: with ``path`` set, each row gets the
+    sequence KL(policy || reference) of its completion (k1, nats)."""
+
+    SECTION: ClassVar[str] = "reference"
+
+
+@dataclass
+class RewardSourceConfig(ModelSourceConfig):
+    """``score.reward:`` (generate) — optional reward model scored in process (``path`` set; an HF /
+    GGUF source is converted with role ``reward``)."""
+
+    SECTION: ClassVar[str] = "score.reward"
+
+
+@dataclass
+class PromptsConfig(_Section):
+    """``prompts:`` (generate) — ``file``: a JSONL file whose rows hold a string ``field`` (bad rows
+    follow ``data.on_error``); None: the prompts of ``data.dataset`` (the held-out split by default,
+    ``split: train`` for the training split). ``max_prompts``: at most this many (the first ones).
+    ``chat_template``: a file's prompts become one user turn of the tokenizer's chat template with
+    the assistant header appended (for instruction-tuned models; ``data.chat_template`` does this
+    for the HH data set).
+
+    Raises:
+        ConfigError: unknown ``split``, ``max_prompts`` < 1, an empty ``field``.
+    """
+
+    SECTION: ClassVar[str] = "prompts"
+
+    file: Optional[str] = None
+    field: str = "prompt"
+    split: str = "heldout"  # heldout | train (data.dataset prompts only)
+    max_prompts: Optional[int] = None
+    chat_template: bool = False
+
+    def _validate(self) -> None:
+        self._choice("split", PROMPT_SPLITS)
+        self._greater("max_prompts", 1, or_equal=True)
+        if not self.field:
+            raise ConfigError("prompts.field must name the JSONL field holding the prompt")
+
+
+@dataclass
+class GenerateSamplingConfig(SamplingConfig):
+    """``sampling:`` (generate) — :class:`SamplingConfig` (``max_new_tokens`` is the completion
+    budget of every row); the seed is the top-level ``seed``."""
+
+    SECTION: ClassVar[str] = "sampling"
+
+
+@dataclass
+class ScoreConfig(_Section):
+    """``score:`` (generate) — what each row is scored with. ``vader``: the VADER compound of
+    ``prompt + completion`` (:mod:`nemo_rlhf.rewards.sentiment`). ``reward``: a reward model in
+    process. ``critic_server``: the reward model of a running critic server at ``critic.host`` /
+    ``critic.port`` (token: ``critic.auth_token_env``).
+
+    Raises:
+        ConfigError: both ``reward.path`` and ``critic_server``.
+    """
+
+    SECTION: ClassVar[str] = "score"
+
+    vader: bool = False
+    reward: RewardSourceConfig = field(default_factory=RewardSourceConfig)
+    critic_server: bool = False
+
+    def _validate(self) -> None:
+        if self.critic_server and self.reward.path:
+            raise ConfigError("score.reward.path and score.critic_server=true both give a reward-model score: "
+                              "set one of them")
+
+
+@dataclass
+class GenerateConfig(_Stage):
+    """``conf/generate.yaml`` (``launchers/generate.py``): generate completions for prompts with a
+    policy and score them; writes ``out`` (one JSONL row per prompt) and a summary JSON next to it
+    (:mod:`nemo_rlhf.evaluation.generate`). One process (model TP = PP = 1). ``model:``: the shape
+    of every source that carries none (a trainer's weights directory without ``model_config``;
+    ``model=smollm2_135m`` picks ``conf/model/smollm2_135m.yaml``); a converted directory uses its
+    own ``model_config.yaml``. ``tokenizer:``: the policy's tokenizer; the default ``type:
+    train_bpe`` (which would need a training set) means the policy source's own tokenizer files
+    (``tokenizer_config.json`` + ``tokenizer.json``: ``hf``; ``tokenizer.json`` alone:
+    ``tokenizer_json``), looked for in the source directory, then in its parent (a trainer's run
+    directory). ``batch_size``: prompts per generation batch (completions are a function of the
+    weights, prompts, ``seed`` and ``batch_size``).
+
+    Raises:
+        ConfigError: ``out`` or ``policy.path`` not set, ``batch_size`` < 1; see the sections.
+    """
+
+    SECTION: ClassVar[str] = ""
+
+    out: str = MISSING
+    seed: int = 1234
+    batch_size: int = 16
+    log_level: Optional[str] = None  # None: $NEMO_RLHF_LOG_LEVEL or INFO
+    policy: PolicySourceConfig = field(default_factory=PolicySourceConfig)
+    reference: ReferenceSourceConfig = field(default_factory=ReferenceSourceConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # train_bpe: the source's own
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: GenerateSamplingConfig = field(default_factory=GenerateSamplingConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    critic: CriticClientConfig = field(default_factory=CriticClientConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)  # trainer.accelerator only
+
+    def _validate(self) -> None:
+        super()._validate()
+        self._greater("batch_size", 1, or_equal=True)
+        if self.log_level is not None and str(self.log_level).upper() not in LOG_LEVELS:
+            raise ConfigError(f"log_level must be one of {list(LOG_LEVELS)}, got {self.log_level!r}")
+
+
 STAGE_CONFIGS: dict[str, type] = {
     "gpt_sft": SFTStageConfig,
     "gpt_rm": RewardModelStageConfig,
     "gpt_ppo_actor": PPOActorStageConfig,
     "gpt_ppo_critic": CriticServerStageConfig,
+    "generate": GenerateConfig,
 }
 # demo section -> (stage config name, stage class)
 DEMO_STAGES: dict[str, tuple[str, type]] = {
@@ -1226,7 +1391,7 @@ def demo_stage_node(stage_node: Any, demo_cfg: Any, section: str, **extra: Any):
 def register_configs() -> None:
     """Store the stage dataclasses in Hydra's ``ConfigStore`` as ``<config name>_schema``
     (``gpt_sft_schema``, ``gpt_rm_schema``, ``gpt_ppo_actor_schema``, ``gpt_ppo_critic_schema``,
-    ``demo_schema``). A YAML whose ``defaults`` list starts with its schema gets every key, default
+    ``generate_schema``, ``demo_schema``). A YAML whose ``defaults`` list starts with its schema gets every key, default
     and type from here. Idempotent; must run before Hydra composes (launchers: before
     ``hydra_entry``)."""
     from hydra.core.config_store import ConfigStore

@@ -27,6 +27,7 @@ from nemo_rlhf.config import (
     CriticServerStageConfig,
     DataConfig,
     DemoConfig,
+    GenerateConfig,
     KLControllerConfig,
     ModelConfig,
     OptimConfig,
@@ -367,6 +368,13 @@ def test_unknown_key_names_key_section_and_nearest(cls, node, fragment):
         (RewardModelStageConfig, {}, ConfigError, "missing required value(s): init_from, tokenizer.path"),
         (CriticServerStageConfig, {"reward_model_path": "x", "tokenizer": {"path": "t"}, "value_clip": -0.1},
          ConfigError, "value_clip must be > 0"),
+        (GenerateConfig, {}, ConfigError, "missing required value(s): out, policy.path"),
+        (GenerateConfig, {"out": "o", "policy": {"path": "p", "format": "onnx"}}, ConfigError,
+         "policy.format must be one of"),
+        (GenerateConfig, {"out": "o", "policy": {"path": "p"}, "score": {"critic_server": True, "reward": {"path": "r"}}},
+         ConfigError, "score.reward.path and score.critic_server=true both"),
+        (GenerateConfig, {"out": "o", "policy": {"path": "p"}, "sampling": {"top_p": 0}}, ConfigError,
+         "sampling.top_p must be in (0, 1]"),
     ],
 )
 def test_wrong_type_or_range_names_the_field(cls, node, exc, fragment):
@@ -443,6 +451,8 @@ def test_heldout_split_smaller_than_one_batch_is_refused_with_the_keys_to_change
     (PPOActorStageConfig, {"init_from": "a", "tokenizer": {"path": "t"}, "ppo": {"val_sampling": {"temperature": 0.5}}}),
     (CriticServerStageConfig, {"reward_model_path": "r", "tokenizer": {"path": "t"}, "value_clip": None}),
     (DemoConfig, {"sft": {"trainer": {"max_steps": 3}}}),
+    (GenerateConfig, {"out": "o.jsonl", "policy": {"path": "p"}, "tokenizer": {"type": "hf", "path": "t"},
+                      "score": {"vader": True, "reward": {"path": "r"}}}),
 ])
 def test_round_trip_dataclass_dict_dataclass(cls, node):
     cfg = parse_config(cls, node)
