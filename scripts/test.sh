@@ -22,11 +22,12 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 "$VENV/bin/lint-imports" --no-cache || { echo "[test.sh] lint-imports: a layer contract is broken (see above)" >&2; exit 1; }
 # Two pytest-xdist workers, one test file each at a time (module fixtures stay per file; the
 # session's trained SFT/RM runs are shared through a file lock: tests/conftest.py). The suite is
-# mostly single-threaded processes, so two workers keep both cores busy.
+# mostly single-threaded processes, so two workers keep both cores busy. Files are handed out in
+# collection order (--no-loadscope-reorder), which tests/conftest.py sets: slowest files first.
 # NEMO_RLHF_TEST_WORKERS=0 runs it in one process (e.g. to debug with -x or pdb).
 WORKERS="${NEMO_RLHF_TEST_WORKERS:-2}"
 XDIST=()
-if [ "$WORKERS" != "0" ]; then XDIST=(-n "$WORKERS" --dist loadfile); fi
+if [ "$WORKERS" != "0" ]; then XDIST=(-n "$WORKERS" --dist loadfile --no-loadscope-reorder); fi
 rc=0
 "$VENV/bin/python" -m pytest -q "${XDIST[@]}" "$@" || rc=$?
 if [ "$rc" -eq 5 ]; then

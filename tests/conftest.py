@@ -32,6 +32,39 @@ SFT_STEPS = 8  # tests/checkpoint resumes runs of this length and compares them 
 RM_STEPS = 4
 
 
+# The slowest test files first, longest first (measured with `bash scripts/test.sh --durations=0`,
+# summed per file, 2026-12-01): scripts/test.sh runs pytest-xdist with --dist loadfile
+# --no-loadscope-reorder, which hands files to the two workers in this order, so the long
+# multi-process files start at once and the many short files fill the gaps at the end (by default
+# xdist orders files by their number of tests, which left one worker alone with a 4-minute file at
+# the end). The first two start the two expensive shared fixtures on different workers: test_resume
+# trains the session's SFT/RM runs, test_gguf converts SmolLM2 (both reused by later files).
+HEAVY_FIRST = (
+    "tests/checkpoint/test_resume.py",
+    "tests/checkpoint/test_gguf.py",
+    "tests/multiprocess/test_layout_parity.py",
+    "tests/multiprocess/test_checkpoint_reshard.py",
+    "tests/multiprocess/test_frozen_parity.py",
+    "tests/multiprocess/test_lora_tp.py",
+    "tests/multiprocess/test_smollm2_layouts.py",
+    "tests/faults/test_stage_faults.py",
+    "tests/multiprocess/test_critic_server_tp.py",
+    "tests/integration/test_demo_stages.py",
+    "tests/servers/test_server_faults.py",
+    "tests/servers/test_server_roundtrip.py",
+    "tests/integration/test_critic_server_megatron.py",
+    "tests/faults/test_nonfinite.py",
+    "tests/multiprocess/test_vocab_parallel_tp.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Run the files of :data:`HEAVY_FIRST` first, in that order; every other file after them in
+    collection order (a stable sort: tests keep their order inside a file)."""
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
+
+
 def _shared_run(tmp_path_factory, name: str, train: Callable[[Path], None]) -> Path:
     """The run directory ``name``, trained once per test run by ``train(dir)``.
 

@@ -5,7 +5,9 @@ and the effective values of every stage (launchers and demo) kept exactly as bef
 (conf/ YAMLs + the code defaults ``MODEL_DEFAULTS``, ``OPTIM_DEFAULTS``, ``PPO_DEFAULTS`` and the
 ``.get(key, default)`` calls of stages.py / serve.py / run_demo.py), recorded with
 ``python tests/test_config.py --record <dir with the old conf/ tree>``. The YAMLs in ``conf/``
-(schema-based: every default from the dataclasses) must parse to those values.
+(schema-based: every default from the dataclasses) must parse to those values. One change since:
+issue 12 moved that from-scratch demo to ``conf/demo_tiny.yaml`` with ``run_dir: runs/demo_tiny``
+(``demo/top``), so it never resumes the checkpoints of the main job (``conf/demo.yaml``).
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ ADDED_MODEL_KEYS = {"lora"}  # model keys added after 214b4b6 (the old code had 
 ADDED_MODEL_KEYS = ADDED_MODEL_KEYS | {"num_layers_unfrozen"}
 ADDED_OPTIM_KEYS = {"layer_lr_decay", "lr_mult"}
 ADDED_PPO_KEYS = {"reference"}
+ADDED_PPO_KEYS = ADDED_PPO_KEYS | {"val_judge", "val_samples_saved"}  # issue 12: held-out judge, saved samples
 SAMPLING_PARAMS_DEFAULTS = dict(greedy=False)  # SamplingParams fields PPO_DEFAULTS["sampling"] lacks
 CLIENT_RETRY_DEFAULTS = dict(retry_limit_s=300.0, retry_backoff_s=1.0, retry_backoff_max_s=30.0)
 
@@ -162,13 +165,13 @@ def _compose_all(conf_dir: Path, schema: bool) -> dict:
         out["launcher/ppo"] = plain(compose("gpt_ppo_actor", [f"init_from={SFT_W}", f"tokenizer.path={TOK}"]))
         out["launcher/critic"] = plain(compose("gpt_ppo_critic", [f"reward_model_path={RM_W}", f"tokenizer.path={TOK}"]))
 
-        demo = compose("demo")
+        demo = compose("demo_tiny")  # the from-scratch HH demo (conf/demo.yaml before issue 12)
         out["demo/top"] = plain(demo)
 
         def stage_config(name, section, **extra):  # launchers/run_demo.py stage_config
             cfg = compose(config_name=name)
             OmegaConf.set_struct(cfg, False)
-            return OmegaConf.merge(cfg, demo.common, demo[section], extra)
+            return OmegaConf.merge(cfg, demo.common, demo[section], extra)  # no base model
 
         tokenizer = {"type": "tokenizer_json", "path": TOK}
         out["demo/sft"] = plain(stage_config("gpt_sft", "sft", run_dir=RUN))
@@ -291,7 +294,7 @@ def test_slim_schema_accepts_overrides_without_plus_and_rejects_typos():
             load_stage_config(SFTStageConfig, compose("gpt_sft", ["+optim.lrr=1"]))
         with pytest.raises(ConfigCompositionException, match="max_steps"):
             compose("gpt_sft", ["trainer.max_steps=two"])
-        demo = compose("demo", ["+common.data.max_rows=3000", "sft.trainer.max_steps=30"])
+        demo = compose("demo_tiny", ["+common.data.max_rows=3000", "sft.trainer.max_steps=30"])
         assert demo.common.data.max_rows == 3000
 
 

@@ -17,6 +17,7 @@ The critic and reward model live in a separate server process (PyTriton) behind
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -42,10 +43,11 @@ from nemo_rlhf.generation.sampling import SamplingParams
 from nemo_rlhf.models.hydra import HydraReference
 from nemo_rlhf.models.lora import LoRAReference
 from nemo_rlhf.models.policy import GPTPolicyModel
-from nemo_rlhf.parallel.state import any_rank, setup_parallel
+from nemo_rlhf.parallel.state import any_rank, is_rank_zero, setup_parallel
 from nemo_rlhf.rl.advantages import ppo_advantages, response_mask
 from nemo_rlhf.rl.kl import build_kl_controller, kl_penalty
 from nemo_rlhf.rl.losses import ppo_policy_loss
+from nemo_rlhf.rewards.sentiment import positive_fraction, vader_compound
 from nemo_rlhf.rl.masked import masked_mean
 from nemo_rlhf.servers.client import CriticClient
 from nemo_rlhf.servers.critic_handle import CriticHandle, is_server_caller
@@ -171,10 +173,11 @@ class PPOTrainer(Trainer):
         self.val_sampling = SamplingParams(**to_plain(p.val_sampling.resolve(p.sampling)), seed=int(p.seed) + 1)
         self.kl_ctl = build_kl_controller(to_plain(p.kl_controller))
         self.heldout_before: dict[str, float] | None = None
+        self.tokenizer = None  # set by setup(); from_models(..., tokenizer=) for judged evaluations
 
     @classmethod
     def from_models(cls, cfg: PPOActorStageConfig, policy: GPTPolicyModel,
-                    reference: GPTPolicyModel | HydraReference, critic_client) -> "PPOTrainer":
+                    reference: GPTPolicyModel | HydraReference, critic_client, tokenizer=None) -> "PPOTrainer":
         """A trainer around models built elsewhere (tests, benchmarks, the layout-parity tool):
         :meth:`train_step`, :meth:`rollout` and :meth:`evaluate` work without :meth:`setup`
         (``val_loader`` must be set for :meth:`evaluate`). ``reference``: a frozen full copy, or a
@@ -183,6 +186,9 @@ class PPOTrainer(Trainer):
         trainer.policy = trainer.model = policy
         trainer.reference = reference
         trainer.critic = CriticHandle(critic_client)
+        trainer.tokenizer = tokenizer
+        if tokenizer is None and cfg.ppo.val_judge:
+            raise ValueError("PPOTrainer.from_models: ppo.val_judge needs the tokenizer (tokenizer=...)")
         return trainer
 
     # -------------------------------------------------------------- set-up
@@ -192,7 +198,7 @@ class PPOTrainer(Trainer):
         gbs, mbs = int(cfg.batch.global_batch_size), int(cfg.batch.micro_batch_size)
         self.dp = setup_parallel(to_plain(cfg.model), (gbs, mbs), cfg.trainer.accelerator, int(cfg.seed))
         check_sizes(cfg, self.dp)
-        tok = tokenizer_from_config(to_plain(cfg.tokenizer))
+        self.tokenizer = tok = tokenizer_from_config(to_plain(cfg.tokenizer))
         d = cfg.data
         train_prompts, heldout_prompts, _ = load_split_prompts(d, tok)
         self.train_ds = PromptDataset(train_prompts, tok, int(d.max_prompt_len), d.overlong)
@@ -326,18 +332,54 @@ class PPOTrainer(Trainer):
         return metrics
 
     # -------------------------------------------------------------- evaluation
+    def _texts(self, ro: Rollout) -> tuple[list[str], list[str]]:
+        """The decoded prompts and completions of a rollout (a completion's final eos dropped)."""
+        tok = self.tokenizer
+        prompts, completions = [], []
+        for row, p, n in zip(ro.tokens.tolist(), ro.prompt_lengths.tolist(), ro.lengths.tolist()):
+            response = row[p:n]
+            if response and response[-1] == tok.eos_id:
+                response = response[:-1]
+            prompts.append(tok.decode(row[:p]))
+            completions.append(tok.decode(response))
+        return prompts, completions
+
     @torch.no_grad()
     def evaluate(self, limit: int | None = None) -> dict[str, float]:
         """Mean reward-model score, sequence KL(actor || reference) (k1 estimate, nats per
         response) and response length of responses sampled with a fixed seed for the held-out
-        prompts (the first ``limit`` batches), averaged over DP."""
-        ms = []
+        prompts (the first ``limit`` batches), averaged over DP.
+
+        With ``ppo.val_judge: vader`` also ``vader_compound`` (mean VADER compound of prompt +
+        completion, in [-1, 1]) and ``vader_positive`` (fraction with compound > 0.05), from
+        :mod:`nemo_rlhf.rewards.sentiment`. Rank 0 appends its first ``ppo.val_samples_saved``
+        samples (step, prompt, completion, rm_score, vader_compound) to
+        ``<run_dir>/ppo_samples.jsonl``.
+        """
+        p = self.cfg.ppo
+        keep = int(p.val_samples_saved) if is_rank_zero() and self.tokenizer is not None else 0
+        ms, samples = [], []
         for _, b in zip(range(limit if limit else len(self.val_loader)), self.val_loader):
             ro = self.rollout(b["prompts"], b["prompt_lengths"], self.val_sampling)
             kl = (kl_penalty(ro.logprobs, ro.ref_logprobs, estimator="k1") * ro.mask).sum(dim=1)
-            ms.append({"reward": ro.scores.mean().item(), "kl": kl.mean().item(),
-                       "response_length": ro.mask.sum(dim=1).mean().item()})
-        return dp_mean({k: sum(m[k] for m in ms) / len(ms) for k in ("reward", "kl", "response_length")})
+            m = {"reward": ro.scores.mean().item(), "kl": kl.mean().item(),
+                 "response_length": ro.mask.sum(dim=1).mean().item()}
+            if p.val_judge or len(samples) < keep:
+                prompts, completions = self._texts(ro)
+                compound = None
+                if p.val_judge == "vader":
+                    compound = vader_compound([a + c for a, c in zip(prompts, completions)])
+                    m["vader_compound"] = float(compound.mean())
+                    m["vader_positive"] = positive_fraction(compound)
+                for i in range(min(keep - len(samples), len(prompts))):
+                    samples.append({"step": self.step, "prompt": prompts[i], "completion": completions[i],
+                                    "rm_score": float(ro.scores[i]), "kl": float(kl[i]),
+                                    "vader_compound": None if compound is None else float(compound[i])})
+            ms.append(m)
+        if samples:
+            with open(self.run_dir / "ppo_samples.jsonl", "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+        return dp_mean({k: sum(m[k] for m in ms) / len(ms) for k in ms[0]})
 
     # -------------------------------------------------------------- the stage
     def run(self) -> dict[str, Any]:

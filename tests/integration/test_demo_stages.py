@@ -1,6 +1,6 @@
-"""The demo's stages at a smaller size: SFT -> RM -> critic server (subprocess) -> PPO, end to end.
+"""The from-scratch demo's stages at a smaller size: SFT -> RM -> critic server (subprocess) -> PPO.
 
-Runs the README's main command (launchers/run_demo.py) at the launchers' smallest size (1 layer,
+Runs the README's smoke path (launchers/run_demo.py --config-name demo_tiny) at the launchers' smallest size (1 layer,
 H = 32, 600 HH rows, 128 tokens, 512-token BPE, 8 sampled tokens) and with few steps, then checks
 what it promises: checkpoints, metrics.jsonl with every stage, the PNG plot, the printed report,
 and that the critic server process is gone afterwards. (How well the demo learns at full size is
@@ -28,7 +28,8 @@ def test_demo_pipeline_small(tmp_path):
              "+common.data.max_seq_len=128", "+common.data.max_prompt_len=96", "+sft.tokenizer.vocab_size=512",
              "rm.batch.global_batch_size=16", "ppo.data.max_heldout_prompts=16",
              "+ppo.ppo.sampling.max_new_tokens=8", "+ppo.logger.tensorboard=true"]
-    cmd = [sys.executable, str(REPO / "launchers" / "run_demo.py"), f"run_dir={run_dir}", *small,
+    cmd = [sys.executable, str(REPO / "launchers" / "run_demo.py"), "--config-name", "demo_tiny", f"run_dir={run_dir}",
+           *small,
            f"sft.trainer.max_steps={SFT_STEPS}", "sft.trainer.val_check_interval=10",
            f"rm.trainer.max_steps={RM_STEPS}", "rm.trainer.val_check_interval=5",
            f"ppo.trainer.max_steps={PPO_STEPS}", "ppo.trainer.val_check_interval=2"]
