@@ -44,13 +44,13 @@ def prepare_base_models(cfg) -> dict:
     the reward model / critic), from the cache or converted now; {} without ``base_model``."""
     if not cfg.base_model:
         return {}
-    from nemo_rlhf.checkpoint.cache import converted_model
+    from nemo_rlhf.checkpoint.cache import converted_models
     from nemo_rlhf.checkpoint.hf import read_model_config
 
-    policy = converted_model(str(cfg.base_model), "policy", cache_dir=cfg.cache_dir)
-    rm = policy
-    if cfg.rm_num_layers:
-        rm = converted_model(str(cfg.base_model), "reward", num_layers=int(cfg.rm_num_layers), cache_dir=cfg.cache_dir)
+    n_policy = int(cfg.policy_num_layers) if cfg.policy_num_layers else None
+    variants = [("policy", n_policy)] + ([("reward", int(cfg.rm_num_layers))] if cfg.rm_num_layers else [])
+    dirs = converted_models(str(cfg.base_model), variants, cache_dir=cfg.cache_dir)
+    policy, rm = dirs[0], dirs[-1]
     tokenizer = {"type": "hf", "path": str(policy)}
     return {
         "policy_weights": str(policy / "weights"), "rm_weights": str(rm / "weights"),
@@ -159,11 +159,13 @@ def main(cfg) -> None:
                 tokenizer = {"type": "tokenizer_json", "path": sft["tokenizer"]}
         rm_base = base.get("rm") if "sft" not in stages else base.get("policy")
         t = time.time()
-        rm = run_reward_model(stage_config("gpt_rm", cfg, "rm", base=rm_base, run_dir=str(run_dir),
-                                           init_from=base["rm_weights"] if "sft" not in stages else policy_init,
-                                           tokenizer=tokenizer))
+        rm_cfg = stage_config("gpt_rm", cfg, "rm", base=rm_base, run_dir=str(run_dir),
+                              init_from=base["rm_weights"] if "sft" not in stages else policy_init, tokenizer=tokenizer)
+        rm = run_reward_model(rm_cfg)
         wall["rm"] = time.time() - t
         report["rm"] = rm
+        # The server's reward model reads its head as the trained one did.
+        rm["reward_pooling"] = str(rm_cfg.model.get("reward_pooling") or "last")
         if "ppo" in stages:
             report.update(run_ppo_stage(cfg, run_dir, base, rm_base, tokenizer, policy_init, rm, wall,
                                         run_ppo, CriticClient, find_free_ports, start_server_process))
@@ -180,7 +182,8 @@ def run_ppo_stage(cfg, run_dir: Path, base: dict, rm_base, tokenizer, policy_ini
                   run_ppo, CriticClient, find_free_ports, start_server_process) -> dict:
     """Start the critic/reward server on the trained reward model, run PPO against it, stop it."""
     port = int(cfg.server_port) if cfg.server_port else find_free_ports(3)[0]
-    critic_cfg = stage_config("gpt_ppo_critic", cfg, "critic", base=rm_base)
+    critic_cfg = stage_config("gpt_ppo_critic", cfg, "critic", base=rm_base,
+                              model={"reward_pooling": rm["reward_pooling"]})
     overrides = [f"reward_model_path={rm['checkpoint']}", f"server.port={port}", f"server.grpc_port={port + 1}",
                  f"server.metrics_port={port + 2}", f"run_dir={run_dir}",
                  f"trainer.accelerator={critic_cfg.trainer.accelerator}"]

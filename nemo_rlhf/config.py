@@ -318,8 +318,13 @@ class ModelConfig(_Section):
     # roles only; see nemo_rlhf/models/trainable.py.
     num_layers_unfrozen: int = -1
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # low-rank adapters (off: rank 0)
+    # Reward models: where the scalar head's per-token outputs are read. last: at the last token
+    # (Ouyang et al. 2022); mean: averaged over every token of the sequence (the head applied to the
+    # mean hidden state, as a linear probe on mean-pooled features). Ignored by the other roles.
+    reward_pooling: str = "last"  # last | mean
 
     def _validate(self) -> None:
+        self._choice("reward_pooling", REWARD_POOLINGS)
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
                      "kv_channels", "max_position_embeddings", "vocab_size", "make_vocab_size_divisible_by",
                      "rotary_base", "tensor_model_parallel_size", "pipeline_model_parallel_size"):
@@ -455,6 +460,7 @@ class BatchConfig(_Section):
 OVERLONG = ("truncate", "skip")
 ON_ERROR = ("skip", "error")
 DATASETS = ("hh", "imdb")
+REWARD_POOLINGS = ("last", "mean")
 JUDGES = ("vader",)
 
 
@@ -1170,6 +1176,7 @@ class DemoConfig(_Section):
     once into ``cache_dir`` and reused. ``rm_num_layers``: the reward model (and the critic, which
     starts from it) keeps only the base model's first N layers (a cheaper scorer on the same
     pretrained features; only when the reward model starts from the base model, not from SFT).
+    ``policy_num_layers``: the same for the policy (a pipeline's smoke test at CI size).
 
     Raises:
         ConfigError: an unknown key in a section (named with the nearest valid key),
@@ -1184,6 +1191,7 @@ class DemoConfig(_Section):
     stages: List[str] = field(default_factory=lambda: ["sft", "rm", "ppo"])
     base_model: Optional[str] = None  # None | smollm2 | <.gguf file | HF dir | converted dir>
     rm_num_layers: Optional[int] = None  # None: the reward model and critic have every layer
+    policy_num_layers: Optional[int] = None  # None: every layer; N: the policy keeps the first N (smoke tests)
     cache_dir: Optional[str] = None  # converted base models; None: $NEMO_RLHF_CACHE or ~/.cache/nemo_rlhf
     report_samples: int = 3  # held-out samples printed before/after PPO (ppo.ppo.val_samples_saved >= this)
     server_ready_timeout_s: float = 300.0
@@ -1198,6 +1206,9 @@ class DemoConfig(_Section):
         self._greater("server_ready_timeout_s", 0.0)
         self._between("server_port", 1, 65533)
         self._greater("rm_num_layers", 1, or_equal=True)
+        self._greater("policy_num_layers", 1, or_equal=True)
+        if self.policy_num_layers is not None and not self.base_model:
+            raise ConfigError("policy_num_layers truncates the base model: set base_model")
         self._greater("report_samples", 0, or_equal=True)
         order = ["sft", "rm", "ppo"]
         bad = [st for st in self.stages if st not in order]

@@ -9,6 +9,8 @@ from that one in-memory model
 * converts it with :func:`nemo_rlhf.checkpoint.hf.import_hf_model`, the path behind
   :func:`nemo_rlhf.checkpoint.gguf.import_gguf` (``import_gguf`` = ``load_gguf`` + this), into
   ``OUT/policy`` (``weights/``, ``model_config.yaml``, tokenizer files);
+* writes the IMDB pipeline smoke test's truncated base models into ``OUT/cache``
+  (:func:`nemo_rlhf.checkpoint.cache.converted_models`, from the same loaded model);
 * records transformers' outputs in ``OUT/reference.pt``: the chat-formatted prompts
   (``apply_chat_template(..., add_generation_prompt=True)`` ids), fp32 logits ``[S, V]`` of the
   first :data:`N_LOGIT_PROMPTS` prompts with the eager attention (``logits``) and with the default
@@ -55,9 +57,11 @@ DIALOGUE = [
 ]
 N_LOGIT_PROMPTS = 3
 NEW_TOKENS = 32
+PIPELINE_POLICY_LAYERS, PIPELINE_RM_LAYERS = 2, 1  # tests/integration/test_imdb_pipeline.py
 
 
 def main(out: Path) -> None:
+    from nemo_rlhf.checkpoint.cache import converted_models
     from nemo_rlhf.checkpoint.gguf import load_gguf, smollm2_gguf_path
     from nemo_rlhf.checkpoint.hf import import_hf_model
 
@@ -66,6 +70,10 @@ def main(out: Path) -> None:
     model, tokenizer = load_gguf(path)
     t1 = time.perf_counter()
     import_hf_model(model, out / "policy", role="policy", tokenizer=tokenizer, source=str(path))
+    # The pipeline smoke test's base models (a 2-layer policy, a 1-layer reward model), in the cache
+    # layout launchers/run_demo.py reads (base_model=smollm2 cache_dir=OUT/cache).
+    converted_models("smollm2", [("policy", PIPELINE_POLICY_LAYERS), ("reward", PIPELINE_RM_LAYERS)],
+                     cache_dir=out / "cache", loaded=(model, tokenizer))
     t2 = time.perf_counter()
 
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,

@@ -83,6 +83,7 @@ PPO_DEFAULTS = dict(
 ADDED_MODEL_KEYS = {"lora"}  # model keys added after 214b4b6 (the old code had none of them)
 # keys added by issue 11 (frozen layers, layer-wise learning rates, hydra reference; defaults: off)
 ADDED_MODEL_KEYS = ADDED_MODEL_KEYS | {"num_layers_unfrozen"}
+ADDED_MODEL_KEYS = ADDED_MODEL_KEYS | {"reward_pooling"}  # issue 12: mean-pooled reward models
 ADDED_OPTIM_KEYS = {"layer_lr_decay", "lr_mult"}
 ADDED_PPO_KEYS = {"reference"}
 ADDED_PPO_KEYS = ADDED_PPO_KEYS | {"val_judge", "val_samples_saved"}  # issue 12: held-out judge, saved samples

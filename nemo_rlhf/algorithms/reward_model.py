@@ -14,7 +14,7 @@ from nemo_rlhf.config import RewardModelStageConfig, load_stage_config, to_plain
 from nemo_rlhf.data import PreferenceDataset, collate_preference
 from nemo_rlhf.data.tasks import preference_dataset
 from nemo_rlhf.models.megatron_module import split_microbatches
-from nemo_rlhf.models.reward_model import GPTRewardModel, gather_last_token
+from nemo_rlhf.models.reward_model import GPTRewardModel, pool_scores
 from nemo_rlhf.rl.losses import bradley_terry_loss
 
 
@@ -39,11 +39,12 @@ def pair_microbatches(batch: Mapping[str, torch.Tensor], micro_batch_size: int) 
     ]
 
 
-def bradley_terry_step_loss(mb, out):
+def bradley_terry_step_loss(mb, out, pooling: str = "last"):
     """Bradley-Terry loss of one pair micro-batch (:func:`pair_microbatches`): the head output
-    ``out [2m, S, 1]`` read at each row's last token; metrics ``loss``, ``accuracy``,
+    ``out [2m, S, 1]`` read at each row's last token (``pooling="mean"``: averaged over its
+    tokens, :func:`~nemo_rlhf.models.reward_model.pool_scores`); metrics ``loss``, ``accuracy``,
     ``reward_chosen``, ``reward_rejected``."""
-    r = gather_last_token(out, mb["lengths"])
+    r = pool_scores(out, mb["lengths"], pooling)
     m = r.shape[0] // 2
     loss, acc = bradley_terry_loss(r[:m], r[m:])
     return loss, {"loss": loss.detach(), "accuracy": acc.detach(),
@@ -72,15 +73,18 @@ class RewardModelTrainer(SupervisedTrainer):
         return GPTRewardModel(to_plain(c.model), to_plain(c.optim), tokenizer.vocab_size,
                               int(c.batch.micro_batch_size))
 
+    def _loss_fn(self, mb, out):
+        return bradley_terry_step_loss(mb, out, self.model.pooling)
+
     def train_step(self, batch) -> dict[str, float]:
-        return self.model.train_on(bradley_terry_step_loss,
+        return self.model.train_on(self._loss_fn,
                                    pair_microbatches(batch, self.model.micro_batch_size))
 
     def evaluate(self, limit: int | None = None) -> dict[str, float]:
         from megatron.core import parallel_state
 
         mbs = self.model.micro_batch_size
-        ms = [self.model.evaluate_on(bradley_terry_step_loss, pair_microbatches(b, mbs)) for b in self.val_loader]
+        ms = [self.model.evaluate_on(self._loss_fn, pair_microbatches(b, mbs)) for b in self.val_loader]
         pairs = (sum(int(b["tokens"].shape[0]) // 2 for b in self.val_loader)
                  * parallel_state.get_data_parallel_world_size())
         return {"accuracy": sum(m["accuracy"] for m in ms) / len(ms),

@@ -1,4 +1,4 @@
-"""Reward model: GPT trunk + scalar head read at the last non-pad token."""
+"""Reward model: GPT trunk + scalar head read at the last non-pad token (or averaged over the tokens)."""
 
 from __future__ import annotations
 
@@ -23,18 +23,44 @@ def gather_last_token(out: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return out[torch.arange(b, device=out.device), idx, 0].float()
 
 
-class GPTRewardModel(MegatronGPTModule):
-    """Scalar reward model r(x, y) = head(h_{last token}) (Ouyang et al. 2022, eq. 1).
+def pool_scores(out: torch.Tensor, lengths: torch.Tensor, pooling: str = "last") -> torch.Tensor:
+    """Read a scalar head's per-token outputs ``out [B, S, 1]`` as one score per sequence ``[B]``
+    float32: ``last`` at index ``lengths - 1`` (:func:`gather_last_token`), ``mean`` averaged over
+    positions ``< lengths`` (padding excluded).
 
-    What a trainer may call: :meth:`score`, and :meth:`train_on` / :meth:`evaluate_on` with a
-    pairwise loss (the Bradley-Terry trainer passes micro-batches of ``tokens [2m, S]``: m chosen
-    rows then their m rejected rows, and reads :func:`gather_last_token` of the ``[2m, S, 1]``
-    output). ``micro_batch_size`` counts pairs.
+    Raises:
+        ValueError: a length < 1 or > S, or an unknown ``pooling``.
+    """
+    if pooling == "last":
+        return gather_last_token(out, lengths)
+    if pooling != "mean":
+        raise ValueError(f"reward pooling must be 'last' or 'mean', got {pooling!r}")
+    b, s = out.shape[0], out.shape[1]
+    if bool((lengths < 1).any()) or bool((lengths > s).any()):
+        raise ValueError(f"sequence lengths must be in [1, {s}], got {lengths.tolist()}")
+    lengths = lengths.to(out.device)
+    mask = (torch.arange(s, device=out.device)[None, :] < lengths[:, None]).to(out.dtype)
+    return ((out[..., 0] * mask).sum(dim=1) / lengths.to(out.dtype)).float()
+
+
+class GPTRewardModel(MegatronGPTModule):
+    """Scalar reward model r(x, y) = head(h_{last token}) (Ouyang et al. 2022, eq. 1), or with
+    ``model.reward_pooling: mean`` the head's outputs averaged over the sequence.
+
+    What a trainer may call: :meth:`score`, :meth:`pool`, and :meth:`train_on` /
+    :meth:`evaluate_on` with a pairwise loss (the Bradley-Terry trainer passes micro-batches of
+    ``tokens [2m, S]``: m chosen rows then their m rejected rows, and reads :meth:`pool` of the
+    ``[2m, S, 1]`` output). ``micro_batch_size`` counts pairs.
     """
 
     def __init__(self, model_cfg: Mapping[str, Any], optim_cfg: Mapping[str, Any] | None,
                  vocab_size: int, micro_batch_size: int):
         super().__init__(model_cfg, optim_cfg, vocab_size, micro_batch_size, scalar_head=True)
+        self.pooling = str(model_cfg.get("reward_pooling") or "last")
+
+    def pool(self, out: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Scores ``[B]`` from the head's ``out [B, S, 1]`` (:func:`pool_scores`, this model's pooling)."""
+        return pool_scores(out, lengths, self.pooling)
 
     @torch.no_grad()
     def score(self, tokens: torch.Tensor, lengths: torch.Tensor, micro_batch_size: int | None = None) -> torch.Tensor:
@@ -46,7 +72,7 @@ class GPTRewardModel(MegatronGPTModule):
         mbs = split_microbatches({"tokens": tokens, "lengths": lengths},
                                  micro_batch_size or tokens.shape[0])
         outs = self.forward_backward(
-            mbs, self.forward_step, lambda mb, out: (out.sum() * 0, {"r": gather_last_token(out, mb["lengths"])}),
+            mbs, self.forward_step, lambda mb, out: (out.sum() * 0, {"r": self.pool(out, mb["lengths"])}),
             forward_only=True)
         r = torch.cat([o["r"] for o in outs]) if outs else None
         return broadcast_from_last_stage(r, (tokens.shape[0],), torch.float32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -15,6 +16,7 @@ from pathlib import Path
 from nemo_rlhf.servers.critic_server import triton_env_fix
 from nemo_rlhf.servers.protocol import ALL_MODELS, INFER_MODEL, CriticServerUnavailable
 
+LOG = logging.getLogger("nemo_rlhf")
 _LOG_TAIL_LINES = 30
 
 
@@ -147,12 +149,20 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
+# Triton's python backend aborts the whole server when a model's stub process is slow to attach to
+# its shared memory (seen under heavy CPU load, e.g. load average 10+ on 2 cores: "terminate called
+# after throwing an instance of 'boost::interprocess::lock_exception'", Signal 6, during
+# TRITONBACKEND_ModelInstanceInitialize). Nothing was served yet, so starting again is safe.
+TRANSIENT_START_FAILURES = ("boost::interprocess::lock_exception",)
+
+
 def start_server_process(
     cmd: list[str],
     host: str,
     http_port: int,
     ready_timeout_s: float,
     log_path: str | os.PathLike,
+    start_attempts: int = 3,
 ) -> ServerProcess:
     """Start ``cmd`` (a critic server) and wait until it serves all its models.
 
@@ -166,16 +176,40 @@ def start_server_process(
     Args:
         cmd: argv of the server, e.g. ``[sys.executable, "-m", "...", "--http-port", "8000"]``.
         host, http_port: where the server's HTTP endpoint will listen.
-        ready_timeout_s: seconds to wait for readiness.
+        ready_timeout_s: seconds to wait for readiness (per attempt).
         log_path: file for the server's output (parent directories are created).
+        start_attempts: starts in all when the server dies before it is ready with one of the
+            :data:`TRANSIENT_START_FAILURES` in its log (Triton's start-up abort under CPU
+            contention); each retry is logged at WARNING. Any other early exit is not retried.
 
     Returns:
         The running :class:`ServerProcess`.
 
     Raises:
-        CriticServerUnavailable: if the process exits early or is not ready in time (the
-            process group is then stopped); the message includes the last 30 log lines.
+        CriticServerUnavailable: if the process exits early (after the last attempt, for a
+            transient failure) or is not ready in time (the process group is then stopped); the
+            message includes the last 30 log lines.
     """
+    for attempt in range(1, max(int(start_attempts), 1) + 1):
+        offset = Path(log_path).stat().st_size if Path(log_path).exists() else 0
+        try:
+            return _start_once(cmd, host, http_port, ready_timeout_s, log_path)
+        except CriticServerUnavailable as exc:
+            with open(log_path, "rb") as f:
+                f.seek(offset)
+                this_attempt = f.read().decode("utf-8", "replace")
+            transient = next((sig for sig in TRANSIENT_START_FAILURES if sig in this_attempt), None)
+            if transient is None or attempt >= start_attempts:
+                raise
+            LOG.warning("critic server %s:%d died while loading its models (%s, a known Triton start-up abort "
+                        "under CPU contention); starting it again (attempt %d of %d): %s", host, http_port,
+                        transient, attempt + 1, start_attempts, exc.__class__.__name__)
+    raise AssertionError("unreachable")
+
+
+def _start_once(cmd: list[str], host: str, http_port: int, ready_timeout_s: float,
+                log_path: str | os.PathLike) -> ServerProcess:
+    """One start of :func:`start_server_process` (no retry)."""
     url = f"http://{host}:{http_port}"
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)

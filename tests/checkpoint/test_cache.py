@@ -55,3 +55,18 @@ def test_errors_name_the_source(tmp_path):
     a = converted_model(str(src), cache_dir=tmp_path / "c")
     with pytest.raises(ValueError, match="already converted"):
         converted_model(str(a), "reward", num_layers=1)
+
+
+def test_several_variants_read_the_source_once(tmp_path, monkeypatch):
+    from nemo_rlhf.checkpoint import hf
+    from nemo_rlhf.checkpoint.cache import converted_models
+    from nemo_rlhf.checkpoint.hf import read_model_config
+
+    src = _hf_dir(tmp_path / "hf")
+    reads = []
+    real = hf._load_hf_dir
+    monkeypatch.setattr(hf, "_load_hf_dir", lambda p: reads.append(p) or real(p))
+    dirs = converted_models(str(src), [("policy", None), ("reward", 1), ("critic", 2)], cache_dir=tmp_path / "c")
+    assert len(reads) == 1 and len(set(dirs)) == 3
+    assert [read_model_config(d / "model_config.yaml")["num_layers"] for d in dirs] == [3, 1, 2]
+    assert converted_models(str(src), [("reward", 1)], cache_dir=tmp_path / "c") == [dirs[1]] and len(reads) == 1

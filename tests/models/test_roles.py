@@ -7,6 +7,8 @@ autograd; and a few optimizer steps must actually lower the losses.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -198,6 +200,28 @@ def test_reward_model_bt_loss_and_accuracy_equal_manual(build, tiny):
     assert got["reward_rejected"] == pytest.approx(r[4:].mean().item(), abs=1e-5)
     # score() returns the same per-sequence rewards
     torch.testing.assert_close(model.score(batch["tokens"], batch["lengths"]).double(), r, atol=1e-5, rtol=0)
+
+
+def test_mean_pooled_reward_model_averages_the_head_over_real_tokens(build, tiny):
+    """model.reward_pooling=mean: score and the Bradley-Terry loss read the head's per-token
+    outputs averaged over each row's real tokens (padding excluded), by hand from the raw output."""
+    from nemo_rlhf.algorithms.reward_model import RewardModelTrainer
+    from nemo_rlhf.models.reward_model import pool_scores
+
+    model = build(GPTRewardModel, micro_batch_size=2, model_cfg={"reward_pooling": "mean"})
+    batch = _preference_batch(tiny, [9, 5, 16, 7], [4, 12, 6, 16], seed=3)
+    out = _raw_output(model, batch["tokens"])
+    lengths = batch["lengths"]
+    r = torch.stack([out[i, : int(n), 0].double().mean() for i, n in enumerate(lengths)])
+    torch.testing.assert_close(model.score(batch["tokens"], lengths).double(), r, atol=1e-5, rtol=0)
+    got = model.evaluate_on(lambda mb, o: RewardModelTrainer._loss_fn(SimpleNamespace(model=model), mb, o),
+                            pair_microbatches(batch, model.micro_batch_size))
+    assert got["loss"] == pytest.approx(-F.logsigmoid(r[:4] - r[4:]).mean().item(), abs=1e-5)
+    assert pool_scores(out, lengths, "last").tolist() == pytest.approx(gather_last_token(out, lengths).tolist())
+    with pytest.raises(ValueError, match="'last' or 'mean'"):
+        pool_scores(out, lengths, "max")
+    with pytest.raises(ValueError, match="lengths must be in"):
+        pool_scores(out, torch.tensor([0, 1, 1, 1, 1, 1, 1, 1]), "mean")
 
 
 def test_reward_ignores_right_padding(build, tiny):

@@ -470,3 +470,40 @@ def test_raw_save_and_load_cannot_escape_the_root(server, root, tmp_path, client
     (root / "unmarked" / "COMPLETE").unlink()
     status, message = raw_infer(server.url, "critic_load", _raw_path("unmarked"))
     assert status >= 400 and _one_line_reply(message) and "missing COMPLETE marker" in message, message
+
+
+def test_a_triton_startup_abort_is_retried_and_other_exits_are_not(tmp_path):
+    """A server that dies before it is ready with Triton's start-up abort in its log is started
+    again (here: it serves a fake health endpoint on its second start); a server that dies with
+    any other error is reported at once, with its log."""
+    from nemo_rlhf.servers.process import find_free_ports
+
+    port = find_free_ports(1)[0]
+    marker = tmp_path / "started_once"
+    script = tmp_path / "fake_server.py"
+    script.write_text(f"""
+import http.server, pathlib, sys
+marker = pathlib.Path({str(marker)!r})
+if sys.argv[1] == "transient" and not marker.exists():
+    marker.write_text("x")
+    print("terminate called after throwing an instance of 'boost::interprocess::lock_exception'", flush=True)
+    sys.exit(134)
+if sys.argv[1] == "broken":
+    print("ValueError: bad config", flush=True)
+    sys.exit(1)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers()
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", {port}), H).serve_forever()
+""")
+    server = start_server_process([sys.executable, str(script), "transient"], "127.0.0.1", port, 30,
+                                  tmp_path / "a.log")
+    try:
+        assert marker.exists() and "lock_exception" in (tmp_path / "a.log").read_text()
+    finally:
+        server.stop()
+    with pytest.raises(CriticServerUnavailable, match="bad config"):
+        start_server_process([sys.executable, str(script), "broken"], "127.0.0.1", port, 30, tmp_path / "b.log")
+    assert (tmp_path / "b.log").read_text().count("bad config") == 1  # started once, not retried

@@ -1,0 +1,82 @@
+"""The main job (conf/demo.yaml: IMDB sentiment on SmolLM2) end to end at CI size, then resumed.
+
+The real SmolLM2 tokenizer and weights, cut to their first layers (a 2-layer policy, a 1-layer
+reward model and critic: ``policy_num_layers`` / ``rm_num_layers``, converted by the ``smollm2``
+session fixture into its cache), a few reward-model and PPO steps on the shipped IMDB files: the
+pipeline starts, the critic server answers, losses and scores are finite, VADER judges the
+held-out samples, the report and plot are written, the server is gone afterwards, and a second
+run with more PPO steps resumes from the first run's checkpoints (it does not start over). How
+well the full-size job learns is BENCHMARKS.md's business (and examples/imdb_sentiment).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests"))
+from smollm2_run import PIPELINE_POLICY_LAYERS, PIPELINE_RM_LAYERS  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.server]
+RM_STEPS, PPO_STEPS = 2, 2
+
+
+def _run(run_dir: Path, cache: Path, ppo_steps: int, cwd: Path) -> subprocess.CompletedProcess:
+    small = [f"run_dir={run_dir}", "base_model=smollm2", f"cache_dir={cache}",
+             f"policy_num_layers={PIPELINE_POLICY_LAYERS}", f"rm_num_layers={PIPELINE_RM_LAYERS}",
+             "rm.data.max_rows=64", "rm.data.max_heldout_rows=40", "rm.data.max_seq_len=32",
+             "rm.batch.global_batch_size=8", "rm.batch.micro_batch_size=8",
+             f"rm.trainer.max_steps={RM_STEPS}", f"rm.optim.decay_steps={RM_STEPS}", "rm.optim.warmup_steps=0",
+             "ppo.data.max_rows=32", "ppo.data.max_heldout_rows=8", "ppo.data.max_heldout_prompts=8",
+             "ppo.batch.global_batch_size=8", "ppo.batch.micro_batch_size=8",
+             "ppo.ppo.sampling.max_new_tokens=6", "+ppo.ppo.val_samples_saved=3",
+             f"ppo.trainer.max_steps={ppo_steps}", "ppo.trainer.val_check_interval=1", "ppo.trainer.limit_val_batches=1",
+             "+ppo.checkpoint.every_n_steps=1", "report_samples=2"]
+    cmd = [sys.executable, str(REPO / "launchers" / "run_demo.py"), *small]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+
+
+def test_imdb_pipeline_runs_judges_and_resumes(smollm2, tmp_path):
+    run_dir, cache = tmp_path / "demo", smollm2 / "cache"
+    proc = _run(run_dir, cache, PPO_STEPS, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    out = proc.stdout
+    assert "nemo-rlhf demo report" in out and "VADER (independent judge)" in out and "sample 1:" in out
+    report = json.loads((run_dir / "report.json").read_text())
+    rm, ppo = report["rm"], report["ppo"]
+    assert rm["steps"] == RM_STEPS and 0.0 <= rm["val_after"]["accuracy"] <= 1.0 and rm["val_after"]["pairs"] > 0
+    assert ppo["steps"] == PPO_STEPS
+    for when in ("heldout_before", "heldout_after"):
+        for key in ("reward", "kl", "vader_positive", "vader_compound"):
+            assert math.isfinite(ppo[when][key]), (when, key)
+        assert 0.0 <= ppo[when]["vader_positive"] <= 1.0
+    assert len(report["samples"]) == 2 and report["samples"][0][0]["prompt"] == report["samples"][0][1]["prompt"]
+    assert report["judge_agreement"] is not None
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    ppo_rows = [r for r in rows if r["stage"] == "ppo" and "ppo/reward" in r]
+    assert [r["step"] for r in ppo_rows] == list(range(PPO_STEPS))
+    for r in ppo_rows:  # losses and scores finite; the critic server trained
+        for key in ("ppo/reward", "ppo/kl", "ppo/pg_loss", "ppo/critic_loss"):
+            assert math.isfinite(r[key]), (r["step"], key)
+    assert [r["step"] for r in rows if r["stage"] == "ppo" and "val/vader_positive" in r] == [0, 1, 2]
+    png = (run_dir / "ppo_reward_kl.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(run_dir) not in ps  # the critic server was stopped
+
+    # Same command, one more PPO step: the reward model and the first PPO steps resume from their
+    # checkpoints (no step runs twice), then PPO trains step 2.
+    proc = _run(run_dir, cache, PPO_STEPS + 1, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["ppo"]["steps"] == PPO_STEPS + 1 and report["rm"]["steps"] == RM_STEPS
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if r["stage"] == "ppo" and "ppo/reward" in r]
+    assert steps == list(range(PPO_STEPS + 1))  # step 2 once, nothing repeated
+    assert [r["step"] for r in rows if r["stage"] == "rm" and "rm/loss" in r] == list(range(RM_STEPS))
