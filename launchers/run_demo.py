@@ -87,8 +87,9 @@ def format_report(rep: dict) -> str:
         if "vader_positive" in a:
             lines.append(f"        VADER (independent judge): positive fraction {_fmt(b['vader_positive'], a['vader_positive'])}"
                          f";  mean compound {b['vader_compound']:+.3f} -> {a['vader_compound']:+.3f}")
-        if rep.get("judge_agreement") is not None:
-            lines.append(f"        VADER / reward-model agreement on the after-PPO samples: {rep['judge_agreement']:.2f}")
+        if "vader_rm_agreement" in a:
+            lines.append(f"        VADER / reward-model agreement on the same samples (sign; RM cut at its median): "
+                         f"{b['vader_rm_agreement']:.2f} before, {a['vader_rm_agreement']:.2f} after")
         for i, (sb, sa) in enumerate(rep.get("samples", [])):
             lines.append(f"  sample {i + 1}: prompt {sb['prompt']!r}")
             lines.append(f"     before: {sb['completion']!r}  (RM {sb['rm_score']:+.2f}"
@@ -103,24 +104,19 @@ def format_report(rep: dict) -> str:
     return "\n".join(lines)
 
 
-def before_after_samples(run_dir: Path, n: int) -> tuple[list[tuple[dict, dict]], float | None]:
+def before_after_samples(run_dir: Path, n: int) -> list[tuple[dict, dict]]:
     """The first ``n`` held-out samples of the first and the last evaluation in
-    ``ppo_samples.jsonl`` (the same prompts: held-out batches are in order, sampled with one
-    seed), and the VADER / reward-model agreement over the last evaluation's saved samples."""
-    from nemo_rlhf.rewards.sentiment import judge_agreement
+    ``ppo_samples.jsonl`` (the same prompts: held-out batches are in order, sampled with one seed)."""
     from nemo_rlhf.utils.logging import read_jsonl
 
     path = run_dir / "ppo_samples.jsonl"
     if not path.exists():
-        return [], None
+        return []
     rows = list(read_jsonl(path))
     first, last = min(r["step"] for r in rows), max(r["step"] for r in rows)
     before = [r for r in rows if r["step"] == first]
     after = [r for r in rows if r["step"] == last]
-    agreement = None
-    if after and all(r.get("vader_compound") is not None for r in after):
-        agreement = judge_agreement([r["vader_compound"] for r in after], [r["rm_score"] for r in after])
-    return list(zip(before, after))[:n], agreement
+    return list(zip(before, after))[:n]
 
 
 @hydra_entry("demo")
@@ -170,7 +166,7 @@ def main(cfg) -> None:
             report.update(run_ppo_stage(cfg, run_dir, base, rm_base, tokenizer, policy_init, rm, wall,
                                         run_ppo, CriticClient, find_free_ports, start_server_process))
             report["plot"] = str(plot_ppo_metrics(run_dir / "metrics.jsonl", run_dir / "ppo_reward_kl.png"))
-            report["samples"], report["judge_agreement"] = before_after_samples(run_dir, int(cfg.report_samples))
+            report["samples"] = before_after_samples(run_dir, int(cfg.report_samples))
         wall["total"] = time.time() - t0
         (run_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
         print(format_report(report), flush=True)

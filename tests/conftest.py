@@ -44,6 +44,7 @@ HEAVY_FIRST = (
     "tests/checkpoint/test_gguf.py",
     "tests/multiprocess/test_layout_parity.py",
     "tests/multiprocess/test_checkpoint_reshard.py",
+    "tests/integration/test_imdb_pipeline.py",
     "tests/multiprocess/test_frozen_parity.py",
     "tests/multiprocess/test_lora_tp.py",
     "tests/multiprocess/test_smollm2_layouts.py",
@@ -55,6 +56,9 @@ HEAVY_FIRST = (
     "tests/integration/test_critic_server_megatron.py",
     "tests/faults/test_nonfinite.py",
     "tests/multiprocess/test_vocab_parallel_tp.py",
+    "tests/evaluation/test_generate.py",
+    "tests/checkpoint/test_hf_conversion.py",
+    "tests/checkpoint/test_cache.py",
 )
 
 

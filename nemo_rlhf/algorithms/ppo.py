@@ -47,7 +47,7 @@ from nemo_rlhf.parallel.state import any_rank, is_rank_zero, setup_parallel
 from nemo_rlhf.rl.advantages import ppo_advantages, response_mask
 from nemo_rlhf.rl.kl import build_kl_controller, kl_penalty
 from nemo_rlhf.rl.losses import ppo_policy_loss
-from nemo_rlhf.rewards.sentiment import positive_fraction, vader_compound
+from nemo_rlhf.rewards.sentiment import judge_agreement, positive_fraction, vader_compound
 from nemo_rlhf.rl.masked import masked_mean
 from nemo_rlhf.servers.client import CriticClient
 from nemo_rlhf.servers.critic_handle import CriticHandle, is_server_caller
@@ -351,14 +351,16 @@ class PPOTrainer(Trainer):
         prompts (the first ``limit`` batches), averaged over DP.
 
         With ``ppo.val_judge: vader`` also ``vader_compound`` (mean VADER compound of prompt +
-        completion, in [-1, 1]) and ``vader_positive`` (fraction with compound > 0.05), from
+        completion, in [-1, 1]), ``vader_positive`` (fraction with compound > 0.05) and
+        ``vader_rm_agreement`` (fraction of samples where VADER and the reward model agree on the
+        sign, the reward model's cut at its median score over the evaluation), from
         :mod:`nemo_rlhf.rewards.sentiment`. Rank 0 appends its first ``ppo.val_samples_saved``
         samples (step, prompt, completion, rm_score, vader_compound) to
         ``<run_dir>/ppo_samples.jsonl``.
         """
         p = self.cfg.ppo
         keep = int(p.val_samples_saved) if is_rank_zero() and self.tokenizer is not None else 0
-        ms, samples = [], []
+        ms, samples, judged = [], [], ([], [])
         for _, b in zip(range(limit if limit else len(self.val_loader)), self.val_loader):
             ro = self.rollout(b["prompts"], b["prompt_lengths"], self.val_sampling)
             kl = (kl_penalty(ro.logprobs, ro.ref_logprobs, estimator="k1") * ro.mask).sum(dim=1)
@@ -371,6 +373,8 @@ class PPOTrainer(Trainer):
                     compound = vader_compound([a + c for a, c in zip(prompts, completions)])
                     m["vader_compound"] = float(compound.mean())
                     m["vader_positive"] = positive_fraction(compound)
+                    judged[0].extend(compound.tolist())
+                    judged[1].extend(ro.scores.tolist())
                 for i in range(min(keep - len(samples), len(prompts))):
                     samples.append({"step": self.step, "prompt": prompts[i], "completion": completions[i],
                                     "rm_score": float(ro.scores[i]), "kl": float(kl[i]),
@@ -379,7 +383,10 @@ class PPOTrainer(Trainer):
         if samples:
             with open(self.run_dir / "ppo_samples.jsonl", "a", encoding="utf-8") as f:
                 f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
-        return dp_mean({k: sum(m[k] for m in ms) / len(ms) for k in ms[0]})
+        metrics = {k: sum(m[k] for m in ms) / len(ms) for k in ms[0]}
+        if judged[0]:  # do VADER and the reward model call the same samples positive? (this rank's)
+            metrics["vader_rm_agreement"] = judge_agreement(np.array(judged[0]), np.array(judged[1]))
+        return dp_mean(metrics)
 
     # -------------------------------------------------------------- the stage
     def run(self) -> dict[str, Any]:
