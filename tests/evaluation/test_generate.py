@@ -228,10 +228,30 @@ def _launcher_module():
     return module
 
 
-def test_launcher_refuses_a_misspelt_key_with_the_nearest():
+@pytest.fixture
+def launcher(monkeypatch):
+    """launchers/generate.py imported in this process. Importing it sets up console logging (its
+    @hydra_entry does, on the root logger): put the root logger back afterwards, so that later test
+    files in this worker (e.g. tests/utils/test_progress.py) see pytest's logging untouched."""
+    import logging
+    import warnings
+
+    saved = {name: (lg.level, lg.handlers[:], lg.propagate)
+             for name in [None, *logging.root.manager.loggerDict] for lg in [logging.getLogger(name)]}
+    try:
+        with warnings.catch_warnings():
+            yield _launcher_module()
+    finally:
+        for name, (level, handlers, propagate) in saved.items():
+            lg = logging.getLogger(name)
+            lg.setLevel(level)
+            lg.handlers[:] = handlers
+            lg.propagate = propagate
+
+
+def test_launcher_refuses_a_misspelt_key_with_the_nearest(launcher):
     from nemo_rlhf.config import ConfigError
 
-    launcher = _launcher_module()
     launcher.check_overrides(["policy.path=x", "out=y", "sampling.temperature=0.5", "model.num_layers=1"])
     with pytest.raises(ConfigError, match=r"unknown key 'temprature' in section 'sampling' \(did you mean 'temperature'"):
         launcher.check_overrides(["sampling.temprature=0.5"])
