@@ -20,20 +20,46 @@ LOG = logging.getLogger("nemo_rlhf")
 _LOG_TAIL_LINES = 30
 
 
-def find_free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """``n`` distinct TCP ports that were free on ``host`` a moment ago (the OS picks them).
+def _ephemeral_low() -> int:
+    """The lowest port of the OS's ephemeral range (Linux ``ip_local_port_range``; 32768 if unreadable)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
-    All ``n`` sockets are held open together so the ports are distinct; another process may
-    still take one before the server binds it.
+
+def find_free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct TCP ports that were free on ``host`` a moment ago.
+
+    Drawn at random below the OS's ephemeral range (from 10000 up to ``ip_local_port_range``'s low
+    end), so that the outgoing connections every process opens meanwhile (clients, the Triton
+    stubs, gloo) cannot take them before the server binds: a gRPC port picked by ``bind(0)`` was
+    once taken that way under load ("No address added ... Unable to configure socket"). Another
+    process may still bind one on purpose. All ``n`` sockets are held open together, so the ports
+    are distinct. Falls back to ports the OS picks (``bind(0)``) when no range is left.
 
     Raises:
         ValueError: if ``n < 1``.
     """
+    import random
+
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    sockets = []
+    low, high = 10000, _ephemeral_low() - 1
+    rng = random.Random()
+    sockets: list[socket.socket] = []
     try:
-        for _ in range(n):
+        tries = 0
+        while len(sockets) < n and high > low and tries < 200:
+            tries += 1
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.bind((host, rng.randint(low, high)))
+            except OSError:
+                s.close()
+                continue
+            sockets.append(s)
+        while len(sockets) < n:
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.bind((host, 0))
             sockets.append(s)

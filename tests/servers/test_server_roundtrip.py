@@ -507,3 +507,16 @@ http.server.HTTPServer(("127.0.0.1", {port}), H).serve_forever()
     with pytest.raises(CriticServerUnavailable, match="bad config"):
         start_server_process([sys.executable, str(script), "broken"], "127.0.0.1", port, 30, tmp_path / "b.log")
     assert (tmp_path / "b.log").read_text().count("bad config") == 1  # started once, not retried
+
+
+def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range():
+    """find_free_ports draws below the OS's ephemeral range, where outgoing connections never land."""
+    from nemo_rlhf.servers.process import _ephemeral_low, find_free_ports
+
+    ports = find_free_ports(9)
+    assert len(set(ports)) == 9 and all(10000 <= p < _ephemeral_low() for p in ports)
+    for p in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", p))
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        find_free_ports(0)
