@@ -381,6 +381,7 @@ class PPOTrainer(Trainer):
                                     "vader_compound": None if compound is None else float(compound[i])})
             ms.append(m)
         if samples:
+            self.run_dir.mkdir(parents=True, exist_ok=True)  # a fresh run may not have written it yet
             with open(self.run_dir / "ppo_samples.jsonl", "a", encoding="utf-8") as f:
                 f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
         metrics = {k: sum(m[k] for m in ms) / len(ms) for k in ms[0]}
