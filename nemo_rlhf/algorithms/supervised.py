@@ -13,7 +13,7 @@ from typing import Any
 from nemo_rlhf.algorithms.base import Trainer, heldout_loader, step_loader, write_result
 from nemo_rlhf.checkpoint.weights import load_weights, save_model_weights
 from nemo_rlhf.config import check_heldout_size, check_sizes, to_plain
-from nemo_rlhf.data.tasks import load_split_pairs
+from nemo_rlhf.data.tasks import format_pairs, load_split_pairs
 from nemo_rlhf.data.tokenizer import tokenizer_from_config
 from nemo_rlhf.parallel.state import is_rank_zero, setup_parallel
 
@@ -69,8 +69,8 @@ class SupervisedTrainer(Trainer):
         texts = [p.prompt + p.chosen for p in train_pairs] + [p.rejected for p in train_pairs]
         self.tokenizer = tok = tokenizer_from_config(to_plain(cfg.tokenizer), texts,
                                                      save_dir=self.run_dir if is_rank_zero() else None)
-        self.train_ds = self.make_dataset(train_pairs, tok)
-        self.val_ds = self.make_dataset(heldout, tok)
+        self.train_ds = self.make_dataset(format_pairs(cfg.data, train_pairs, tok), tok)  # data.chat_template
+        self.val_ds = self.make_dataset(format_pairs(cfg.data, heldout, tok), tok)
         LOG.info("%s samples: train %d (%s), held-out %d (%s)", self.name, len(self.train_ds),
                  dict(self.train_ds.stats), len(self.val_ds), dict(self.val_ds.stats))
         check_heldout_size(len(self.val_ds), gbs, self.dp, data=cfg.data)

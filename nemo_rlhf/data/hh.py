@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -43,6 +44,7 @@ SKIP_REASONS = (
     "no_shared_prompt",
     "empty_response",
     "identical",
+    "bad_dialogue",  # only with chat=True (data.chat_template): see dialogue_messages
 )
 
 
@@ -124,6 +126,48 @@ def split_dialogue(text: str) -> tuple[str, str]:
         raise ValueError(f"no {ASSISTANT_TAG!r} turn in dialogue starting {text[:60]!r}")
     cut = idx + len(ASSISTANT_TAG)
     return text[:cut], text[cut:]
+
+
+# A turn tag of an HH transcript; the speaker maps to a chat-template role.
+_TURN_TAG = re.compile(r"\n\n(Human|Assistant):")
+_CHAT_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def dialogue_messages(prompt: str) -> list[dict[str, str]]:
+    """The turns of an HH prompt as chat messages, for a chat template.
+
+    ``"\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant:"`` ->
+    ``[{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"},
+    {"role": "user", "content": "C"}]``: turns are cut at ``"\n\nHuman:"`` / ``"\n\nAssistant:"``
+    (the tags :func:`split_dialogue` cuts at), each content stripped of surrounding whitespace;
+    the final empty ``"\n\nAssistant:"`` (the turn to generate) is dropped.
+
+    Raises:
+        TypeError: ``prompt`` is not a str.
+        ValueError: the prompt does not split into alternating turns: text before the first tag,
+            a first turn that is not Human's, two turns of one speaker in a row, an empty turn, or
+            no final empty ``"\n\nAssistant:"``. The message names the turn (0-based).
+    """
+    if not isinstance(prompt, str):
+        raise TypeError(f"dialogue_messages expects str, got {type(prompt).__name__}")
+    parts = _TURN_TAG.split(prompt)  # [head, speaker0, text0, speaker1, text1, ...]
+    if parts[0].strip():
+        raise ValueError(f"text before the first Human/Assistant turn: {parts[0][:40]!r}")
+    speakers, texts = parts[1::2], parts[2::2]
+    if not speakers or speakers[-1] != "Assistant" or texts[-1] != "":
+        raise ValueError(f"the dialogue does not end with an empty {ASSISTANT_TAG!r} turn to answer")
+    messages: list[dict[str, str]] = []
+    for i, (speaker, text) in enumerate(zip(speakers[:-1], texts[:-1])):
+        expected = "Human" if i % 2 == 0 else "Assistant"
+        if speaker != expected:
+            raise ValueError(f"turn {i} is {speaker}'s, expected {expected}'s (turns must alternate, Human first)")
+        if not text.strip():
+            raise ValueError(f"turn {i} ({speaker}) is empty")
+        messages.append({"role": _CHAT_ROLES[speaker], "content": text.strip()})
+    if len(speakers) % 2:  # the final Assistant tag must follow a Human turn
+        raise ValueError(f"turn {len(speakers) - 1} is Assistant's, expected Human's (turns must alternate, "
+                         "Human first)")
+    return messages
 
 
 @dataclasses.dataclass
@@ -261,6 +305,18 @@ def _parse_hh(obj: dict) -> tuple[str, str, str] | Bad:
     return prompt_c, resp_c, resp_r
 
 
+def _parse_hh_chat(obj: dict) -> tuple[str, str, str] | Bad:
+    """:func:`_parse_hh`, and the prompt must split into chat turns (:func:`dialogue_messages`)."""
+    parsed = _parse_hh(obj)
+    if isinstance(parsed, Bad):
+        return parsed
+    try:
+        dialogue_messages(parsed[0])
+    except ValueError as e:
+        return Bad("bad_dialogue", f"field 'chosen': {e}")
+    return parsed
+
+
 GZIP_MAGIC = b"\x1f\x8b"
 
 
@@ -365,6 +421,7 @@ def load_hh_pairs(
     paths: str | os.PathLike | Iterable[str | os.PathLike],
     on_error: str = "skip",
     max_rows: int | None = None,
+    chat: bool = False,
 ) -> tuple[list[PreferencePair], LoadStats]:
     """Load HH-RLHF preference pairs from ``.jsonl`` or ``.jsonl.gz`` files.
 
@@ -376,7 +433,9 @@ def load_hh_pairs(
     (``missing_field``), not strings (``wrong_type``), empty or whitespace-only strings
     (``empty_field``), without ``"\\n\\nAssistant:"`` (``no_assistant_turn``), with different
     prompts in chosen and rejected (``no_shared_prompt``), with an empty/whitespace final turn
-    (``empty_response``), or with equal final turns (``identical``). Other fields are ignored. One
+    (``empty_response``), with equal final turns (``identical``), or, with ``chat=True``, with a
+    prompt that does not split into alternating Human/Assistant turns (``bad_dialogue``,
+    :func:`dialogue_messages`). Other fields are ignored. One
     INFO summary line per file is logged to logger ``nemo_rlhf.data``, naming the ``file:line`` of
     the first row of each skip reason.
 
@@ -385,6 +444,7 @@ def load_hh_pairs(
         on_error: ``"skip"`` (count and continue) or ``"error"`` (raise on the first bad row).
         max_rows: stop after this many non-blank rows in total over all files (None: no limit;
             a file is then not read to its end, so a truncated tail is not noticed).
+        chat: also check that each prompt splits into chat turns (``data.chat_template``).
 
     Returns:
         ``(pairs, stats)`` with stats summed over all files.
@@ -397,7 +457,7 @@ def load_hh_pairs(
             gzip; message ``"<path>: truncated_file: ..."``).
         ValueError: bad ``on_error`` or negative ``max_rows``.
     """
-    return load_jsonl(paths, _parse_hh, lambda v, src: PreferencePair(*v, src),
+    return load_jsonl(paths, _parse_hh_chat if chat else _parse_hh, lambda v, src: PreferencePair(*v, src),
                       on_error=on_error, max_rows=max_rows, kind="hh-rlhf")
 
 

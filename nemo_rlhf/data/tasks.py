@@ -11,6 +11,12 @@ dataset    preference pairs (reward model, SFT: ``chosen``)  PPO prompts
            (:func:`nemo_rlhf.data.imdb.review_pairs`)        k in [prompt_tokens_min, prompt_tokens_max]
 =========  ===============================================  =========================================
 
+With ``data.chat_template: true`` (HH only) the dialogues are formatted as the model was
+fine-tuned (:func:`format_pairs`, :func:`chat_prompt`): each prompt becomes the tokenizer's chat
+template over its turns with the assistant header appended, each response its final assistant
+turn stripped, closed by the template's turn-closing token (the tokenizer's eos, which the datasets
+append). The datasets are the same; only their input strings change.
+
 Held-out rows come from ``data.heldout_files`` when set (IMDB: ``valid.jsonl.gz``), else from a
 deterministic hash split of ``data.files`` (:func:`nemo_rlhf.data.hh.split_heldout` for HH; by
 review id for IMDB). No training step ever sees a held-out row.
@@ -18,6 +24,8 @@ review id for IMDB). No training step ever sees a held-out row.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -25,7 +33,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from nemo_rlhf.data.datasets import PreferenceDataset, ReviewPairDataset
-from nemo_rlhf.data.hh import LoadStats, PreferencePair, default_data_dir, load_hh_pairs, split_heldout
+from nemo_rlhf.data.hh import (LoadStats, PreferencePair, default_data_dir, dialogue_messages, load_hh_pairs,
+                               split_heldout)
 from nemo_rlhf.data.imdb import ImdbReview, load_imdb, review_pairs, review_prompts
 from nemo_rlhf.data.tokenizer import Tokenizer
 
@@ -52,14 +61,15 @@ def load_split_rows(data_cfg) -> tuple[list[Any], list[Any], LoadStats]:
     ``hh``, :class:`~nemo_rlhf.data.imdb.ImdbReview` for ``imdb``.
 
     Bad rows follow ``data.on_error`` (skip with a count, or raise ``DataFormatError`` naming
-    ``<file>:<line>``); ``data.max_rows`` bounds the training files' rows and
+    ``<file>:<line>``; with ``data.chat_template`` an HH prompt that does not split into
+    alternating turns is bad too, ``bad_dialogue``); ``data.max_rows`` bounds the training files' rows and
     ``data.max_heldout_rows`` the held-out files' rows.
 
     Returns:
         ``(train_rows, heldout_rows, stats)``, stats summed over every file read.
     """
     kind = data_cfg.dataset
-    load = load_hh_pairs if kind == "hh" else load_imdb
+    load = functools.partial(load_hh_pairs, chat=bool(data_cfg.chat_template)) if kind == "hh" else load_imdb
     rows, stats = load(data_files(data_cfg), on_error=data_cfg.on_error, max_rows=data_cfg.max_rows)
     heldout_paths = data_files(data_cfg, "heldout_files")
     if heldout_paths:
@@ -92,12 +102,17 @@ def load_split_pairs(data_cfg) -> tuple[list[PreferencePair], list[PreferencePai
 
 
 def load_split_prompts(data_cfg, tokenizer: Tokenizer) -> tuple[list[str], list[str], LoadStats]:
-    """PPO prompts (train, held-out) of ``data.dataset``: the distinct HH prompts (sorted), or the
+    """PPO prompts (train, held-out) of ``data.dataset``: the distinct HH prompts (sorted; with
+    ``data.chat_template`` each rendered by :func:`chat_prompt`), or the
     IMDB review beginnings (:func:`~nemo_rlhf.data.imdb.review_prompts`, in file order). The
     held-out list is cut to ``data.max_heldout_prompts``.
 
     Returns:
         ``(train_prompts, heldout_prompts, stats)``.
+
+    Raises:
+        ValueError: ``data.chat_template`` with a tokenizer without a chat template
+            (:func:`check_chat_tokenizer`).
     """
     train, heldout, stats = load_split_rows(data_cfg)
     if data_cfg.dataset == "imdb":
@@ -105,12 +120,80 @@ def load_split_prompts(data_cfg, tokenizer: Tokenizer) -> tuple[list[str], list[
         seed = int(data_cfg.split_seed)
         train_p = review_prompts(train, tokenizer, *k, seed=seed)
         heldout_p = review_prompts(heldout, tokenizer, *k, seed=seed + 1)
+    elif data_cfg.chat_template:  # distinct dialogues (sorted by their HH text), chat-formatted
+        check_chat_tokenizer(tokenizer)
+        train_p = [chat_prompt(p, tokenizer) for p in sorted({p.prompt for p in train})]
+        heldout_p = [chat_prompt(p, tokenizer) for p in sorted({p.prompt for p in heldout})]
     else:
         train_p = sorted({p.prompt for p in train})
         heldout_p = sorted({p.prompt for p in heldout})
     if data_cfg.max_heldout_prompts:
         heldout_p = heldout_p[: int(data_cfg.max_heldout_prompts)]
     return train_p, heldout_p, stats
+
+
+def check_chat_tokenizer(tokenizer: Tokenizer) -> None:
+    """Check that ``tokenizer`` can format HH dialogues for ``data.chat_template: true``: it has a
+    chat template, and the template closes an assistant turn with the tokenizer's eos token (the
+    token the datasets append to every response, and where generation stops).
+
+    Raises:
+        ValueError: no chat template (names ``data.chat_template`` and ``tokenizer.type``), or a
+            template whose assistant turns end with something other than the eos token.
+    """
+    if not tokenizer.chat_template:
+        raise ValueError("data.chat_template=true formats HH dialogues with the tokenizer's chat template, but this "
+                         "tokenizer has none: set tokenizer.type=hf and tokenizer.path=<a Hugging Face tokenizer "
+                         "directory with a chat template> (e.g. the output of python -m nemo_rlhf.convert "
+                         "gguf-to-megatron --smollm2 --out DIR), or data.chat_template=false")
+    marker = "\x00RESPONSE\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                          {"role": "assistant", "content": marker}], tokenize=False)
+    after = text[text.index(marker) + len(marker):]
+    if not after.startswith(tokenizer.eos_token):
+        raise ValueError(f"data.chat_template=true: the tokenizer's chat template closes an assistant turn with "
+                         f"{after[:20]!r}, not its eos token {tokenizer.eos_token!r}; responses are closed with eos, "
+                         "so this template cannot be used (set data.chat_template=false)")
+
+
+def chat_prompt(prompt: str, tokenizer: Tokenizer) -> str:
+    """An HH prompt rendered by the tokenizer's chat template: its turns
+    (:func:`~nemo_rlhf.data.hh.dialogue_messages`) followed by the header of the assistant turn to
+    generate (``add_generation_prompt=True``). SmolLM2-Instruct:
+    ``"<|im_start|>system\n...<|im_end|>\n<|im_start|>user\nA<|im_end|>\n<|im_start|>assistant\n"``.
+    The text holds the special tokens literally; :meth:`Tokenizer.encode` turns them into their
+    ids, the ids ``transformers``' ``apply_chat_template(tokenize=True)`` gives.
+
+    Raises:
+        ValueError: the prompt does not split into alternating turns, or the tokenizer has no
+            chat template.
+    """
+    return tokenizer.apply_chat_template(dialogue_messages(prompt), add_generation_prompt=True, tokenize=False)
+
+
+def format_pairs(data_cfg, pairs: Sequence[PreferencePair], tokenizer: Tokenizer) -> list[PreferencePair]:
+    """The pairs as a stage's datasets take them: unchanged with ``data.chat_template: false``;
+    with ``true``, each prompt rendered by :func:`chat_prompt` and each response stripped of
+    surrounding whitespace (the datasets close it with ``tokenizer.eos_id``, the template's
+    turn-closing token, so ``prompt + response + eos`` tokenizes as the whole dialogue rendered by
+    the template, less its final newline).
+
+    Raises:
+        ValueError: ``data.chat_template`` with an unusable tokenizer (:func:`check_chat_tokenizer`),
+            or a prompt that does not split into turns (the loader skips those as ``bad_dialogue``
+            first; the message names the pair's ``file:line``).
+    """
+    if not data_cfg.chat_template:
+        return list(pairs)
+    check_chat_tokenizer(tokenizer)
+    out = []
+    for p in pairs:
+        try:
+            prompt = chat_prompt(p.prompt, tokenizer)
+        except ValueError as e:
+            raise ValueError(f"{p.source}: bad_dialogue: {e}") from e
+        out.append(dataclasses.replace(p, prompt=prompt, chosen=p.chosen.strip(), rejected=p.rejected.strip()))
+    return out
 
 
 def preference_dataset(data_cfg, pairs: Sequence[PreferencePair], tokenizer: Tokenizer):
@@ -123,5 +206,5 @@ def preference_dataset(data_cfg, pairs: Sequence[PreferencePair], tokenizer: Tok
     return PreferenceDataset(pairs, tokenizer, int(d.max_seq_len), int(d.max_prompt_len), d.overlong)
 
 
-__all__ = ["ImdbReview", "data_files", "load_split_pairs", "load_split_prompts", "load_split_rows",
-           "preference_dataset"]
+__all__ = ["ImdbReview", "chat_prompt", "check_chat_tokenizer", "data_files", "format_pairs", "load_split_pairs",
+           "load_split_prompts", "load_split_rows", "preference_dataset"]
