@@ -46,7 +46,7 @@ EXTRAS = {
     # session fixtures between them through filelock).
     # import-linter: the layer contract in .importlinter, checked by scripts/test.sh (CI)
     "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "filelock>=3.12", "import-linter==2.17", *LOGGERS, *GGUF,
-             *JUDGES],
+             *JUDGES, "trl==1.16.0", "pyarrow==25.0.1"],  # TRL: tests/rl/test_trl_parity.py only; pyarrow 26 needs numpy>=2
     # examples/ and the main job (scripts/demo.sh): SmolLM2 from its GGUF file, the VADER judge
     "examples": [*GGUF, *JUDGES],
     "loggers": LOGGERS,
