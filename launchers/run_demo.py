@@ -153,10 +153,13 @@ def main(cfg) -> None:
             policy_init = sft["checkpoint"]
             if tokenizer is None:
                 tokenizer = {"type": "tokenizer_json", "path": sft["tokenizer"]}
-        rm_base = base.get("rm") if "sft" not in stages else base.get("policy")
+        # The reward model starts from the SFT policy (InstructGPT), or from the base model when there
+        # is no SFT stage or when ``rm_num_layers`` asks for a truncated (cheaper) scorer.
+        rm_from_base = "sft" not in stages or bool(cfg.rm_num_layers)
+        rm_base = base.get("rm") if rm_from_base else base.get("policy")
         t = time.time()
         rm_cfg = stage_config("gpt_rm", cfg, "rm", base=rm_base, run_dir=str(run_dir),
-                              init_from=base["rm_weights"] if "sft" not in stages else policy_init, tokenizer=tokenizer)
+                              init_from=base["rm_weights"] if rm_from_base else policy_init, tokenizer=tokenizer)
         rm = run_reward_model(rm_cfg)
         wall["rm"] = time.time() - t
         report["rm"] = rm

@@ -1175,14 +1175,15 @@ class DemoConfig(_Section):
     ``python -m nemo_rlhf.convert`` (``weights/`` + ``model_config.yaml`` + tokenizer). Converted
     once into ``cache_dir`` and reused. ``rm_num_layers``: the reward model (and the critic, which
     starts from it) keeps only the base model's first N layers (a cheaper scorer on the same
-    pretrained features; only when the reward model starts from the base model, not from SFT).
+    pretrained features; the reward model then starts from the base model even after an ``sft``
+    stage, which otherwise gives it the SFT policy's weights).
     ``policy_num_layers``: the same for the policy (a pipeline's smoke test at CI size).
 
     Raises:
         ConfigError: an unknown key in a section (named with the nearest valid key),
             ``server_ready_timeout_s`` <= 0, ``server_port`` outside 1..65533, unknown or
             out-of-order ``stages``, ``ppo`` without ``rm``, ``rm`` without ``sft`` or a base
-            model, ``rm_num_layers`` without a base model or with ``sft``.
+            model, ``rm_num_layers`` without a base model.
     """
 
     SECTION: ClassVar[str] = ""
@@ -1219,9 +1220,9 @@ class DemoConfig(_Section):
             raise ConfigError("stages: ppo needs the reward model stage (rm) before it")
         if "rm" in self.stages and "sft" not in self.stages and not self.base_model:
             raise ConfigError("stages: rm without sft needs a base_model to start from (e.g. base_model=smollm2)")
-        if self.rm_num_layers is not None and (not self.base_model or "sft" in self.stages):
+        if self.rm_num_layers is not None and not self.base_model:
             raise ConfigError("rm_num_layers truncates the base model for the reward model: it needs base_model "
-                              "and a pipeline without sft (the reward model then starts from the base model)")
+                              "(the reward model then starts from the base model, also after an sft stage)")
         classes = [cls for _, cls in DEMO_STAGES.values()]
         for key, value in self.common.items():  # a common section goes to the stages that have it
             owners = [cls for cls in classes if key in _fields(cls)]

@@ -45,6 +45,7 @@ HEAVY_FIRST = (
     "tests/multiprocess/test_layout_parity.py",
     "tests/multiprocess/test_checkpoint_reshard.py",
     "tests/integration/test_imdb_pipeline.py",
+    "tests/integration/test_hh_example.py",
     "tests/multiprocess/test_frozen_parity.py",
     "tests/multiprocess/test_lora_tp.py",
     "tests/multiprocess/test_smollm2_layouts.py",

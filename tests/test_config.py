@@ -526,3 +526,25 @@ if __name__ == "__main__":  # python tests/test_config.py --record <old conf dir
         print(f"wrote {EXPECTED_FILE}")
     else:
         sys.exit(__doc__)
+
+
+@pytest.mark.parametrize(
+    "node, fragment",
+    [
+        ({"rm_num_layers": 12}, "rm_num_layers truncates the base model for the reward model: it needs base_model"),
+        ({"policy_num_layers": 2}, "policy_num_layers truncates the base model: set base_model"),
+        ({"stages": ["rm", "sft"]}, "a non-empty, ordered subset of ['sft', 'rm', 'ppo']"),
+        ({"stages": ["sft", "ppo"]}, "ppo needs the reward model stage (rm) before it"),
+        ({"stages": ["rm", "ppo"]}, "rm without sft needs a base_model"),
+    ],
+)
+def test_demo_stage_and_base_model_errors(node, fragment):
+    with pytest.raises(ConfigError) as err:
+        parse_config(DemoConfig, node)
+    assert fragment in str(err.value)
+
+
+def test_demo_reward_model_may_be_truncated_after_sft():
+    """examples/hh_helpful: SFT for the policy, the reward model from the base model's first layers."""
+    demo = parse_config(DemoConfig, {"stages": ["sft", "rm", "ppo"], "base_model": "smollm2", "rm_num_layers": 12})
+    assert demo.rm_num_layers == 12 and demo.stages == ["sft", "rm", "ppo"]

@@ -103,7 +103,8 @@ class SupervisedTrainer(Trainer):
         ckpt = save_model_weights(self.model.gpt, self.run_dir / f"{self.name}_weights")
         result = {"val_before": self.val_before, "val_after": after, "checkpoint": str(ckpt),
                   "tokenizer": str(self.run_dir / "tokenizer.json") if cfg.tokenizer.type == "train_bpe" else None,
-                  "vocab_size": self.tokenizer.vocab_size, "train_samples": len(self.train_ds),
+                  "vocab_size": self.tokenizer.vocab_size, "num_layers": int(cfg.model.num_layers),
+                  "train_samples": len(self.train_ds),
                   "heldout_samples": len(self.val_ds), "data_skipped": dict(self.data_stats.skipped),
                   "steps": self.step}
         write_result(self.run_dir, f"{self.name}_result.json", result)
