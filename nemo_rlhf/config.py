@@ -459,7 +459,7 @@ class BatchConfig(_Section):
 
 OVERLONG = ("truncate", "skip")
 ON_ERROR = ("skip", "error")
-DATASETS = ("hh", "imdb")
+DATASETS = ("hh", "imdb", "jsonl")
 REWARD_POOLINGS = ("last", "mean")
 JUDGES = ("vader",)
 
@@ -498,7 +498,7 @@ class DataConfig(_Section):
     on_error: str = "skip"  # skip (count) | error: what to do with malformed rows
     max_rows: Optional[int] = None  # None: every row
     max_heldout_prompts: Optional[int] = None  # PPO: evaluate on at most this many; None: all
-    dataset: str = "hh"  # hh | imdb (what `files` hold)
+    dataset: str = "hh"  # hh | imdb | jsonl (what `files` hold; jsonl: rows {"prompt", "response"})
     heldout_files: List[str] = field(default_factory=list)  # empty: hash split of `files`
     max_heldout_rows: Optional[int] = None  # rows read from heldout_files; None: every row
     chat_template: bool = False  # hh: dialogues through the tokenizer's chat template
@@ -1453,3 +1453,216 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     for name, cls in {**STAGE_CONFIGS, "demo": DemoConfig}.items():
         cs.store(name=f"{name}_schema", node=cls)
+
+
+# ----------------------------------------------------------------------------- critic-free online RL
+CRITIC_FREE_ALGORITHMS = ("grpo", "dr_grpo", "rloo", "reinforce_pp")  # grpo.algorithm
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean",
+                     "seq_mean_token_sum_norm")  # as nemo_rlhf.rl.losses.LOSS_AGGREGATIONS
+# grpo.loss_aggregation: None -> the algorithm's own (GRPO as written, Dr.GRPO's constant
+# normaliser; RLOO and REINFORCE++ as OpenRLHF: token mean)
+DEFAULT_LOSS_AGGREGATION = {"grpo": "seq_mean_token_mean", "dr_grpo": "seq_mean_token_sum_norm",
+                            "rloo": "token_mean", "reinforce_pp": "token_mean"}
+
+
+@dataclass
+class GRPOSamplingConfig(SamplingConfig):
+    """``grpo.sampling:`` — rollout sampling, as :class:`SamplingConfig` (seed from ``grpo.seed``)."""
+
+    SECTION: ClassVar[str] = "grpo.sampling"
+
+
+@dataclass
+class GRPOValSamplingConfig(ValSamplingConfig):
+    """``grpo.val_sampling:`` — held-out sampling overrides of ``grpo.sampling`` (e.g.
+    ``greedy: true``); as :class:`ValSamplingConfig`, seeded ``grpo.seed + 1``."""
+
+    SECTION: ClassVar[str] = "grpo.val_sampling"
+
+
+@dataclass
+class OverlongPenaltyConfig(_Section):
+    """``grpo.overlong_penalty:`` — DAPO's soft overlong punishment (Yu et al. 2025, §3.4, eq. 13)
+    added, times ``weight``, to the reward of each response by its length in tokens: 0 up to
+    ``max_len - cache_len``, a linear ramp to -1 at ``max_len``, -1 beyond. ``max_len`` None: off.
+
+    Raises:
+        ConfigError: ``cache_len`` < 1, ``max_len`` <= ``cache_len``, ``weight`` < 0.
+    """
+
+    SECTION: ClassVar[str] = "grpo.overlong_penalty"
+
+    max_len: Optional[int] = None  # tokens; None: no penalty
+    cache_len: int = 4  # tokens of the ramp
+    weight: float = 1.0
+
+    def _validate(self) -> None:
+        self._greater("cache_len", 1, or_equal=True)
+        self._greater("weight", 0.0, or_equal=True)
+        if self.max_len is not None and self.max_len <= self.cache_len:
+            raise ConfigError(f"grpo.overlong_penalty.max_len={self.max_len} must be > "
+                              f"grpo.overlong_penalty.cache_len={self.cache_len}")
+
+
+@dataclass
+class GRPOConfig(_Section):
+    """``grpo:`` — the critic-free online algorithms (``nemo_rlhf/algorithms/critic_free.py``).
+
+    ``algorithm``: ``grpo`` (Shao et al. 2024: group-normalised advantages, KL to the reference as
+    a loss term with coefficient ``beta``), ``dr_grpo`` (Liu et al. 2025: no std scaling, token
+    sums over a constant ``max_len``), ``rloo`` (Ahmadian et al. 2024: leave-one-out baseline;
+    ``kl_coef`` puts ``-kl_coef * KL(sequence)`` into the reward), ``reinforce_pp`` (Hu 2025:
+    ``-kl_coef * KL_t`` per token in the reward, return-to-go, batch whitening). A reference policy
+    is built only when ``beta > 0`` or ``kl_coef > 0``.
+
+    ``num_generations`` responses per prompt (one group, never split across data-parallel ranks);
+    ``batch.global_batch_size`` counts responses per step (prompts x ``num_generations``, as TRL).
+    ``ppo_epochs`` x ``num_minibatches`` optimizer steps per rollout batch (1 x 1: the pure
+    on-policy step). ``clip_eps_high`` > ``clip_eps_low``: DAPO's Clip-Higher. ``loss_aggregation``
+    (None: the algorithm's, see ``DEFAULT_LOSS_AGGREGATION``) and ``max_len`` (the constant of
+    ``seq_mean_token_sum_norm``; None: ``sampling.max_new_tokens``). ``scale_rewards`` (GRPO's
+    division by the group std; None: true for grpo, false for dr_grpo). ``dynamic_sampling``: DAPO
+    §3.2, drop groups whose rewards are all equal and refill from further prompts, at most
+    ``dynamic_sampling_max_rounds`` extra generation rounds per step.
+
+    Raises:
+        ConfigError: unknown ``algorithm`` / ``loss_aggregation``; ``num_generations`` < 2; a
+            count < 1; ``beta``/``kl_coef`` < 0; clip ranges out of bounds; ``kl_coef`` with
+            grpo/dr_grpo (their KL is ``beta``); ``scale_rewards: true`` with dr_grpo.
+    """
+
+    SECTION: ClassVar[str] = "grpo"
+
+    algorithm: str = "grpo"  # grpo | dr_grpo | rloo | reinforce_pp
+    num_generations: int = 4
+    beta: float = 0.0  # k3 KL-to-reference loss coefficient (0: no KL term)
+    kl_coef: float = 0.0  # rloo / reinforce_pp: KL penalty in the reward (0: none)
+    kl_estimator: str = "k1"  # the KL in the reward (rloo / reinforce_pp)
+    gamma: float = 1.0  # reinforce_pp discount
+    clip_eps_low: float = 0.2
+    clip_eps_high: Optional[float] = None  # None: = clip_eps_low
+    loss_aggregation: Optional[str] = None  # token_mean | seq_mean_token_sum | seq_mean_token_mean | seq_mean_token_sum_norm
+    max_len: Optional[int] = None  # tokens, seq_mean_token_sum_norm's constant; None: sampling.max_new_tokens
+    scale_rewards: Optional[bool] = None  # None: true for grpo, false for dr_grpo (unused by rloo / reinforce_pp)
+    std_eps: float = 1e-4
+    ppo_epochs: int = 1
+    num_minibatches: int = 1
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_rounds: int = 3
+    overlong_penalty: OverlongPenaltyConfig = field(default_factory=OverlongPenaltyConfig)
+    sampling: GRPOSamplingConfig = field(default_factory=GRPOSamplingConfig)
+    val_sampling: GRPOValSamplingConfig = field(default_factory=GRPOValSamplingConfig)
+    val_samples_per_prompt: int = 1  # held-out responses per prompt (seeded, or greedy)
+    val_samples_saved: int = 8  # rank 0's first held-out samples appended to <run_dir>/grpo_samples.jsonl
+    seed: int = 1234
+
+    def _validate(self) -> None:
+        self._choice("algorithm", CRITIC_FREE_ALGORITHMS)
+        self._choice("loss_aggregation", LOSS_AGGREGATIONS)
+        self._choice("kl_estimator", KL_ESTIMATORS)
+        self._greater("num_generations", 2, or_equal=True)
+        for name in ("ppo_epochs", "num_minibatches", "dynamic_sampling_max_rounds", "val_samples_per_prompt",
+                     "max_len"):
+            self._greater(name, 1, or_equal=True)
+        self._greater("val_samples_saved", 0, or_equal=True)
+        self._greater("beta", 0.0, or_equal=True)
+        self._greater("kl_coef", 0.0, or_equal=True)
+        self._greater("std_eps", 0.0)
+        self._between("gamma", 0.0, 1.0)
+        self._between("clip_eps_low", 0.0, 1.0, low_open=True, high_open=True)
+        self._greater("clip_eps_high", 0.0)
+        if self.algorithm in ("grpo", "dr_grpo") and self.kl_coef:
+            raise ConfigError(f"grpo.kl_coef={self.kl_coef} is the KL penalty in the reward of rloo / reinforce_pp; "
+                              f"grpo.algorithm={self.algorithm} takes its KL as a loss term: set grpo.beta instead")
+        if self.algorithm == "dr_grpo" and self.scale_rewards:
+            raise ConfigError("grpo.scale_rewards=true divides by the group std, which Dr.GRPO removes: use "
+                              "grpo.algorithm=grpo, or leave grpo.scale_rewards unset")
+
+    @property
+    def effective_loss_aggregation(self) -> str:
+        """``loss_aggregation``, or the algorithm's default when unset."""
+        return self.loss_aggregation or DEFAULT_LOSS_AGGREGATION[self.algorithm]
+
+    @property
+    def effective_scale_rewards(self) -> bool:
+        """``scale_rewards``, or true for grpo / false otherwise when unset."""
+        return self.algorithm == "grpo" if self.scale_rewards is None else bool(self.scale_rewards)
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether a reference policy is needed (``beta > 0``, or ``kl_coef > 0``)."""
+        return self.beta > 0 or self.kl_coef > 0
+
+
+@dataclass
+class RewardConfig(_Section):
+    """``reward:`` — what scores a response of the critic-free trainers: reward functions
+    (``functions``: ``[{_target_: import.path, weight: w, <arguments>}, ...]``, built by
+    :func:`nemo_rlhf.rewards.functions.build_reward`, run in the trainer process on the decoded
+    prompt and response texts) and/or the PyTriton reward-model server (``reward_model: true``,
+    connection in ``critic:``; its scores times ``reward_model_weight``, values ignored). Both
+    set: the weighted sum.
+
+    Raises:
+        ConfigError: a function without ``_target_``; ``reward_model_weight`` < 0. (A stage with
+            neither functions nor the reward model is refused by :class:`GRPOStageConfig`.)
+    """
+
+    SECTION: ClassVar[str] = "reward"
+
+    functions: List[Dict[str, Any]] = field(default_factory=list)
+    reward_model: bool = False
+    reward_model_weight: float = 1.0
+
+    def _validate(self) -> None:
+        self._greater("reward_model_weight", 0.0, or_equal=True)
+        for i, spec in enumerate(self.functions):
+            if not isinstance(spec, Mapping) or not spec.get("_target_"):
+                raise ConfigError(f"reward.functions[{i}] needs a '_target_' import path, got {spec!r}")
+
+
+def check_grpo_sizes(cfg: Any, dp: int = 1) -> None:
+    """Sizes of a :class:`GRPOStageConfig` against the data-parallel size ``dp``.
+
+    Raises:
+        ConfigError: ``batch.global_batch_size`` (responses per step) not a multiple of
+            ``grpo.num_generations * dp`` (whole groups per rank), or the per-rank mini-batch
+            (``global_batch_size / dp / grpo.num_minibatches`` responses) not a multiple of
+            ``batch.micro_batch_size``.
+    """
+    gbs, mbs, g = cfg.batch.global_batch_size, cfg.batch.micro_batch_size, cfg.grpo.num_generations
+    n = cfg.grpo.num_minibatches
+    if gbs % (g * dp):
+        raise ConfigError(f"batch.global_batch_size={gbs} (responses per step) is not a multiple of "
+                          f"grpo.num_generations={g} * data-parallel size {dp}: each rank holds whole groups")
+    per_dp = gbs // dp
+    if per_dp % n or (per_dp // n) % mbs:
+        raise ConfigError(f"grpo.num_minibatches={n} must split the {per_dp} responses per data-parallel rank into "
+                          f"mini-batches that are multiples of batch.micro_batch_size={mbs}: change "
+                          f"grpo.num_minibatches, batch.micro_batch_size or batch.global_batch_size")
+
+
+@dataclass
+class GRPOStageConfig(_TrainingStage):
+    """``conf/gpt_grpo.yaml``: GRPO / Dr.GRPO / RLOO / REINFORCE++ (``grpo.algorithm``) from the SFT
+    weights ``init_from`` (policy, and the frozen reference when a KL term needs one), rewarded by
+    ``reward:``; ``critic:`` is read only with ``reward.reward_model: true``.
+    ``batch.global_batch_size`` counts responses per step over all DP ranks."""
+
+    run_dir: str = "runs/grpo"
+    init_from: str = MISSING
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    critic: CriticClientConfig = field(default_factory=CriticClientConfig)
+
+    def _validate(self) -> None:
+        super()._validate()
+        check_grpo_sizes(self, dp=1)
+        if not self.reward.functions and not self.reward.reward_model:
+            raise ConfigError("reward: set reward.functions (e.g. [{_target_: "
+                              "nemo_rlhf.data.randomwalks.RandomWalkReward}]) and/or reward.reward_model=true")
+
+
+STAGE_CONFIGS["gpt_grpo"] = GRPOStageConfig
+__all__ += ["GRPOConfig", "GRPOSamplingConfig", "GRPOValSamplingConfig", "OverlongPenaltyConfig", "RewardConfig",
+            "GRPOStageConfig", "check_grpo_sizes", "CRITIC_FREE_ALGORITHMS"]

@@ -9,7 +9,15 @@ dataset    preference pairs (reward model, SFT: ``chosen``)  PPO prompts
 ``hh``     the HH pairs (prompt = the dialogue so far)       the distinct HH prompts
 ``imdb``   (positive review, negative review), prompt ``""``  the first k tokens of each review,
            (:func:`nemo_rlhf.data.imdb.review_pairs`)        k in [prompt_tokens_min, prompt_tokens_max]
+``jsonl``  SFT pairs ``prompt`` + ``response`` (rows            the distinct ``prompt`` fields, in
+           ``{"prompt": str, "response": str}``; no          file order (``response`` optional)
+           ``rejected``: SFT only)
 =========  ===============================================  =========================================
+
+``jsonl`` (:func:`load_prompt_rows`) is the generic format, e.g. the randomwalks task files of
+:func:`nemo_rlhf.data.randomwalks.write_task` (``sft.jsonl`` for SFT, ``prompts.jsonl`` /
+``heldout.jsonl`` for the online trainers); without ``heldout_files`` its held-out rows are a hash
+split by prompt (all rows of one prompt on the same side).
 
 With ``data.chat_template: true`` (HH only) the dialogues are formatted as the model was
 fine-tuned (:func:`format_pairs`, :func:`chat_prompt`): each prompt becomes the tokenizer's chat
@@ -33,8 +41,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from nemo_rlhf.data.datasets import PreferenceDataset, ReviewPairDataset
-from nemo_rlhf.data.hh import (LoadStats, PreferencePair, default_data_dir, dialogue_messages, load_hh_pairs,
-                               split_heldout)
+from nemo_rlhf.data.hh import (Bad, DataFormatError, LoadStats, PreferencePair, check_fields, default_data_dir,
+                               dialogue_messages, load_hh_pairs, load_jsonl, split_heldout)
 from nemo_rlhf.data.imdb import ImdbReview, load_imdb, review_pairs, review_prompts
 from nemo_rlhf.data.tokenizer import Tokenizer
 
@@ -56,9 +64,75 @@ def _hash_heldout(key: str, fraction: float, seed: int) -> bool:
     return int.from_bytes(digest[:8], "big") / 2.0**64 < fraction
 
 
+@dataclasses.dataclass(frozen=True)
+class PromptRow:
+    """One row of a ``data.dataset: jsonl`` file.
+
+    Attributes:
+        prompt: the ``prompt`` field, verbatim.
+        response: the ``response`` field, verbatim (e.g. with its leading space), or None when the
+            row has none (a prompt-only row: usable by the online trainers, not by SFT).
+        source: ``"<file name>:<line>"``, line numbers 1-based.
+    """
+
+    prompt: str
+    response: str | None
+    source: str
+
+
+def _parse_prompt_row(obj: dict) -> tuple[str, str | None] | Bad:
+    bad = check_fields(obj, (("prompt", str),))
+    if bad is not None:
+        return bad
+    if "response" not in obj:
+        return obj["prompt"], None
+    bad = check_fields(obj, (("response", str),))
+    return bad if bad is not None else (obj["prompt"], obj["response"])
+
+
+def load_prompt_rows(paths, on_error: str = "skip", max_rows: int | None = None) -> tuple[list[PromptRow], LoadStats]:
+    """Rows ``{"prompt": str, "response": str}`` (``response`` optional; other fields, e.g.
+    randomwalks' ``reward``, ignored) from ``.jsonl`` / ``.jsonl.gz`` files.
+
+    A row is bad (``data.on_error``: skipped and counted, or raised) when it is not UTF-8, not
+    JSON, not an object, has no ``prompt``, a ``prompt`` / ``response`` that is not a string
+    (``wrong_type``) or is empty / whitespace only (``empty_field``); see
+    :func:`nemo_rlhf.data.hh.load_jsonl`.
+
+    Returns:
+        ``(rows, stats)``.
+
+    Raises:
+        FileNotFoundError: a path does not exist.
+        DataFormatError: ``on_error="error"`` and a bad row (``"<path>:<line>: <reason>: <detail>"``),
+            or an unreadable file.
+    """
+    return load_jsonl(paths, _parse_prompt_row, lambda v, src: PromptRow(v[0], v[1], src),
+                      on_error=on_error, max_rows=max_rows, kind="jsonl")
+
+
+def _sft_pairs(rows: Sequence[PromptRow], on_error: str, stats: LoadStats) -> list[PreferencePair]:
+    """SFT pairs (``chosen`` = the response, ``rejected`` = ``""``) of the rows that have a
+    response; a prompt-only row is bad (``missing_field``): skipped and counted, or
+    :class:`DataFormatError` naming its ``file:line`` under ``on_error="error"``."""
+    out = []
+    for r in rows:
+        if r.response is None:
+            if on_error == "error":
+                path, _, line = r.source.rpartition(":")
+                raise DataFormatError(f"{r.source}: missing_field: field 'response' missing (SFT needs prompt + "
+                                      f"response)", path=path, line=int(line), reason="missing_field")
+            stats.kept -= 1
+            stats.skipped["missing_field"] += 1
+            stats.first.setdefault("missing_field", r.source)
+            continue
+        out.append(PreferencePair(r.prompt, r.response, "", r.source))
+    return out
+
+
 def load_split_rows(data_cfg) -> tuple[list[Any], list[Any], LoadStats]:
     """The rows of ``data.files`` split into (train, held-out): :class:`PreferencePair` for
-    ``hh``, :class:`~nemo_rlhf.data.imdb.ImdbReview` for ``imdb``.
+    ``hh``, :class:`~nemo_rlhf.data.imdb.ImdbReview` for ``imdb``, :class:`PromptRow` for ``jsonl``.
 
     Bad rows follow ``data.on_error`` (skip with a count, or raise ``DataFormatError`` naming
     ``<file>:<line>``; with ``data.chat_template`` an HH prompt that does not split into
@@ -69,7 +143,8 @@ def load_split_rows(data_cfg) -> tuple[list[Any], list[Any], LoadStats]:
         ``(train_rows, heldout_rows, stats)``, stats summed over every file read.
     """
     kind = data_cfg.dataset
-    load = functools.partial(load_hh_pairs, chat=bool(data_cfg.chat_template)) if kind == "hh" else load_imdb
+    load = {"hh": functools.partial(load_hh_pairs, chat=bool(data_cfg.chat_template)), "imdb": load_imdb,
+            "jsonl": load_prompt_rows}[kind]
     rows, stats = load(data_files(data_cfg), on_error=data_cfg.on_error, max_rows=data_cfg.max_rows)
     heldout_paths = data_files(data_cfg, "heldout_files")
     if heldout_paths:
@@ -78,10 +153,11 @@ def load_split_rows(data_cfg) -> tuple[list[Any], list[Any], LoadStats]:
         train = list(rows)
     elif kind == "hh":
         train, heldout = split_heldout(rows, float(data_cfg.heldout_fraction), seed=int(data_cfg.split_seed))
-    else:
+    else:  # imdb by review id, jsonl by prompt
         frac, seed = float(data_cfg.heldout_fraction), int(data_cfg.split_seed)
-        train = [r for r in rows if not _hash_heldout(r.id, frac, seed)]
-        heldout = [r for r in rows if _hash_heldout(r.id, frac, seed)]
+        key = (lambda r: r.id) if kind == "imdb" else (lambda r: r.prompt)  # noqa: E731
+        train = [r for r in rows if not _hash_heldout(key(r), frac, seed)]
+        heldout = [r for r in rows if _hash_heldout(key(r), frac, seed)]
         if data_cfg.max_heldout_rows:
             heldout = heldout[: int(data_cfg.max_heldout_rows)]
     LOG.info("%s data: %s; train %d, held-out %d rows", kind, stats.summary(), len(train), len(heldout))
@@ -98,13 +174,16 @@ def load_split_pairs(data_cfg) -> tuple[list[PreferencePair], list[PreferencePai
     if data_cfg.dataset == "imdb":
         seed = int(data_cfg.split_seed)
         return review_pairs(train, seed), review_pairs(heldout, seed + 1), stats
+    if data_cfg.dataset == "jsonl":
+        return _sft_pairs(train, data_cfg.on_error, stats), _sft_pairs(heldout, data_cfg.on_error, stats), stats
     return train, heldout, stats
 
 
 def load_split_prompts(data_cfg, tokenizer: Tokenizer) -> tuple[list[str], list[str], LoadStats]:
     """PPO prompts (train, held-out) of ``data.dataset``: the distinct HH prompts (sorted; with
-    ``data.chat_template`` each rendered by :func:`chat_prompt`), or the
-    IMDB review beginnings (:func:`~nemo_rlhf.data.imdb.review_prompts`, in file order). The
+    ``data.chat_template`` each rendered by :func:`chat_prompt`), the
+    IMDB review beginnings (:func:`~nemo_rlhf.data.imdb.review_prompts`, in file order), or the
+    distinct ``prompt`` fields of ``jsonl`` rows (first-occurrence order). The
     held-out list is cut to ``data.max_heldout_prompts``.
 
     Returns:
@@ -120,6 +199,9 @@ def load_split_prompts(data_cfg, tokenizer: Tokenizer) -> tuple[list[str], list[
         seed = int(data_cfg.split_seed)
         train_p = review_prompts(train, tokenizer, *k, seed=seed)
         heldout_p = review_prompts(heldout, tokenizer, *k, seed=seed + 1)
+    elif data_cfg.dataset == "jsonl":  # distinct prompts, first occurrence order
+        train_p = list(dict.fromkeys(r.prompt for r in train))
+        heldout_p = list(dict.fromkeys(r.prompt for r in heldout))
     elif data_cfg.chat_template:  # distinct dialogues (sorted by their HH text), chat-formatted
         check_chat_tokenizer(tokenizer)
         train_p = [chat_prompt(p, tokenizer) for p in sorted({p.prompt for p in train})]
@@ -206,5 +288,5 @@ def preference_dataset(data_cfg, pairs: Sequence[PreferencePair], tokenizer: Tok
     return PreferenceDataset(pairs, tokenizer, int(d.max_seq_len), int(d.max_prompt_len), d.overlong)
 
 
-__all__ = ["ImdbReview", "chat_prompt", "check_chat_tokenizer", "data_files", "format_pairs", "load_split_pairs",
+__all__ = ["ImdbReview", "PromptRow", "load_prompt_rows", "chat_prompt", "check_chat_tokenizer", "data_files", "format_pairs", "load_split_pairs",
            "load_split_prompts", "load_split_rows", "preference_dataset"]
