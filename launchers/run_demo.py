@@ -15,6 +15,7 @@ directory gets every stage's checkpoint, ``metrics.jsonl``, ``ppo_samples.jsonl`
 """
 
 import json
+import logging
 import os
 import secrets
 import sys
@@ -27,6 +28,7 @@ from nemo_rlhf.utils.hydra import dotted_leaves, hydra_entry
 register_configs()  # the typed schemas the YAMLs in conf/ extend
 
 REPO = Path(__file__).resolve().parents[1]
+LOG = logging.getLogger("nemo_rlhf")
 
 
 def stage_config(name: str, demo_cfg, section: str, base=None, **extra):
@@ -97,6 +99,8 @@ def format_report(rep: dict) -> str:
             lines.append(f"     after:  {sa['completion']!r}  (RM {sa['rm_score']:+.2f}"
                          + (f", VADER {sa['vader_compound']:+.2f})" if sa.get("vader_compound") is not None else ")"))
         lines.append(f"  critic server start: {wall['server_start']:.0f} s")
+        for failure in p.get("server_restarts", []):
+            lines.append(f"  critic server restarted after: {failure}")
     if rep.get("plot"):
         lines.append(f"  plot: {rep['plot']}")
     lines.append(f"  total wall time: {wall['total']:.0f} s")
@@ -179,7 +183,15 @@ def main(cfg) -> None:
 
 def run_ppo_stage(cfg, run_dir: Path, base: dict, rm_base, tokenizer, policy_init, rm: dict, wall: dict,
                   run_ppo, CriticClient, find_free_ports, start_server_process) -> dict:
-    """Start the critic/reward server on the trained reward model, run PPO against it, stop it."""
+    """Start the critic/reward server on the trained reward model, run PPO against it, stop it.
+
+    A server that dies mid-run (PPO raises ``CriticServerFailure`` after its emergency checkpoint,
+    or ``CriticServerError`` before its first step) is started again, at most ``server_restarts`` times, and PPO resumes from the newest paired
+    actor+critic checkpoint (``ppo.checkpoint.every_n_steps`` bounds the steps redone); the
+    failures are listed in the report (``ppo.server_restarts``)."""
+    from nemo_rlhf.algorithms.ppo import CriticServerFailure
+    from nemo_rlhf.servers.protocol import CriticServerError
+
     port = int(cfg.server_port) if cfg.server_port else find_free_ports(3)[0]
     critic_cfg = stage_config("gpt_ppo_critic", cfg, "critic", base=rm_base,
                               model={"reward_pooling": rm["reward_pooling"]})
@@ -194,22 +206,35 @@ def run_ppo_stage(cfg, run_dir: Path, base: dict, rm_base, tokenizer, policy_ini
     for key, value in dotted_leaves(critic_cfg.model, "model"):
         overrides.append(f"{key}={'null' if value is None else value}")
     cmd = [sys.executable, str(REPO / "launchers" / "serve_critic.py"), *overrides]
+    ppo_restarts: list[str] = []
     # One access token per demo run (inherited by the server process, read by the client).
     os.environ.setdefault("NEMO_RLHF_CRITIC_TOKEN", secrets.token_urlsafe(32))
-    t = time.time()
-    server = start_server_process(cmd, "127.0.0.1", port, float(cfg.server_ready_timeout_s),
-                                  run_dir / "critic_server.log")
-    wall["server_start"] = time.time() - t
-    try:
-        ppo_cfg = stage_config("gpt_ppo_actor", cfg, "ppo", base=base.get("policy"), run_dir=str(run_dir),
-                               init_from=policy_init, tokenizer=tokenizer,
-                               critic={"host": "127.0.0.1", "port": port})
+    ppo_cfg = stage_config("gpt_ppo_actor", cfg, "ppo", base=base.get("policy"), run_dir=str(run_dir),
+                           init_from=policy_init, tokenizer=tokenizer, critic={"host": "127.0.0.1", "port": port})
+    wall["ppo"] = 0.0
+    for attempt in range(int(cfg.server_restarts) + 1):
         t = time.time()
-        with CriticClient.from_config(ppo_cfg.critic) as client:
-            ppo = run_ppo(ppo_cfg, critic=client)
-        wall["ppo"] = time.time() - t
-    finally:
-        server.stop()
+        server = start_server_process(cmd, "127.0.0.1", port, float(cfg.server_ready_timeout_s),
+                                      run_dir / "critic_server.log")
+        wall.setdefault("server_start", time.time() - t)
+        try:
+            t = time.time()
+            with CriticClient.from_config(ppo_cfg.critic) as client:
+                ppo = run_ppo(ppo_cfg, critic=client)
+            wall["ppo"] += time.time() - t
+            break
+        except (CriticServerFailure, CriticServerError) as exc:
+            # The server died under the actor (its state since the last paired checkpoint is lost):
+            # a fresh server, and PPO resumes from the newest paired actor+critic checkpoint.
+            wall["ppo"] += time.time() - t
+            if attempt == int(cfg.server_restarts):
+                raise
+            LOG.warning("critic server failed (%s); restarting it (restart %d of %d) and resuming PPO from the "
+                        "newest paired checkpoint", str(exc).splitlines()[0], attempt + 1, int(cfg.server_restarts))
+            ppo_restarts.append(str(exc).splitlines()[0])
+        finally:
+            server.stop()
+    ppo["server_restarts"] = ppo_restarts
     ppo["heldout_prompts_evaluated"] = min(ppo["heldout_prompts"],
                                            int(ppo_cfg.data.get("max_heldout_prompts") or ppo["heldout_prompts"]))
     return {"ppo": ppo}

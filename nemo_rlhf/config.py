@@ -1197,6 +1197,7 @@ class DemoConfig(_Section):
     report_samples: int = 3  # held-out samples printed before/after PPO (ppo.ppo.val_samples_saved >= this)
     server_ready_timeout_s: float = 300.0
     server_port: Optional[int] = None  # None: free ports on 127.0.0.1 (HTTP, gRPC = +1, metrics = +2)
+    server_restarts: int = 2  # a critic server that dies mid-PPO is restarted (PPO resumes) at most this often
     common: Dict[str, Any] = field(default_factory=dict)  # merged into every stage's config
     sft: Dict[str, Any] = field(default_factory=dict)
     rm: Dict[str, Any] = field(default_factory=dict)
@@ -1211,6 +1212,7 @@ class DemoConfig(_Section):
         if self.policy_num_layers is not None and not self.base_model:
             raise ConfigError("policy_num_layers truncates the base model: set base_model")
         self._greater("report_samples", 0, or_equal=True)
+        self._greater("server_restarts", 0, or_equal=True)
         order = ["sft", "rm", "ppo"]
         bad = [st for st in self.stages if st not in order]
         if bad or not self.stages or list(self.stages) != sorted(self.stages, key=order.index) \

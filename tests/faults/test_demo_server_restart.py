@@ -1,0 +1,87 @@
+"""launchers/run_demo.py restarts a critic server that dies under PPO (at most ``server_restarts``
+times) and PPO resumes; the failures are reported. The server, client and PPO are fakes here (the
+real server-death path of PPO itself, emergency checkpoint and resume, is
+tests/faults/test_stage_faults.py::test_critic_server_killed_mid_run)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from nemo_rlhf.algorithms.ppo import CriticServerFailure
+from nemo_rlhf.config import register_configs
+from nemo_rlhf.servers.protocol import CriticServerError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _launcher():
+    spec = importlib.util.spec_from_file_location("run_demo_under_test", REPO / "launchers" / "run_demo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class FakeServer:
+    def __init__(self, log):
+        self.log = log
+        log.append("start")
+
+    def stop(self):
+        self.log.append("stop")
+
+
+class FakeClient:
+    @classmethod
+    def from_config(cls, cfg):
+        return cls()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _run(tmp_path, failures, restarts):
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    mod = _launcher()
+    log, calls = [], []
+
+    def run_ppo(cfg, critic):
+        calls.append(cfg.run_dir)
+        if failures:
+            raise failures.pop(0)
+        return {"heldout_prompts": 8, "steps": 3}
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("demo_tiny", [f"server_restarts={restarts}"])
+        wall = {}
+        out = mod.run_ppo_stage(cfg, tmp_path, {}, None, {"type": "tokenizer_json", "path": "tok.json"}, "sft_w",
+                                {"checkpoint": "rm_w", "reward_pooling": "last"}, wall, run_ppo, FakeClient,
+                                lambda n: [20000], lambda *a, **k: FakeServer(log))
+    return out, log, calls, wall
+
+
+def test_dead_server_is_restarted_and_ppo_resumes(tmp_path):
+    failures = [CriticServerFailure("critic server 127.0.0.1:20000 failed at PPO step 3: stub not healthy\n  more"),
+                CriticServerError("critic server http://127.0.0.1:20000 rejected the request: stub not healthy")]
+    out, log, calls, wall = _run(tmp_path, failures, restarts=2)
+    assert log == ["start", "stop"] * 3  # every server stopped, a fresh one per attempt
+    assert len(calls) == 3 and out["ppo"]["steps"] == 3
+    assert out["ppo"]["server_restarts"] == ["critic server 127.0.0.1:20000 failed at PPO step 3: stub not healthy",
+                                             "critic server http://127.0.0.1:20000 rejected the request: stub not healthy"]
+    assert wall["ppo"] >= 0.0 and "server_start" in wall
+
+
+def test_restarts_are_bounded(tmp_path):
+    failures = [CriticServerFailure("first"), CriticServerFailure("second")]
+    with pytest.raises(CriticServerFailure, match="second"):
+        _run(tmp_path, failures, restarts=1)
+
+
+def test_other_errors_are_not_retried(tmp_path):
+    with pytest.raises(ValueError, match="bad batch"):
+        _run(tmp_path, [ValueError("bad batch")], restarts=2)
