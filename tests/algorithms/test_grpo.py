@@ -215,3 +215,42 @@ def test_gpt_grpo_yaml_composes(task):
     cfg = load_stage_config(GRPOStageConfig, node)
     assert cfg.grpo.algorithm == "rloo" and cfg.data.dataset == "jsonl"
     assert cfg.reward.functions[0]["_target_"] == "nemo_rlhf.data.randomwalks.RandomWalkReward"
+
+
+class GoalCountingRewardModel:
+    """An in-process stand-in for the reward-model server: score = how often the response writes
+    the goal node (token 0); values are returned and must be ignored."""
+
+    in_process = True
+
+    def infer_async(self, tokens, lengths):
+        from concurrent.futures import Future
+
+        fut = Future()
+        values = np.full(tokens.shape, 123.0, dtype=np.float32)
+        scores = np.array([(row[1:n] == 0).sum() for row, n in zip(tokens, lengths)], dtype=np.float32)
+        fut.set_result((values, scores))
+        return fut
+
+    def close(self):
+        pass
+
+
+def test_reward_model_server_and_functions_are_summed_with_weights(megatron_world, task, tmp_path):
+    from nemo_rlhf.algorithms.critic_free import trainer_class
+    from nemo_rlhf.models.policy import GPTPolicyModel
+
+    task_dir, tok = task
+    cfg = stage_cfg(task_dir, tmp_path)
+    cfg.reward.reward_model = True
+    cfg.reward.reward_model_weight = 0.5
+    cfg.reward.functions[0]["weight"] = 2.0
+    policy = GPTPolicyModel(TINY, {"lr": 1e-3}, tok.vocab_size, 8, tok.eos_id, tok.pad_id)
+    trainer = trainer_class("grpo").from_models(cfg, policy, None, tok, critic_client=GoalCountingRewardModel())
+    trainer.train_ds, trainer.val_ds = prompt_sets(task_dir, tok)
+    ro = trainer.collect(batch_of(trainer, 0, 4))
+    assert set(ro.terms) == {"RandomWalkReward", "reward_model"}
+    want = 2.0 * ro.terms["RandomWalkReward"] + 0.5 * ro.terms["reward_model"]
+    assert torch.allclose(ro.scores, want)
+    m = trainer.train_step(batch_of(trainer, 1, 4))
+    assert np.isfinite(m["reward_reward_model"]) and m["skipped"] == 0.0
