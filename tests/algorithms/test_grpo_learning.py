@@ -4,7 +4,12 @@ algorithm through :func:`~nemo_rlhf.algorithms.critic_free.run_critic_free`, rai
 mean optimality above its SFT start point; and a run stopped and resumed equals an uninterrupted
 one bitwise.
 
-In-process (one gloo rank). On one thread: SFT ~10 s once per module, each online run ~3-5 s.
+In-process (one gloo rank). On one thread: SFT ~10 s once per module, each online run ~3 s.
+
+Measured (this seed, evaluation every 5 steps): held-out optimality 0.45 after SFT, ~0.6 after
+15-25 steps for every algorithm, then flat or drifting down (0.40-0.42 after 200 steps, while the
+training starts' reward reaches ~0.98): the policy overfits the 15 training start nodes; the 5
+held-out ones never appear as a first token. Hence 20 steps here.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ def grpo_node(task, init_from, run_dir, **over):
             "data": {"dataset": "jsonl", "data_dir": str(task), "files": ["prompts.jsonl"],
                      "heldout_files": ["heldout.jsonl"], "max_seq_len": 16, "max_prompt_len": 4},
             "batch": {"global_batch_size": 64, "micro_batch_size": 64}, "optim": {"lr": 1e-3},
-            "trainer": {"max_steps": 40, "val_check_interval": None, "log_every_n_steps": 1},
+            "trainer": {"max_steps": 20, "val_check_interval": None, "log_every_n_steps": 1},
             "checkpoint": {"every_n_steps": 0, "resume": False},
             "reward": {"functions": [{"_target_": "nemo_rlhf.data.randomwalks.RandomWalkReward"}]},
             "grpo": {"num_generations": 8, "sampling": {"max_new_tokens": 10}, "val_samples_per_prompt": 16}}
