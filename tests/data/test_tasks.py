@@ -131,7 +131,7 @@ def test_bad_imdb_rows_follow_on_error(tmp_path):
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(dataset="squad"), r"data.dataset must be one of \['hh', 'imdb'\]"),
+    (dict(dataset="squad"), r"data.dataset must be one of \['hh', 'imdb', 'jsonl'\]"),
     (dict(dataset="imdb", chat_template=True), "chat_template=true formats HH"),
     (dict(prompt_tokens_min=9, prompt_tokens_max=8), "prompt_tokens_min=9 must be <="),
     (dict(max_heldout_rows=0), "max_heldout_rows"),
