@@ -123,6 +123,16 @@ def before_after_samples(run_dir: Path, n: int) -> list[tuple[dict, dict]]:
     return list(zip(before, after))[:n]
 
 
+def _preempted(stage: str, result: dict) -> bool:
+    """True (and a log line saying how to go on) when ``stage`` stopped on SIGTERM/SIGUSR1: its
+    checkpoint is written, the later stages do not run, the same command resumes the pipeline."""
+    if not result.get("preempted"):
+        return False
+    LOG.warning("pipeline stopped: stage %s preempted by %s at step %s (checkpoint %s); run the same command "
+                "to resume", stage, result.get("signal"), result.get("steps"), result.get("resume_from"))
+    return True
+
+
 @hydra_entry("demo")
 def main(cfg) -> None:
     from nemo_rlhf.algorithms.ppo import run_ppo
@@ -154,6 +164,8 @@ def main(cfg) -> None:
                                        **({"init_from": policy_init} if policy_init else {})))
             wall["sft"] = time.time() - t
             report["sft"] = sft
+            if _preempted("sft", sft):
+                return
             policy_init = sft["checkpoint"]
             if tokenizer is None:
                 tokenizer = {"type": "tokenizer_json", "path": sft["tokenizer"]}
@@ -167,11 +179,15 @@ def main(cfg) -> None:
         rm = run_reward_model(rm_cfg)
         wall["rm"] = time.time() - t
         report["rm"] = rm
+        if _preempted("rm", rm):
+            return
         # The server's reward model reads its head as the trained one did.
         rm["reward_pooling"] = str(rm_cfg.model.get("reward_pooling") or "last")
         if "ppo" in stages:
             report.update(run_ppo_stage(cfg, run_dir, base, rm_base, tokenizer, policy_init, rm, wall,
                                         run_ppo, CriticClient, find_free_ports, start_server_process))
+            if _preempted("ppo", report["ppo"]):
+                return
             report["plot"] = str(plot_ppo_metrics(run_dir / "metrics.jsonl", run_dir / "ppo_reward_kl.png"))
             report["samples"] = before_after_samples(run_dir, int(cfg.report_samples))
         wall["total"] = time.time() - t0
@@ -234,6 +250,8 @@ def run_ppo_stage(cfg, run_dir: Path, base: dict, rm_base, tokenizer, policy_ini
             ppo_restarts.append(str(exc).splitlines()[0])
         finally:
             server.stop()
+    if ppo.get("preempted"):  # SIGTERM/SIGUSR1: checkpointed; the same command resumes
+        return {"ppo": ppo}
     ppo["server_restarts"] = ppo_restarts
     ppo["heldout_prompts_evaluated"] = min(ppo["heldout_prompts"],
                                            int(ppo_cfg.data.get("max_heldout_prompts") or ppo["heldout_prompts"]))

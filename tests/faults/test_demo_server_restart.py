@@ -1,5 +1,5 @@
 """launchers/run_demo.py restarts a critic server that dies under PPO (at most ``server_restarts``
-times) and PPO resumes; the failures are reported. The server, client and PPO are fakes here (the
+times) and PPO resumes; the failures are reported; a preempted stage stops the pipeline cleanly. The server, client and PPO are fakes here (the
 real server-death path of PPO itself, emergency checkpoint and resume, is
 tests/faults/test_stage_faults.py::test_critic_server_killed_mid_run)."""
 
@@ -43,7 +43,7 @@ class FakeClient:
         return False
 
 
-def _run(tmp_path, failures, restarts):
+def _run(tmp_path, failures, restarts, result=None):
     from hydra import compose, initialize_config_dir
 
     register_configs()
@@ -54,7 +54,7 @@ def _run(tmp_path, failures, restarts):
         calls.append(cfg.run_dir)
         if failures:
             raise failures.pop(0)
-        return {"heldout_prompts": 8, "steps": 3}
+        return result or {"heldout_prompts": 8, "steps": 3}
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("demo_tiny", [f"server_restarts={restarts}"])
@@ -85,3 +85,12 @@ def test_restarts_are_bounded(tmp_path):
 def test_other_errors_are_not_retried(tmp_path):
     with pytest.raises(ValueError, match="bad batch"):
         _run(tmp_path, [ValueError("bad batch")], restarts=2)
+
+
+def test_preempted_ppo_is_passed_through(tmp_path):
+    """SIGTERM during PPO: the stage's preemption result comes back as is (no report figures
+    computed from it) and the pipeline stops there (launchers/run_demo.py _preempted)."""
+    pre = {"preempted": True, "signal": "SIGTERM", "steps": 4, "resume_from": "/r/checkpoints/ppo/step_00000004"}
+    out, log, calls, _ = _run(tmp_path, [], restarts=2, result=dict(pre))
+    assert out == {"ppo": pre} and log == ["start", "stop"] and len(calls) == 1
+    assert _launcher()._preempted("ppo", out["ppo"]) and not _launcher()._preempted("rm", {"steps": 3})
