@@ -4,6 +4,8 @@ real server-death path of PPO itself, emergency checkpoint and resume, is
 tests/faults/test_stage_faults.py::test_critic_server_killed_mid_run)."""
 
 import importlib.util
+import logging
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,27 @@ from nemo_rlhf.config import register_configs
 from nemo_rlhf.servers.protocol import CriticServerError
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """Importing the launcher runs ``@hydra_entry``, which sets up console logging for the whole
+    process (a root handler, logger levels, warning filters): undo it so later tests in this
+    worker see the logging they expect."""
+    root = logging.getLogger()
+    saved_root = (root.handlers[:], root.level)
+    saved = {name: (lg.level, lg.propagate, lg.handlers[:])
+             for name, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+    with warnings.catch_warnings():
+        yield
+    root.handlers[:] = saved_root[0]
+    root.setLevel(saved_root[1])
+    for name, lg in list(logging.root.manager.loggerDict.items()):
+        if isinstance(lg, logging.Logger):
+            level, propagate, handlers = saved.get(name, (logging.NOTSET, True, []))
+            lg.setLevel(level)
+            lg.propagate = propagate
+            lg.handlers[:] = handlers
 
 
 def _launcher():

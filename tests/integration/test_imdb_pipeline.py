@@ -37,7 +37,7 @@ def _run(run_dir: Path, cache: Path, ppo_steps: int, cwd: Path) -> subprocess.Co
              "ppo.batch.global_batch_size=8", "ppo.batch.micro_batch_size=8",
              "ppo.ppo.sampling.max_new_tokens=6", "+ppo.ppo.val_samples_saved=3",
              f"ppo.trainer.max_steps={ppo_steps}", "ppo.trainer.val_check_interval=1", "ppo.trainer.limit_val_batches=1",
-             "+ppo.checkpoint.every_n_steps=1", "report_samples=2"]
+             "ppo.checkpoint.every_n_steps=1", "report_samples=2"]
     cmd = [sys.executable, str(REPO / "launchers" / "run_demo.py"), *small]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
