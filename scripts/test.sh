@@ -28,8 +28,12 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 WORKERS="${NEMO_RLHF_TEST_WORKERS:-2}"
 XDIST=()
 if [ "$WORKERS" != "0" ]; then XDIST=(-n "$WORKERS" --dist loadfile --no-loadscope-reorder); fi
+# Layouts marked `extended` (TP=2 alone, PP=2 alone: their code paths run in combined layouts too)
+# are left out of CI's run to keep it under 20 minutes; NEMO_RLHF_TEST_EXTENDED=1 runs them as well.
+MARKS=()
+if [ "${NEMO_RLHF_TEST_EXTENDED:-0}" != "1" ]; then MARKS=(-m "not extended"); fi
 rc=0
-"$VENV/bin/python" -m pytest -q "${XDIST[@]}" "$@" || rc=$?
+"$VENV/bin/python" -m pytest -q "${XDIST[@]}" "${MARKS[@]}" "$@" || rc=$?
 if [ "$rc" -eq 5 ]; then
     echo "[test.sh] pytest collected no tests (exit code 5): treated as a failure" >&2
 fi
