@@ -39,6 +39,7 @@ def test_smollm2_pp2_matches_transformers(smollm2, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # issue 11: TP=3 "if it fits CI's time" (3 processes, ~75 s); NEMO_RLHF_TEST_EXTENDED=1 runs it
 def test_smollm2_tp3_matches_transformers(smollm2, tmp_path):
     # TP sums partial products across ranks (row-parallel all-reduce): measured 7.8e-5.
     _check(smollm2, tmp_path, 3, ["--tp", "3"], generate=4, tol=1e-4)
