@@ -251,3 +251,46 @@ class Trainer:
         finally:
             self.logger.finalize()
             self.logger = None
+
+
+def prompt_datasets(data_cfg, tokenizer, label: str):
+    """Train and held-out :class:`~nemo_rlhf.data.PromptDataset` of an online stage (``data.dataset``'s
+    prompts via :func:`~nemo_rlhf.data.tasks.load_split_prompts`, cut to ``data.max_prompt_len``),
+    logged under ``label``; and the collate function padding with the tokenizer's pad id."""
+    from nemo_rlhf.data import PromptDataset, collate_prompts
+    from nemo_rlhf.data.tasks import load_split_prompts
+
+    train_prompts, heldout_prompts, _ = load_split_prompts(data_cfg, tokenizer)
+    n, overlong = int(data_cfg.max_prompt_len), data_cfg.overlong
+    train_ds = PromptDataset(train_prompts, tokenizer, n, overlong)
+    val_ds = PromptDataset(heldout_prompts, tokenizer, n, overlong)
+    LOG.info("%s prompts: train %d (%s), held-out %d (%s)", label, len(train_ds), dict(train_ds.stats),
+             len(val_ds), dict(val_ds.stats))
+    return train_ds, val_ds, (lambda b: collate_prompts(b, tokenizer.pad_id))
+
+
+def connect_critic(client, critic_cfg):
+    """``client``, or (on the rank that calls the server) a :class:`~nemo_rlhf.servers.client.CriticClient`
+    for ``critic_cfg`` once the server answers its health check (before anything else is built)."""
+    from nemo_rlhf.config import to_plain
+    from nemo_rlhf.servers.client import CriticClient
+    from nemo_rlhf.servers.critic_handle import is_server_caller
+
+    if client is None and is_server_caller():
+        client = CriticClient.from_config(to_plain(critic_cfg))
+        client.wait_until_ready(float(critic_cfg.init_timeout_s))
+    return client
+
+
+def decode_rollouts(tokenizer, tokens: torch.Tensor, prompt_lengths: torch.Tensor,
+                    lengths: torch.Tensor) -> tuple[list[str], list[str]]:
+    """The decoded prompts and responses of ``tokens [B, L]`` (``prompt_lengths``, ``lengths``: ``[B]``
+    int64 tokens); a response's final eos is dropped."""
+    prompts, responses = [], []
+    for row, p, n in zip(tokens.tolist(), prompt_lengths.tolist(), lengths.tolist()):
+        response = row[p:n]
+        if response and response[-1] == tokenizer.eos_id:
+            response = response[:-1]
+        prompts.append(tokenizer.decode(row[:p]))
+        responses.append(tokenizer.decode(response))
+    return prompts, responses

@@ -34,13 +34,13 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from nemo_rlhf.algorithms.base import Trainer, dp_mean, step_loader, write_result
+from nemo_rlhf.algorithms.base import (Trainer, connect_critic, decode_rollouts, dp_mean, prompt_datasets, step_loader,
+                                      write_result)
 from nemo_rlhf.checkpoint.training_state import latest_checkpoint
 from nemo_rlhf.checkpoint.weights import load_weights, save_model_weights
 from nemo_rlhf.config import (ConfigError, GRPOStageConfig, check_grpo_sizes, check_sizes, load_stage_config,
                               to_plain)
 from nemo_rlhf.data import PromptDataset, collate_prompts
-from nemo_rlhf.data.tasks import load_split_prompts
 from nemo_rlhf.data.tokenizer import tokenizer_from_config
 from nemo_rlhf.generation.sampling import SamplingParams
 from nemo_rlhf.models.megatron_module import NonFiniteError
@@ -51,8 +51,7 @@ from nemo_rlhf.rl.advantages import response_mask
 from nemo_rlhf.rl.group import dynamic_sampling_mask, overlong_penalty
 from nemo_rlhf.rl.kl import kl_penalty
 from nemo_rlhf.rl.losses import aggregate_loss, grpo_policy_loss
-from nemo_rlhf.servers.client import CriticClient
-from nemo_rlhf.servers.critic_handle import CriticHandle, is_server_caller
+from nemo_rlhf.servers.critic_handle import CriticHandle
 
 LOG = logging.getLogger("nemo_rlhf")
 
@@ -240,12 +239,7 @@ class CriticFreeTrainer(Trainer):
         check_sizes(cfg, self.dp)
         check_grpo_sizes(cfg, self.dp)
         self.tokenizer = tok = tokenizer_from_config(to_plain(cfg.tokenizer))
-        d = cfg.data
-        train_prompts, heldout_prompts, _ = load_split_prompts(d, tok)
-        self.train_ds = PromptDataset(train_prompts, tok, int(d.max_prompt_len), d.overlong)
-        self.val_ds = PromptDataset(heldout_prompts, tok, int(d.max_prompt_len), d.overlong)
-        LOG.info("grpo prompts: train %d (%s), held-out %d (%s)", len(self.train_ds), dict(self.train_ds.stats),
-                 len(self.val_ds), dict(self.val_ds.stats))
+        self.train_ds, self.val_ds, self.collate = prompt_datasets(cfg.data, tok, "grpo")
         if len(self.val_ds) < self.dp:
             raise ConfigError(f"held-out split has {len(self.val_ds)} prompts, fewer than the data-parallel size "
                               f"{self.dp}: add held-out prompts (data.heldout_files / data.heldout_fraction)")
@@ -253,14 +247,9 @@ class CriticFreeTrainer(Trainer):
         if len(self.train_ds) < prompts_per_step:
             raise ConfigError(f"{len(self.train_ds)} training prompts < {prompts_per_step} prompts per step "
                               f"(batch.global_batch_size={gbs} / grpo.num_generations={cfg.grpo.num_generations})")
-        self.collate = lambda b: collate_prompts(b, tok.pad_id)  # noqa: E731
         self.reward_fn = build_reward(cfg.reward.functions) if cfg.reward.functions else None
         if cfg.reward.reward_model:
-            client = self.critic_client
-            if client is None and is_server_caller():
-                client = CriticClient.from_config(to_plain(cfg.critic))
-                client.wait_until_ready(float(cfg.critic.init_timeout_s))
-            self.critic = CriticHandle(client)
+            self.critic = CriticHandle(connect_critic(self.critic_client, cfg.critic))
         model_cfg = to_plain(cfg.model)
         if cfg.grpo.uses_reference:
             self.reference = GPTPolicyModel(model_cfg, None, tok.vocab_size, mbs, tok.eos_id, tok.pad_id)
@@ -277,19 +266,6 @@ class CriticFreeTrainer(Trainer):
         self.heldout_before = state.get("heldout_before")
 
     # -------------------------------------------------------------- rewards
-    def _texts(self, tokens: torch.Tensor, prompt_lengths: torch.Tensor,
-               lengths: torch.Tensor) -> tuple[list[str], list[str]]:
-        """Decoded prompts and responses (a response's final eos dropped)."""
-        tok = self.tokenizer
-        prompts, responses = [], []
-        for row, p, n in zip(tokens.tolist(), prompt_lengths.tolist(), lengths.tolist()):
-            response = row[p:n]
-            if response and response[-1] == tok.eos_id:
-                response = response[:-1]
-            prompts.append(tok.decode(row[:p]))
-            responses.append(tok.decode(response))
-        return prompts, responses
-
     def score(self, tokens: torch.Tensor, lengths: torch.Tensor,
               prompt_lengths: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The reward of each response: ``sum_k w_k * f_k(prompt, response)`` over
@@ -311,7 +287,7 @@ class CriticFreeTrainer(Trainer):
         total = np.zeros(tokens.shape[0], dtype=np.float64)
         terms: dict[str, np.ndarray] = {}
         if self.reward_fn is not None:
-            prompts, responses = self._texts(tokens, prompt_lengths, lengths)
+            prompts, responses = decode_rollouts(self.tokenizer, tokens, prompt_lengths, lengths)
             values = self.reward_fn.terms(prompts, responses)
             for f in self.reward_fn.functions:
                 total += f.weight * values[f.name]
@@ -507,7 +483,7 @@ class CriticFreeTrainer(Trainer):
                 sums[name] = sums.get(name, 0.0) + v.double().sum().item()
             count += n
             if len(samples) < keep:
-                prompts, responses = self._texts(gen.tokens, gen.prompt_lengths, gen.lengths)
+                prompts, responses = decode_rollouts(self.tokenizer, gen.tokens, gen.prompt_lengths, gen.lengths)
                 for i in range(min(keep - len(samples), n)):
                     samples.append({"step": self.step, "prompt": prompts[i], "response": responses[i],
                                     "reward": float(scores[i])})

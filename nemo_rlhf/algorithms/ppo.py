@@ -28,16 +28,17 @@ import torch
 
 from nemo_rlhf.algorithms.base import (
     Trainer,
+    connect_critic,
+    decode_rollouts,
     dp_mean,
     heldout_loader,
+    prompt_datasets,
     step_loader,
     write_result,
 )
 from nemo_rlhf.checkpoint.training_state import latest_checkpoint, save_checkpoint_dir
 from nemo_rlhf.checkpoint.weights import load_weights, save_model_weights
 from nemo_rlhf.config import PPOActorStageConfig, check_heldout_size, check_sizes, load_stage_config, to_plain
-from nemo_rlhf.data import PromptDataset, collate_prompts
-from nemo_rlhf.data.tasks import load_split_prompts
 from nemo_rlhf.data.tokenizer import tokenizer_from_config
 from nemo_rlhf.generation.sampling import SamplingParams
 from nemo_rlhf.models.hydra import HydraReference
@@ -49,8 +50,7 @@ from nemo_rlhf.rl.kl import build_kl_controller, kl_penalty
 from nemo_rlhf.rl.losses import ppo_policy_loss
 from nemo_rlhf.rewards.sentiment import judge_agreement, positive_fraction, vader_compound
 from nemo_rlhf.rl.masked import masked_mean
-from nemo_rlhf.servers.client import CriticClient
-from nemo_rlhf.servers.critic_handle import CriticHandle, is_server_caller
+from nemo_rlhf.servers.critic_handle import CriticHandle
 from nemo_rlhf.servers.protocol import CriticServerError
 
 LOG = logging.getLogger("nemo_rlhf")
@@ -199,19 +199,9 @@ class PPOTrainer(Trainer):
         self.dp = setup_parallel(to_plain(cfg.model), (gbs, mbs), cfg.trainer.accelerator, int(cfg.seed))
         check_sizes(cfg, self.dp)
         self.tokenizer = tok = tokenizer_from_config(to_plain(cfg.tokenizer))
-        d = cfg.data
-        train_prompts, heldout_prompts, _ = load_split_prompts(d, tok)
-        self.train_ds = PromptDataset(train_prompts, tok, int(d.max_prompt_len), d.overlong)
-        self.val_ds = PromptDataset(heldout_prompts, tok, int(d.max_prompt_len), d.overlong)
-        LOG.info("PPO prompts: train %d (%s), held-out %d (%s)", len(self.train_ds), dict(self.train_ds.stats),
-                 len(self.val_ds), dict(self.val_ds.stats))
+        self.train_ds, self.val_ds, self.collate = prompt_datasets(cfg.data, tok, "PPO")
         check_heldout_size(len(self.val_ds), gbs, self.dp, data=cfg.data, unit="prompts")
-        self.collate = lambda b: collate_prompts(b, tok.pad_id)  # noqa: E731
-        client = self.critic_client
-        if client is None and is_server_caller():
-            client = CriticClient.from_config(to_plain(cfg.critic))
-            client.wait_until_ready(float(cfg.critic.init_timeout_s))  # health check before anything else
-        self.critic = CriticHandle(client)
+        self.critic = CriticHandle(connect_critic(self.critic_client, cfg.critic))
         model_cfg = to_plain(cfg.model)
         if cfg.ppo.reference == "lora_disabled":  # the actor itself with its LoRA adapters off: no copy
             self.policy = self.model = GPTPolicyModel(model_cfg, to_plain(cfg.optim), tok.vocab_size, mbs,
@@ -332,18 +322,6 @@ class PPOTrainer(Trainer):
         return metrics
 
     # -------------------------------------------------------------- evaluation
-    def _texts(self, ro: Rollout) -> tuple[list[str], list[str]]:
-        """The decoded prompts and completions of a rollout (a completion's final eos dropped)."""
-        tok = self.tokenizer
-        prompts, completions = [], []
-        for row, p, n in zip(ro.tokens.tolist(), ro.prompt_lengths.tolist(), ro.lengths.tolist()):
-            response = row[p:n]
-            if response and response[-1] == tok.eos_id:
-                response = response[:-1]
-            prompts.append(tok.decode(row[:p]))
-            completions.append(tok.decode(response))
-        return prompts, completions
-
     @torch.no_grad()
     def evaluate(self, limit: int | None = None) -> dict[str, float]:
         """Mean reward-model score, sequence KL(actor || reference) (k1 estimate, nats per
@@ -367,7 +345,7 @@ class PPOTrainer(Trainer):
             m = {"reward": ro.scores.mean().item(), "kl": kl.mean().item(),
                  "response_length": ro.mask.sum(dim=1).mean().item()}
             if p.val_judge or len(samples) < keep:
-                prompts, completions = self._texts(ro)
+                prompts, completions = decode_rollouts(self.tokenizer, ro.tokens, ro.prompt_lengths, ro.lengths)
                 compound = None
                 if p.val_judge == "vader":
                     compound = vader_compound([a + c for a, c in zip(prompts, completions)])
