@@ -1,5 +1,6 @@
 """Pure-torch RL math for RLHF: masked reductions, GAE, KL penalty/controllers, losses, and the
-critic-free group advantages (GRPO, Dr.GRPO, RLOO, REINFORCE++) with the DAPO helpers.
+critic-free group advantages (GRPO, Dr.GRPO, RLOO, REINFORCE++) with the DAPO helpers, and the
+offline preference losses (DPO, cDPO, robust DPO, IPO, RPO, SimPO: preference.py).
 
 No megatron imports; every function works on any device and float dtype.
 """
@@ -32,21 +33,38 @@ from nemo_rlhf.rl.losses import (
     ppo_policy_loss,
 )
 from nemo_rlhf.rl.masked import masked_mean, masked_sum, masked_var, masked_whiten
+from nemo_rlhf.rl.preference import (
+    PREFERENCE_LOSSES,
+    chosen_nll,
+    dpo_logits,
+    dpo_loss,
+    implicit_rewards,
+    ipo_loss,
+    preference_loss,
+    robust_dpo_loss,
+    simpo_loss,
+)
 
 __all__ = [
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
+    "PREFERENCE_LOSSES",
     "AdaptiveKLController",
     "FixedKLController",
     "aggregate_loss",
     "bradley_terry_loss",
     "broadcast_to_tokens",
     "build_kl_controller",
+    "chosen_nll",
     "clipped_value_loss",
     "compute_gae",
+    "dpo_logits",
+    "dpo_loss",
     "dynamic_sampling_mask",
     "grpo_advantages",
     "grpo_policy_loss",
+    "implicit_rewards",
+    "ipo_loss",
     "kl_penalty",
     "masked_mean",
     "masked_sum",
@@ -56,6 +74,9 @@ __all__ = [
     "overlong_penalty",
     "per_token_rewards",
     "ppo_policy_loss",
+    "preference_loss",
     "reinforce_pp_advantages",
     "rloo_advantages",
+    "robust_dpo_loss",
+    "simpo_loss",
 ]
