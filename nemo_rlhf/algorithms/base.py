@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import numpy as np
 import torch
 
 from nemo_rlhf.checkpoint.training_state import (
@@ -294,3 +295,70 @@ def decode_rollouts(tokenizer, tokens: torch.Tensor, prompt_lengths: torch.Tenso
         prompts.append(tokenizer.decode(row[:p]))
         responses.append(tokenizer.decode(response))
     return prompts, responses
+
+
+# ---------------------------------------------------------------------------- sampling and scoring
+def generate_repeated(policy, prompts: torch.Tensor, prompt_lengths: torch.Tensor, params, copies: int):
+    """``copies`` sampled responses per prompt: ``prompts [n, P]`` (right padded), ``prompt_lengths
+    [n]`` -> :meth:`GPTPolicyModel.generate` on ``B = n * copies`` rows, the copies of prompt ``g``
+    contiguous (rows ``g*copies .. g*copies+copies-1``); ``params``: its
+    :class:`~nemo_rlhf.generation.sampling.SamplingParams` (the seed fixes every row)."""
+    rep = lambda t: t.repeat_interleave(int(copies), dim=0)  # noqa: E731
+    return policy.generate(rep(prompts), rep(prompt_lengths), params)
+
+
+def score_responses(tokenizer, reward_fn, critic, reward_model_weight: float, tokens: torch.Tensor,
+                    lengths: torch.Tensor, prompt_lengths: torch.Tensor) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The reward of each response: ``sum_k w_k * f_k(prompt, response)`` over the reward functions
+    ``reward_fn`` (a :class:`~nemo_rlhf.rewards.functions.RewardSum`, or None) plus
+    ``reward_model_weight * score`` of the reward-model server behind ``critic`` (a
+    :class:`~nemo_rlhf.servers.critic_handle.CriticHandle`, or None; its values are ignored).
+
+    Args:
+        tokens: ``[B, L]`` int64 prompt + response, right padded; ``lengths``, ``prompt_lengths``:
+            ``[B]`` int64 (tokens).
+
+    Returns:
+        ``(total [B] float64, {term: [B] float64})`` numpy; the terms are unweighted: each function
+        by the last part of its import path, ``reward_model``.
+
+    Raises:
+        RewardFunctionError: a reward function raised or returned a bad shape / non-finite value
+            (naming it, the batch index and the value), or the reward model returned a non-finite score.
+    """
+    from nemo_rlhf.rewards.functions import RewardFunctionError
+
+    total = np.zeros(tokens.shape[0], dtype=np.float64)
+    terms: dict[str, np.ndarray] = {}
+    if reward_fn is not None:
+        prompts, responses = decode_rollouts(tokenizer, tokens, prompt_lengths, lengths)
+        values = reward_fn.terms(prompts, responses)
+        for f in reward_fn.functions:
+            total += f.weight * values[f.name]
+            terms[f.name.rsplit(".", 1)[-1]] = values[f.name]
+    if critic is not None:
+        future = critic.infer_async(tokens, lengths)
+        _, rm = critic.infer_result(future, tuple(tokens.shape), tokens.device)
+        rm = rm.detach().double().cpu().numpy()
+        bad = np.flatnonzero(~np.isfinite(rm))
+        if bad.size:
+            raise RewardFunctionError(f"reward model returned a non-finite score {rm[bad[0]]} at batch index "
+                                      f"{int(bad[0])} ({bad.size} of {rm.size} non-finite)")
+        total += float(reward_model_weight) * rm
+        terms["reward_model"] = rm
+    return total, terms
+
+
+def dp_shard_batches(num_items: int, batch_size: int, limit: int | None = None) -> list[list[int]]:
+    """This DP rank's share of ``num_items`` held-out items (rank r takes items r, r + dp, ...; the
+    remainder ``num_items % dp`` is dropped so shards are equal) in batches of at most
+    ``batch_size`` indices (the last may be smaller), at most ``limit`` batches (None: all); every
+    TP/PP rank of a replica gets the same batches."""
+    from megatron.core import parallel_state
+
+    dp = parallel_state.get_data_parallel_world_size() if parallel_state.is_initialized() else 1
+    rank = parallel_state.get_data_parallel_rank() if parallel_state.is_initialized() else 0
+    mine = list(range(rank, num_items // dp * dp, dp))
+    size = max(1, int(batch_size))
+    batches = [mine[i: i + size] for i in range(0, len(mine), size)]
+    return batches[:limit] if limit else batches

@@ -34,8 +34,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from nemo_rlhf.algorithms.base import (Trainer, connect_critic, decode_rollouts, dp_mean, prompt_datasets, step_loader,
-                                      write_result)
+from nemo_rlhf.algorithms.base import (Trainer, connect_critic, decode_rollouts, dp_mean, dp_shard_batches,
+                                      generate_repeated, prompt_datasets, score_responses, step_loader, write_result)
 from nemo_rlhf.checkpoint.training_state import latest_checkpoint
 from nemo_rlhf.checkpoint.weights import load_weights, save_model_weights
 from nemo_rlhf.config import (ConfigError, GRPOStageConfig, check_grpo_sizes, check_sizes, load_stage_config,
@@ -165,10 +165,6 @@ def grpo_loss_fn(policy: GPTPolicyModel, clip_eps_low: float, clip_eps_high: flo
     return loss_fn
 
 
-def _term_name(name: str) -> str:
-    return name.rsplit(".", 1)[-1]
-
-
 class CriticFreeTrainer(Trainer):
     """An online critic-free trainer: group sampling, rewards, the clipped policy loss; the
     subclass defines :meth:`advantages`.
@@ -269,8 +265,8 @@ class CriticFreeTrainer(Trainer):
     def score(self, tokens: torch.Tensor, lengths: torch.Tensor,
               prompt_lengths: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The reward of each response: ``sum_k w_k * f_k(prompt, response)`` over
-        ``reward.functions`` + ``reward.reward_model_weight * reward-model score`` + the DAPO
-        overlong penalty (``grpo.overlong_penalty``, eq. 13 of Yu et al. 2025, times its weight).
+        ``reward.functions`` + ``reward.reward_model_weight * reward-model score``
+        (:func:`~nemo_rlhf.algorithms.base.score_responses`) + the DAPO overlong penalty (``grpo.overlong_penalty``, eq. 13 of Yu et al. 2025, times its weight).
 
         Returns:
             ``(scores [B] float32, {term: [B] float32})`` on the policy's device; the terms are
@@ -284,24 +280,8 @@ class CriticFreeTrainer(Trainer):
         """
         cfg = self.cfg
         device = tokens.device
-        total = np.zeros(tokens.shape[0], dtype=np.float64)
-        terms: dict[str, np.ndarray] = {}
-        if self.reward_fn is not None:
-            prompts, responses = decode_rollouts(self.tokenizer, tokens, prompt_lengths, lengths)
-            values = self.reward_fn.terms(prompts, responses)
-            for f in self.reward_fn.functions:
-                total += f.weight * values[f.name]
-                terms[_term_name(f.name)] = values[f.name]
-        if self.critic is not None:
-            future = self.critic.infer_async(tokens, lengths)
-            _, rm = self.critic.infer_result(future, tuple(tokens.shape), device)
-            rm = rm.detach().double().cpu().numpy()
-            bad = np.flatnonzero(~np.isfinite(rm))
-            if bad.size:
-                raise RewardFunctionError(f"reward model returned a non-finite score {rm[bad[0]]} at batch index "
-                                          f"{int(bad[0])} ({bad.size} of {rm.size} non-finite)")
-            total += float(cfg.reward.reward_model_weight) * rm
-            terms["reward_model"] = rm
+        total, terms = score_responses(self.tokenizer, self.reward_fn, self.critic,
+                                       float(cfg.reward.reward_model_weight), tokens, lengths, prompt_lengths)
         o = cfg.grpo.overlong_penalty
         if o.max_len is not None:
             pen = overlong_penalty((lengths - prompt_lengths).cpu(), int(o.max_len), int(o.cache_len)).double().numpy()
@@ -316,8 +296,7 @@ class CriticFreeTrainer(Trainer):
                          num_generations: int) -> GroupRollout:
         """Generate ``num_generations`` responses per prompt (``[n, P]`` -> ``B = n*G`` rows, groups
         contiguous) and score them (:meth:`score`)."""
-        rep = lambda t: t.repeat_interleave(num_generations, dim=0)  # noqa: E731
-        gen = self.policy.generate(rep(prompts), rep(prompt_lengths), params)
+        gen = generate_repeated(self.policy, prompts, prompt_lengths, params, num_generations)
         scores, terms = self.score(gen.tokens, gen.lengths, gen.prompt_lengths)
         return GroupRollout(gen.tokens, gen.lengths, gen.prompt_lengths, scores, terms, num_generations)
 
@@ -452,12 +431,8 @@ class CriticFreeTrainer(Trainer):
         from megatron.core import parallel_state
 
         dp = parallel_state.get_data_parallel_world_size() if parallel_state.is_initialized() else 1
-        rank = parallel_state.get_data_parallel_rank() if parallel_state.is_initialized() else 0
-        n = len(self.val_ds) // dp * dp  # equal shards
-        mine = list(range(rank, n, dp))
-        size = max(1, int(self.cfg.batch.global_batch_size) // (dp * int(self.cfg.grpo.val_samples_per_prompt)))
-        batches = [mine[i: i + size] for i in range(0, len(mine), size)]
-        return batches[:limit] if limit else batches
+        size = int(self.cfg.batch.global_batch_size) // (dp * int(self.cfg.grpo.val_samples_per_prompt))
+        return dp_shard_batches(len(self.val_ds), size, limit)
 
     @torch.no_grad()
     def evaluate(self, limit: int | None = None) -> dict[str, float]:
@@ -473,8 +448,7 @@ class CriticFreeTrainer(Trainer):
         count, samples = 0, []
         for idx in self._val_batches(limit):
             b = self.collate([self.val_ds[i] for i in idx])
-            rep = lambda t: t.repeat_interleave(k, dim=0)  # noqa: E731
-            gen = self.policy.generate(rep(b["prompts"]), rep(b["prompt_lengths"]), self.val_sampling)
+            gen = generate_repeated(self.policy, b["prompts"], b["prompt_lengths"], self.val_sampling, k)
             scores, terms = self.score(gen.tokens, gen.lengths, gen.prompt_lengths)
             n = int(scores.shape[0])
             rows = {"reward": scores, **{f"reward_{t}": v for t, v in terms.items()},
