@@ -1668,3 +1668,138 @@ class GRPOStageConfig(_TrainingStage):
 STAGE_CONFIGS["gpt_grpo"] = GRPOStageConfig
 __all__ += ["GRPOConfig", "GRPOSamplingConfig", "GRPOValSamplingConfig", "OverlongPenaltyConfig", "RewardConfig",
             "GRPOStageConfig", "check_grpo_sizes", "CRITIC_FREE_ALGORITHMS"]
+
+
+# ----------------------------------------------------------------------------- rejection sampling (issue 14 §2)
+RS_SELECTIONS = ("best", "threshold")  # rs.selection
+RS_JUDGES = ("vader",)  # rs.best_of_n.judge
+
+
+@dataclass
+class RSSamplingConfig(SamplingConfig):
+    """``rs.sampling:`` — how the ``rs.num_samples`` responses per prompt are sampled each round
+    (and the best-of-n samples), as :class:`SamplingConfig`; seeded from ``rs.seed``."""
+
+    SECTION: ClassVar[str] = "rs.sampling"
+
+
+@dataclass
+class RSValSamplingConfig(ValSamplingConfig):
+    """``rs.val_sampling:`` — held-out evaluation overrides of ``rs.sampling`` (e.g. ``greedy:
+    true``), seeded ``rs.seed + 1`` so every round's evaluation draws the same way."""
+
+    SECTION: ClassVar[str] = "rs.val_sampling"
+
+
+@dataclass
+class BestOfNConfig(_Section):
+    """``rs.best_of_n:`` — best-of-n evaluation on the held-out prompts: ``max(ns)`` responses per
+    prompt (``rs.sampling``, seeded ``rs.seed + 2``), and for each ``n`` in ``ns`` the mean reward of
+    the best of each block of ``n`` (:func:`nemo_rlhf.rl.rejection.best_of_n_curve`); with ``judge:
+    vader`` also the VADER positive fraction of those best responses (prompt + response). Run on
+    the starting policy (``at_start``) and after the last round; ``<run_dir>/best_of_n.json``.
+    ``max_prompts``: at most this many held-out prompts (None: all). ``enabled: false``: none.
+
+    Raises:
+        ConfigError: ``ns`` empty, an ``n`` < 1 or not dividing ``max(ns)``, unknown ``judge``,
+            ``max_prompts`` < 1.
+    """
+
+    SECTION: ClassVar[str] = "rs.best_of_n"
+
+    enabled: bool = True
+    ns: List[int] = field(default_factory=lambda: [1, 4, 16])
+    at_start: bool = True
+    judge: Optional[str] = None  # vader (needs the vaderSentiment package)
+    max_prompts: Optional[int] = None
+
+    def _validate(self) -> None:
+        self._choice("judge", RS_JUDGES)
+        self._greater("max_prompts", 1, or_equal=True)
+        if not self.ns:
+            raise ConfigError("rs.best_of_n.ns must list at least one n (e.g. [1, 4, 16])")
+        top = max(self.ns)
+        for i, n in enumerate(self.ns):
+            if n < 1 or top % n:
+                raise ConfigError(f"rs.best_of_n.ns[{i}]={n} must be >= 1 and divide max(rs.best_of_n.ns)={top} "
+                                  "(the best-of-n blocks split max(ns) samples per prompt)")
+
+
+@dataclass
+class RejectionSamplingConfig(_Section):
+    """``rs:`` — rejection-sampling fine-tuning (``nemo_rlhf/algorithms/rejection_sampling.py``;
+    Touvron et al. 2023 "Llama 2" §3.2.3, Dong et al. 2023 "RAFT", trlX's RFT).
+
+    Each of ``num_rounds`` rounds samples ``num_samples`` (n) responses to each of
+    ``prompts_per_round`` training prompts (None: every training prompt once; more than there
+    are: the prompts cycled) from the current policy, scores them with ``reward:``, keeps the best
+    per prompt (``selection: best``) or every response with reward >= ``threshold`` (``selection:
+    threshold``), then fine-tunes on the kept (prompt, response) pairs for ``sft_epochs`` epochs
+    (SFT loss of ``algorithms/sft.py``; ``batch.global_batch_size`` samples per step; at most
+    ``trainer.max_steps`` steps per round). ``generation_batch_size``: responses per generate call
+    on one data-parallel rank. After each round the held-out prompts are evaluated with
+    ``val_samples_per_prompt`` responses each (``val_sampling``, seeded ``seed + 1``: the same draws
+    every round). ``seed`` fixes the prompts and samples of every round.
+
+    Raises:
+        ConfigError: a count < 1; unknown ``selection``; ``threshold`` missing with ``selection:
+            threshold`` or set with ``selection: best``; a non-finite ``threshold``;
+            ``generation_batch_size`` not a multiple of ``num_samples``.
+    """
+
+    SECTION: ClassVar[str] = "rs"
+
+    num_rounds: int = 2
+    num_samples: int = 8  # n responses per prompt and round
+    prompts_per_round: Optional[int] = None  # None: every training prompt once
+    selection: str = "best"  # best | threshold
+    threshold: Optional[float] = None  # selection=threshold: keep rewards >= threshold
+    sft_epochs: int = 1
+    generation_batch_size: int = 64  # responses per generate call per DP rank (a multiple of num_samples)
+    val_samples_per_prompt: int = 1  # held-out evaluation: responses per held-out prompt (rs.val_sampling)
+    sampling: RSSamplingConfig = field(default_factory=RSSamplingConfig)
+    val_sampling: RSValSamplingConfig = field(default_factory=RSValSamplingConfig)
+    best_of_n: BestOfNConfig = field(default_factory=BestOfNConfig)
+    seed: int = 1234
+
+    def _validate(self) -> None:
+        self._choice("selection", RS_SELECTIONS)
+        for name in ("num_rounds", "num_samples", "prompts_per_round", "sft_epochs", "generation_batch_size",
+                     "val_samples_per_prompt"):
+            self._greater(name, 1, or_equal=True)
+        if self.selection == "threshold" and self.threshold is None:
+            raise ConfigError("rs.selection=threshold needs rs.threshold (the smallest reward kept)")
+        if self.selection == "best" and self.threshold is not None:
+            raise ConfigError(f"rs.threshold={self.threshold} is read only with rs.selection=threshold "
+                              "(rs.selection=best keeps the argmax per prompt): drop it or set rs.selection=threshold")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise ConfigError(f"rs.threshold must be finite, got {self.threshold!r}")
+        if self.generation_batch_size % self.num_samples:
+            raise ConfigError(f"rs.generation_batch_size={self.generation_batch_size} must be a multiple of "
+                              f"rs.num_samples={self.num_samples} (whole groups per generate call)")
+
+
+@dataclass
+class RejectionSamplingStageConfig(_TrainingStage):
+    """``conf/gpt_rs.yaml``: rejection-sampling fine-tuning from the SFT weights ``init_from``,
+    rewarded by ``reward:`` (reward functions and/or the reward-model server, as
+    :class:`GRPOStageConfig`; ``critic:`` is read only with ``reward.reward_model: true``).
+    ``batch.global_batch_size`` counts kept samples per SFT step over all DP ranks;
+    ``trainer.max_steps`` caps the SFT steps of one round."""
+
+    run_dir: str = "runs/rs"
+    init_from: str = MISSING
+    rs: RejectionSamplingConfig = field(default_factory=RejectionSamplingConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    critic: CriticClientConfig = field(default_factory=CriticClientConfig)
+
+    def _validate(self) -> None:
+        super()._validate()
+        if not self.reward.functions and not self.reward.reward_model:
+            raise ConfigError("reward: set reward.functions (e.g. [{_target_: "
+                              "nemo_rlhf.data.randomwalks.RandomWalkReward}]) and/or reward.reward_model=true")
+
+
+STAGE_CONFIGS["gpt_rs"] = RejectionSamplingStageConfig
+__all__ += ["RejectionSamplingConfig", "RSSamplingConfig", "RSValSamplingConfig", "BestOfNConfig",
+            "RejectionSamplingStageConfig", "RS_SELECTIONS"]
