@@ -1803,3 +1803,103 @@ class RejectionSamplingStageConfig(_TrainingStage):
 STAGE_CONFIGS["gpt_rs"] = RejectionSamplingStageConfig
 __all__ += ["RejectionSamplingConfig", "RSSamplingConfig", "RSValSamplingConfig", "BestOfNConfig",
             "RejectionSamplingStageConfig", "RS_SELECTIONS"]
+
+
+# ----------------------------------------------------------------------------- DPO family (issue 14 §1)
+DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "rpo", "simpo")  # as nemo_rlhf.rl.preference.PREFERENCE_LOSSES
+DPO_REFERENCES = ("full", "precomputed")  # dpo.reference
+
+
+@dataclass
+class DPOConfig(_Section):
+    """``dpo:`` — the offline preference losses of ``nemo_rlhf/algorithms/dpo.py``
+    (:func:`nemo_rlhf.rl.preference.preference_loss`).
+
+    ``loss_type``: ``sigmoid`` (DPO, Rafailov et al. 2023; with ``label_smoothing`` ε > 0 the
+    conservative DPO of Mitchell 2023), ``robust`` (robust DPO, Chowdhury et al. 2024, TRL's
+    ``robust``), ``ipo`` (Azar et al. 2023, length-normalised as TRL; ``beta`` is its τ), ``rpo``
+    (Pang et al. 2024: ``sigmoid`` + ``rpo_alpha`` x NLL per token of the chosen responses),
+    ``simpo`` (Meng et al. 2024: reference-free average log-probs, margin ``simpo_gamma``).
+
+    ``reference``: where the reference log-probs come from. ``full``: a frozen copy of the
+    ``init_from`` policy runs on every batch; ``precomputed``: that copy scores the train and held-out
+    pairs once at start and is freed (TRL's ``precompute_ref_log_probs``). None: ``full`` for the
+    reference-based losses; simpo has no reference, so setting it there is an error.
+
+    Raises:
+        ConfigError: unknown ``loss_type`` / ``reference``; ``beta`` <= 0; ``label_smoothing`` outside
+            ``[0, 0.5)`` or set with ipo; ``rpo_alpha`` set with another loss or < 0; ``simpo_gamma``
+            set with another loss or < 0; ``reference`` set with simpo; ``robust`` at ε = 0 (that is
+            ``sigmoid``) is allowed.
+    """
+
+    SECTION: ClassVar[str] = "dpo"
+
+    beta: float = 0.1  # β (IPO: τ; SimPO: its β, e.g. 2.0)
+    loss_type: str = "sigmoid"  # sigmoid | robust | ipo | rpo | simpo
+    label_smoothing: float = 0.0  # ε in [0, 0.5): cDPO (sigmoid, rpo), robust, simpo
+    rpo_alpha: Optional[float] = None  # rpo: weight of the NLL term; None: 1.0
+    simpo_gamma: Optional[float] = None  # simpo: target margin γ; None: 0.5 (TRL's default)
+    reference: Optional[str] = None  # full | precomputed; None: full (simpo: no reference)
+
+    def _validate(self) -> None:
+        self._choice("loss_type", DPO_LOSS_TYPES)
+        self._choice("reference", DPO_REFERENCES)
+        self._greater("beta", 0.0)
+        self._between("label_smoothing", 0.0, 0.5, high_open=True)
+        self._greater("rpo_alpha", 0.0, or_equal=True)
+        self._greater("simpo_gamma", 0.0, or_equal=True)
+        lt = self.loss_type
+        if lt == "ipo" and self.label_smoothing:
+            raise ConfigError(f"dpo.label_smoothing={self.label_smoothing} has no meaning for dpo.loss_type=ipo "
+                              f"(IPO's squared loss has no label-flip form): set it to 0 or use sigmoid / robust")
+        if self.rpo_alpha is not None and lt != "rpo":
+            raise ConfigError(f"dpo.rpo_alpha={self.rpo_alpha} weighs RPO's NLL term and is read only with "
+                              f"dpo.loss_type=rpo (got {lt}): remove it or set dpo.loss_type=rpo")
+        if self.simpo_gamma is not None and lt != "simpo":
+            raise ConfigError(f"dpo.simpo_gamma={self.simpo_gamma} is SimPO's margin and is read only with "
+                              f"dpo.loss_type=simpo (got {lt}): remove it or set dpo.loss_type=simpo")
+        if lt == "simpo" and self.reference is not None:
+            raise ConfigError(f"dpo.reference={self.reference}: dpo.loss_type=simpo is reference-free (no reference "
+                              f"policy is built or scored), so a reference mode means nothing: remove dpo.reference")
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the loss needs reference log-probs (every loss but simpo)."""
+        return self.loss_type != "simpo"
+
+    @property
+    def effective_reference(self) -> Optional[str]:
+        """``reference``, ``full`` when unset, None for simpo."""
+        return (self.reference or "full") if self.uses_reference else None
+
+    @property
+    def effective_rpo_alpha(self) -> float:
+        return 1.0 if self.rpo_alpha is None else float(self.rpo_alpha)
+
+    @property
+    def effective_simpo_gamma(self) -> float:
+        return 0.5 if self.simpo_gamma is None else float(self.simpo_gamma)
+
+
+@dataclass
+class DPOStageConfig(_TrainingStage):
+    """``conf/gpt_dpo.yaml``: DPO and its variants (``dpo.loss_type``) on preference pairs
+    (``data:``, as the reward model's), policy and frozen reference from ``init_from`` (the SFT
+    weights, required), tokenizer ``tokenizer.path`` (required). ``batch.global_batch_size`` counts
+    pairs per optimizer step over all DP ranks; ``batch.micro_batch_size`` pairs per forward (2 x
+    that many sequences: chosen then rejected)."""
+
+    run_dir: str = "runs/dpo"
+    init_from: str = MISSING  # SFT weights: initial policy and the frozen reference policy
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+
+    def _validate(self) -> None:
+        super()._validate()
+        if self.data.dataset == "jsonl":
+            raise ConfigError("data.dataset=jsonl holds {prompt, response} rows without a rejected response; DPO "
+                              "needs preference pairs: use data.dataset=hh (any file in the HH format) or imdb")
+
+
+STAGE_CONFIGS["gpt_dpo"] = DPOStageConfig
+__all__ += ["DPOConfig", "DPOStageConfig", "DPO_LOSS_TYPES", "DPO_REFERENCES"]

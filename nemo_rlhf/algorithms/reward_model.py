@@ -20,22 +20,22 @@ from nemo_rlhf.rl.losses import bradley_terry_loss
 
 def pair_microbatches(batch: Mapping[str, torch.Tensor], micro_batch_size: int) -> list[dict]:
     """Split a ``collate_preference`` batch (``tokens [2B, S]``: B chosen rows then their B
-    rejected rows, ``lengths [2B]``) into micro-batches that keep each pair together.
+    rejected rows, ``lengths [2B]``, and any other ``[2B, ...]`` tensor in the same order, e.g.
+    DPO's ``prompt_lengths`` and ``ref_logps``) into micro-batches that keep each pair together.
 
     Returns:
-        dicts with ``tokens [2m, S]`` (m chosen rows, then their m rejected rows) and
-        ``lengths [2m]``, m = ``micro_batch_size`` pairs.
+        dicts with every key of ``batch``: ``tokens [2m, S]`` (m chosen rows, then their m rejected
+        rows), ``lengths [2m]``, ..., m = ``micro_batch_size`` pairs.
 
     Raises:
         ValueError: ``micro_batch_size`` does not divide B.
     """
     n = batch["tokens"].shape[0] // 2
-    pairs = {"chosen": batch["tokens"][:n], "rejected": batch["tokens"][n:],
-             "chosen_length": batch["lengths"][:n], "rejected_length": batch["lengths"][n:]}
+    halves = {f"{k}\0{half}": v[:n] if half == "chosen" else v[n:]
+              for k, v in batch.items() for half in ("chosen", "rejected")}
     return [
-        {"tokens": torch.cat([mb["chosen"], mb["rejected"]]),
-         "lengths": torch.cat([mb["chosen_length"], mb["rejected_length"]])}
-        for mb in split_microbatches(pairs, micro_batch_size)
+        {k: torch.cat([mb[f"{k}\0chosen"], mb[f"{k}\0rejected"]]) for k in batch}
+        for mb in split_microbatches(halves, micro_batch_size)
     ]
 
 

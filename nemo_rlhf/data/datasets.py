@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import Dataset
 
-from nemo_rlhf.data.hh import PreferencePair
+from nemo_rlhf.data.hh import DataFormatError, PreferencePair
 from nemo_rlhf.data.tokenizer import Tokenizer
 
 _OVERLONG = ("truncate", "skip")
@@ -50,6 +50,15 @@ def _fit_response(
     return response[:budget]
 
 
+def _raise_overlong(pair: PreferencePair, max_seq_len: int, max_prompt_len: int) -> None:
+    """``data.on_error=error`` for a pair that ``overlong="skip"`` would drop: raise naming its row."""
+    path, _, line = pair.source.rpartition(":")
+    raise DataFormatError(f"{pair.source}: overlong: the prompt exceeds data.max_prompt_len={max_prompt_len} tokens or "
+                          f"leaves no response token within data.max_seq_len={max_seq_len} (data.overlong=skip, "
+                          f"data.on_error=error; data.overlong=truncate cuts it instead)",
+                          path=path or None, line=int(line) if line.isdigit() else None, reason="overlong")
+
+
 class _PairDataset(Dataset):
     """Shared construction of :class:`SFTDataset` and :class:`PreferenceDataset`: checks the
     lengths, tokenizes the prompts in one batch, fits each prompt (``_fit_prompt``) and hands the
@@ -62,16 +71,22 @@ class _PairDataset(Dataset):
         max_seq_len: int,
         max_prompt_len: int,
         overlong: str = "truncate",
+        on_error: str = "skip",
     ):
         _check_lengths(max_prompt_len, max_seq_len, overlong)
+        if on_error not in ("skip", "error"):
+            raise ValueError(f"on_error must be 'skip' or 'error', got {on_error!r}")
         self.stats: collections.Counter[str] = collections.Counter()
         self.samples: list = []
         prompts = tokenizer.encode_batch([p.prompt for p in pairs])
         encoded = self._encode(pairs, tokenizer)
-        for prompt, responses in zip(prompts, encoded):
+        for pair, prompt, responses in zip(pairs, prompts, encoded):
+            skipped = self.stats["skipped_overlong"]
             prompt = _fit_prompt(prompt, max_prompt_len, overlong, self.stats)
             if prompt is not None:
                 self._add(prompt, responses, tokenizer.eos_id, max_seq_len - len(prompt))
+            if on_error == "error" and self.stats["skipped_overlong"] > skipped:
+                _raise_overlong(pair, max_seq_len, max_prompt_len)
 
     def _encode(self, pairs: Sequence[PreferencePair], tokenizer: Tokenizer) -> list:
         """The responses of every pair, tokenized (one entry per pair)."""
@@ -137,10 +152,16 @@ class PreferenceDataset(_PairDataset):
 
     Item:
         ``chosen``: ``[Sc]`` int64; ``rejected``: ``[Sr]`` int64;
-        ``chosen_length``, ``rejected_length``: ``[]`` int64.
+        ``chosen_length``, ``rejected_length``, ``prompt_length`` (tokens of the shared, fitted
+        prompt; DPO masks them): ``[]`` int64.
+
+    ``on_error="error"`` (``data.on_error``) with ``overlong="skip"``: a pair that would be skipped
+    for its length raises :class:`~nemo_rlhf.data.hh.DataFormatError` naming its ``file:line``
+    (reason ``overlong``) instead of being counted in ``skipped_overlong``.
 
     Raises:
-        ValueError: as :class:`SFTDataset`.
+        ValueError: as :class:`SFTDataset`, or a bad ``on_error``.
+        DataFormatError: see ``on_error``.
     """
 
     def _encode(self, pairs, tokenizer):
@@ -153,15 +174,16 @@ class PreferenceDataset(_PairDataset):
         if chosen is None or rejected is None:
             self.stats["skipped_overlong"] += 1
             return
-        self.samples.append((prompt + chosen, prompt + rejected))
+        self.samples.append((prompt + chosen, prompt + rejected, len(prompt)))
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
-        chosen, rejected = self.samples[idx]
+        chosen, rejected, prompt_length = self.samples[idx]
         return {
             "chosen": torch.tensor(chosen, dtype=torch.int64),
             "rejected": torch.tensor(rejected, dtype=torch.int64),
             "chosen_length": torch.tensor(len(chosen), dtype=torch.int64),
             "rejected_length": torch.tensor(len(rejected), dtype=torch.int64),
+            "prompt_length": torch.tensor(prompt_length, dtype=torch.int64),
         }
 
 
@@ -173,7 +195,7 @@ class ReviewPairDataset(Dataset):
     empty text).
 
     Item (same keys as :class:`PreferenceDataset`): ``chosen [Sc]``, ``rejected [Sr]`` int64,
-    ``chosen_length``, ``rejected_length`` ``[]`` int64.
+    ``chosen_length``, ``rejected_length``, ``prompt_length`` (always 0: whole texts) ``[]`` int64.
 
     Raises:
         ValueError: ``max_seq_len < 1``, or a pair with a non-empty prompt (its source named).
@@ -194,7 +216,7 @@ class ReviewPairDataset(Dataset):
                 self.stats["skipped_empty"] += 1
                 continue
             self.stats["response_truncated"] += (len(c) > max_seq_len) + (len(r) > max_seq_len)
-            self.samples.append((c[-max_seq_len:], r[-max_seq_len:]))
+            self.samples.append((c[-max_seq_len:], r[-max_seq_len:], 0))  # no prompt
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -291,17 +313,21 @@ def collate_preference(
     Returns:
         ``tokens``: ``[2B, S]`` int64, rows ``0..B-1`` chosen, rows ``B..2B-1`` the matching
             rejected sequences, right-padded with ``pad_id``;
-        ``lengths``: ``[2B]`` int64, same order.
+        ``lengths``: ``[2B]`` int64, same order;
+        ``prompt_lengths``: ``[2B]`` int64, same order (when the items have ``prompt_length``).
 
     Raises:
         ValueError: empty batch or ``pad_to_multiple_of < 1``.
     """
     seqs = [b["chosen"] for b in batch] + [b["rejected"] for b in batch]
     lengths = [b["chosen_length"] for b in batch] + [b["rejected_length"] for b in batch]
-    return {
+    out = {
         "tokens": _pad_right(seqs, pad_id, pad_to_multiple_of),
         "lengths": torch.stack(lengths).to(torch.int64),
     }
+    if all("prompt_length" in b for b in batch):
+        out["prompt_lengths"] = torch.stack([b["prompt_length"] for b in batch] * 2).to(torch.int64)
+    return out
 
 
 def collate_prompts(

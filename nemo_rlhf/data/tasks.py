@@ -279,13 +279,15 @@ def format_pairs(data_cfg, pairs: Sequence[PreferencePair], tokenizer: Tokenizer
 
 
 def preference_dataset(data_cfg, pairs: Sequence[PreferencePair], tokenizer: Tokenizer):
-    """The reward model's torch dataset of ``pairs``: :class:`PreferenceDataset` (HH: prompt +
-    response + eos, cut by ``max_prompt_len`` / ``max_seq_len`` / ``overlong``) or
+    """The reward model's and DPO's torch dataset of ``pairs``: :class:`PreferenceDataset` (HH: prompt +
+    response + eos, cut by ``max_prompt_len`` / ``max_seq_len`` / ``overlong``; with ``overlong: skip``
+    an overlong pair follows ``data.on_error``: counted in ``skipped_overlong``, or
+    :class:`DataFormatError` naming its ``file:line``) or
     :class:`ReviewPairDataset` (IMDB: the last ``max_seq_len`` tokens of each review, no eos)."""
     d = data_cfg
     if d.dataset == "imdb":
         return ReviewPairDataset(pairs, tokenizer, int(d.max_seq_len))
-    return PreferenceDataset(pairs, tokenizer, int(d.max_seq_len), int(d.max_prompt_len), d.overlong)
+    return PreferenceDataset(pairs, tokenizer, int(d.max_seq_len), int(d.max_prompt_len), d.overlong, d.on_error)
 
 
 __all__ = ["ImdbReview", "PromptRow", "load_prompt_rows", "chat_prompt", "check_chat_tokenizer", "data_files", "format_pairs", "load_split_pairs",
