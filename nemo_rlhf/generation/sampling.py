@@ -318,9 +318,10 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
 
 
 def _last_token_logits(module, tokens: torch.Tensor, position_ids: torch.Tensor, ctx,
-                       vocab: int | None = None) -> torch.Tensor | None:
+                       vocab: int | None = None, logits_processor=None) -> torch.Tensor | None:
     """One forward of ``tokens [B, s]`` through the schedule; ``[B, V]`` logits of the last
-    position on the last stage (None elsewhere), ids ``>= vocab`` (vocabulary padding) at -inf.
+    position on the last stage (None elsewhere), ids ``>= vocab`` (vocabulary padding) at -inf,
+    then ``logits_processor(logits)`` if given (see :func:`generate`).
 
     Runs under ``torch.inference_mode`` (no autograd bookkeeping on any op; the KV cache and the
     returned logits are inference tensors, only read by the sampling code outside it)."""
@@ -338,13 +339,15 @@ def _last_token_logits(module, tokens: torch.Tensor, position_ids: torch.Tensor,
         logits = outs[0]["logits"] if outs else None
         if logits is not None and vocab is not None and logits.shape[-1] > vocab:
             logits[:, vocab:] = float("-inf")
+        if logits is not None and logits_processor is not None:
+            logits = logits_processor(logits)
     return logits
 
 
 @torch.no_grad()
 def generate(module, prompts: torch.Tensor, prompt_lengths: torch.Tensor, params: SamplingParams,
              eos_id: int, pad_id: int, max_seq_len: int | None = None,
-             fast_path: bool = True) -> GenerationOutput:
+             fast_path: bool = True, logits_processor=None) -> GenerationOutput:
     """Sample responses for a batch of right-padded prompts with a KV cache.
 
     Args:
@@ -358,6 +361,11 @@ def generate(module, prompts: torch.Tensor, prompt_lengths: torch.Tensor, params
         max_seq_len: cap on prompt + response length (default: the model's max positions).
         fast_path: generate inside :func:`fast_generation` (default); False runs megatron-core's
             own attention and linear layers (slower on CPU; same tokens up to float rounding).
+        logits_processor: optional ``(logits [B, V] float) -> [B, V]`` called on the last pipeline
+            stage once per decode step, right after that step's forward (inside its inference
+            mode) and before temperature / top-k / top-p / sampling; e.g. ILQL's shift by the
+            heads' advantages (``models/ilql.py``), whose forward hooks captured the same step's
+            hidden states. None: the model's logits.
 
     Returns:
         :class:`GenerationOutput` identical on every rank.
@@ -384,7 +392,7 @@ def generate(module, prompts: torch.Tensor, prompt_lengths: torch.Tensor, params
     try:
         with sequence_parallel_disabled(module.gpt), (
                 fast_generation(module.gpt) if fast_path else contextlib.nullcontext()):
-            lengths = _decode(module, tokens, prompt_lengths, params, eos_id, pad_id)
+            lengths = _decode(module, tokens, prompt_lengths, params, eos_id, pad_id, logits_processor)
     finally:
         module.model.train(was_training)
     # Rows that never ended use the whole budget; clear anything written past each row's end.
@@ -394,7 +402,7 @@ def generate(module, prompts: torch.Tensor, prompt_lengths: torch.Tensor, params
 
 
 def _decode(module, tokens: torch.Tensor, prompt_lengths: torch.Tensor, params: SamplingParams,
-            eos_id: int, pad_id: int) -> torch.Tensor:
+            eos_id: int, pad_id: int, logits_processor=None) -> torch.Tensor:
     """The KV-cache loop of :func:`generate`: prefill up to the shortest prompt, then one token
     per step. Writes the sampled tokens into ``tokens [B, L]`` in place; returns ``lengths [B]``."""
     from megatron.core import parallel_state
@@ -413,7 +421,8 @@ def _decode(module, tokens: torch.Tensor, prompt_lengths: torch.Tensor, params: 
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     start = 0
     for cur in range(int(prompt_lengths.min()), total):
-        logits = _last_token_logits(module, tokens[:, start:cur], positions[:, start:cur], ctx, vocab)
+        logits = _last_token_logits(module, tokens[:, start:cur], positions[:, start:cur], ctx, vocab,
+                                    logits_processor)
         if start == 0:
             ctx.enable_decode_mode()
         ctx.sequence_len_offset += cur - start

@@ -78,6 +78,7 @@ class MegatronGPTModule(pl.LightningModule):
                               share_embeddings_and_output_weights=False if scalar_head else None)
         if scalar_head:
             attach_scalar_head(gpt)
+        self.extend_model(gpt)  # a role's extra submodules (ILQL heads), before freezing / DDP / optimizer
         self.trainable = optim_cfg is not None
         self.completed_steps = 0  # training steps taken (set by the trainer that owns this model)
         self.optimizer = None
@@ -141,6 +142,11 @@ class MegatronGPTModule(pl.LightningModule):
         )
         if warmup:
             self.lr_scheduler.step(0)
+
+    def extend_model(self, gpt) -> None:
+        """Add a role's own submodules to the freshly built ``gpt`` (this rank's chunk) before the
+        bottom layers are frozen and megatron DDP and the optimizer are built, so they train,
+        reduce and checkpoint with the model (``models/ilql.py``: the ILQL heads). Default: nothing."""
 
     # ------------------------------------------------------------------ accessors
     @property

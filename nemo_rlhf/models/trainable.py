@@ -65,6 +65,8 @@ def classify_parameter(name: str, gpt) -> tuple[str, int | None]:
         return "final_norm", None
     if name.startswith("output_layer."):
         return ("embedding" if gpt.share_embeddings_and_output_weights else "head"), None
+    if name.startswith("ilql_heads."):  # models/ilql.py: Q / target Q / V heads beside the LM head
+        return "head", None
     raise ValueError(f"parameter {name!r} is not in the embedding, a transformer layer, the final norm or the "
                      f"output layer: model.num_layers_unfrozen / optim.layer_lr_decay / optim.lr_mult cannot "
                      f"place it")

@@ -16,6 +16,18 @@ from nemo_rlhf.rl.group import (
     reinforce_pp_advantages,
     rloo_advantages,
 )
+from nemo_rlhf.rl.ilql import (
+    awac_loss,
+    cql_loss,
+    expectile_loss,
+    ilql_decode_logits,
+    ilql_loss,
+    polyak_update_,
+    q_loss,
+    q_targets,
+    terminal_rewards,
+    value_loss,
+)
 from nemo_rlhf.rl.kl import (
     KL_ESTIMATORS,
     AdaptiveKLController,
@@ -79,4 +91,15 @@ __all__ = [
     "rloo_advantages",
     "robust_dpo_loss",
     "simpo_loss",
+    # ILQL (rl/ilql.py)
+    "awac_loss",
+    "cql_loss",
+    "expectile_loss",
+    "ilql_decode_logits",
+    "ilql_loss",
+    "polyak_update_",
+    "q_loss",
+    "q_targets",
+    "terminal_rewards",
+    "value_loss",
 ]

@@ -1,4 +1,6 @@
-"""nemo_rlhf/rl/ilql.py: the ILQL equations (Snell et al. 2022) on small hand-computed tensors."""
+"""nemo_rlhf/rl/ilql.py: the ILQL equations (Snell et al. 2022) on small hand-computed tensors. (Named
+test_ilql_maths.py, not test_ilql.py: pytest imports test files by basename, and tests/algorithms/test_ilql.py
+holds the trainer tests.)"""
 
 from __future__ import annotations
 

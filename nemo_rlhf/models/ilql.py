@@ -1,0 +1,224 @@
+"""The ILQL policy: a megatron GPT language model with ILQL heads on its trunk (Snell et al. 2022;
+trlX ``AutoModelForCausalLMWithILQLHeads`` / ``ILQLHeads``).
+
+Heads (:class:`ILQLHeads`, ``gpt.ilql_heads``, last pipeline stage), each a two-layer MLP
+``H -> 2H -> out`` with ReLU as trlX's ``make_head``, reading the trunk's final hidden states
+(after the final norm, the LM head's input):
+
+* ``q1``, ``q2`` (``q2`` only with ``two_qs``): Q over the (padded) vocabulary, ``[b, S, V]``,
+  trained by the ILQL losses;
+* ``target_q1``, ``target_q2``: frozen copies (``requires_grad=False``: no gradient buffer, no
+  optimizer state), moved towards the online heads by Polyak averaging
+  (:meth:`GPTILQLModel.sync_target_heads`, ``ilql.alpha``); their minimum is the value target and
+  the decoding advantage;
+* ``v``: the state value, ``[b, S]``.
+
+The heads are a submodule of the ``GPTModel`` built before DDP and the optimizer
+(:meth:`~nemo_rlhf.models.megatron_module.MegatronGPTModule.extend_model`), so they train with the
+trunk (the Q / V / CQL losses reach the trunk through the hidden states, as in trlX), are reduced
+over data parallel, and are saved in every weights / training checkpoint under ``ilql_heads.*``
+(an SFT checkpoint loads with ``skip_prefixes=("ilql_heads.",)``; an ILQL checkpoint loads into a
+plain :class:`~nemo_rlhf.models.policy.GPTPolicyModel`, which ignores the heads).
+
+Hidden states: a forward hook on ``gpt.decoder.final_layernorm`` captures ``[S, b, H]`` during
+the same forward that gives the logits (training, evaluation and every KV-cache decode step), so
+one trunk forward serves the LM head and the ILQL heads.
+
+Layouts: TP = PP = 1 with no sequence parallelism (data parallel works: the heads are ordinary
+DDP parameters). The heads are megatron TP linears (Q: vocabulary-split output like the LM head;
+V: column- then row-parallel), but the ILQL losses and the decoding shift are written for the
+whole vocabulary on one rank, so other layouts are refused at construction with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Mapping
+
+import torch
+
+from nemo_rlhf.generation.sampling import GenerationOutput, SamplingParams, generate
+from nemo_rlhf.models.builder import config_without_sequence_parallel
+from nemo_rlhf.models.policy import GPTPolicyModel
+from nemo_rlhf.rl.ilql import ilql_decode_logits, polyak_update_
+
+HEADS_PREFIX = "ilql_heads."  # parameter-name prefix of the heads in the GPTModel's state dict
+
+
+def _heads_class():
+    from megatron.core import tensor_parallel
+    from megatron.core.transformer.module import MegatronModule
+
+    class _MLPHead(MegatronModule):
+        """``[..., H] -> [..., out]``: ``fc2(relu(fc1(x)))``, fc1 ``H -> 2H`` (trlX's ``make_head``).
+
+        ``vocab=True``: fc1 gathers its output, fc2 is column-parallel without gather (output split
+        over the vocabulary like the LM head, ``[..., out/TP]``); ``vocab=False``: fc1
+        column-parallel, fc2 row-parallel (``[..., out]`` replicated)."""
+
+        def __init__(self, config, hidden: int, out: int, vocab: bool, std: float):
+            super().__init__(config=config)
+            init = lambda w: torch.nn.init.normal_(w, mean=0.0, std=std)  # noqa: E731
+            self.fc1 = tensor_parallel.ColumnParallelLinear(hidden, 2 * hidden, config=config, init_method=init,
+                                                            bias=True, gather_output=vocab, skip_bias_add=False)
+            if vocab:
+                self.fc2 = tensor_parallel.ColumnParallelLinear(2 * hidden, out, config=config, init_method=init,
+                                                                bias=True, gather_output=False, skip_bias_add=False)
+            else:
+                self.fc2 = tensor_parallel.RowParallelLinear(2 * hidden, out, config=config, init_method=init,
+                                                             bias=True, input_is_parallel=True, skip_bias_add=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h, _ = self.fc1(x)
+            out, _ = self.fc2(torch.relu(h))
+            return out
+
+    class ILQLHeads(MegatronModule):
+        """Two (or one) Q heads, their frozen target copies and a V head (module docstring).
+
+        Args:
+            config: the trunk's ``TransformerConfig`` (sequence parallelism is not used here).
+            vocab_size: the padded vocabulary (the LM head's output size).
+            two_qs: build ``q2`` / ``target_q2`` (trlX ``two_qs``).
+            init_std: std of the normal weight init (None: the trunk's ``init_method_std``).
+        """
+
+        def __init__(self, config, vocab_size: int, two_qs: bool = True, init_std: float | None = None):
+            super().__init__(config=config)
+            config = config_without_sequence_parallel(config)
+            std = config.init_method_std if init_std is None else float(init_std)
+            h = config.hidden_size
+            self.two_qs = bool(two_qs)
+            self.q1 = _MLPHead(config, h, vocab_size, True, std)
+            self.target_q1 = _MLPHead(config, h, vocab_size, True, std)
+            if self.two_qs:
+                self.q2 = _MLPHead(config, h, vocab_size, True, std)
+                self.target_q2 = _MLPHead(config, h, vocab_size, True, std)
+            self.v = _MLPHead(config, h, 1, False, std)
+            for online, target in self.pairs():
+                target.load_state_dict(online.state_dict())
+                target.requires_grad_(False)
+
+        def q_heads(self) -> list:
+            return [self.q1, self.q2] if self.two_qs else [self.q1]
+
+        def target_heads(self) -> list:
+            return [self.target_q1, self.target_q2] if self.two_qs else [self.target_q1]
+
+        def pairs(self) -> list[tuple[Any, Any]]:
+            """``[(online Q head, its target copy), ...]``."""
+            return list(zip(self.q_heads(), self.target_heads()))
+
+        def forward(self, hidden: torch.Tensor):
+            """``hidden [S, b, H]`` -> ``(qs, target_qs, v)``: tuples of ``[b, S, V]`` float32 Q
+            (online heads with gradient; target heads detached) and ``v [b, S]`` float32."""
+            qs = tuple(h(hidden).transpose(0, 1).float() for h in self.q_heads())
+            with torch.no_grad():
+                tqs = tuple(h(hidden).transpose(0, 1).float() for h in self.target_heads())
+            v = self.v(hidden).squeeze(-1).transpose(0, 1).float()
+            return qs, tqs, v
+
+    return ILQLHeads
+
+
+class GPTILQLModel(GPTPolicyModel):
+    """A :class:`~nemo_rlhf.models.policy.GPTPolicyModel` with ILQL heads (module docstring).
+
+    What a trainer may call, beyond the policy's: :meth:`train_with_heads` /
+    :meth:`evaluate_with_heads` (a loss of the logits *and* the heads' outputs),
+    :meth:`sync_target_heads` (Polyak), :meth:`generate_ilql` (decoding with the shifted logits).
+
+    Args:
+        model_cfg, optim_cfg, vocab_size, micro_batch_size, eos_id, pad_id: as the policy.
+        two_qs: two Q heads (and two targets) instead of one.
+        head_init_std: std of the heads' normal init (None: ``model.init_method_std``).
+
+    Raises:
+        ValueError: tensor or pipeline parallelism, or sequence parallelism (see the module docstring).
+    """
+
+    def __init__(self, model_cfg: Mapping[str, Any], optim_cfg: Mapping[str, Any] | None, vocab_size: int,
+                 micro_batch_size: int, eos_id: int, pad_id: int, two_qs: bool = True,
+                 head_init_std: float | None = None):
+        self._ilql_options = (bool(two_qs), head_init_std)  # read by extend_model inside super().__init__
+        self._hidden: list[torch.Tensor] = []
+        super().__init__(model_cfg, optim_cfg, vocab_size, micro_batch_size, eos_id, pad_id)
+
+    def extend_model(self, gpt) -> None:
+        from megatron.core import parallel_state
+
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        if tp != 1 or pp != 1 or gpt.config.sequence_parallel:
+            raise ValueError(
+                f"ILQL heads need model.tensor_model_parallel_size=1 and model.pipeline_model_parallel_size=1 "
+                f"without sequence parallelism (got TP={tp}, PP={pp}, sequence_parallel="
+                f"{gpt.config.sequence_parallel}): the ILQL losses and the decoding shift read the whole "
+                f"vocabulary on one rank. Use data parallelism to scale out.")
+        two_qs, std = self._ilql_options
+        gpt.ilql_heads = _heads_class()(gpt.config, gpt.vocab_size, two_qs=two_qs, init_std=std)
+
+    # ------------------------------------------------------------------ accessors
+    @property
+    def heads(self):
+        """The :class:`ILQLHeads` of this rank."""
+        return self.gpt.ilql_heads
+
+    @contextlib.contextmanager
+    def capturing_hidden(self):
+        """Inside the block, every forward appends the trunk's final hidden states ``[S, b, H]``
+        (the final norm's output) to ``self._hidden``; cleared on exit."""
+        handle = self.gpt.decoder.final_layernorm.register_forward_hook(
+            lambda module, args, out: self._hidden.append(out[0] if isinstance(out, tuple) else out))
+        try:
+            yield self._hidden
+        finally:
+            handle.remove()
+            self._hidden.clear()
+
+    # ------------------------------------------------------------------ training
+    def _with_heads(self, loss_fn):
+        def wrapped(mb, logits):
+            return loss_fn(mb, logits, self.heads(self._hidden.pop(0)))
+
+        return wrapped
+
+    def train_with_heads(self, loss_fn, batch, micro_batch_size: int | None = None) -> dict[str, float]:
+        """One optimizer step of ``loss_fn(mb, logits [b, S, V], (qs, target_qs, v))`` (the heads'
+        outputs of :class:`ILQLHeads` ``forward`` for the same micro-batch) on ``batch``; as
+        :meth:`~nemo_rlhf.models.megatron_module.MegatronGPTModule.train_on`."""
+        with self.capturing_hidden():
+            return self.train_on(self._with_heads(loss_fn), batch, micro_batch_size)
+
+    def evaluate_with_heads(self, loss_fn, batch, micro_batch_size: int | None = None) -> dict[str, float]:
+        """Forward-only :meth:`train_with_heads` (metrics averaged, no update)."""
+        with self.capturing_hidden():
+            return self.evaluate_on(self._with_heads(loss_fn), batch, micro_batch_size)
+
+    @torch.no_grad()
+    def sync_target_heads(self, alpha: float) -> None:
+        """``target <- alpha * online + (1 - alpha) * target`` for every Q head's parameters
+        (:func:`~nemo_rlhf.rl.ilql.polyak_update_`); ``alpha = 1`` copies."""
+        for online, target in self.heads.pairs():
+            polyak_update_(list(target.parameters()), list(online.parameters()), float(alpha))
+
+    # ------------------------------------------------------------------ decoding
+    def generate_ilql(self, prompts: torch.Tensor, prompt_lengths: torch.Tensor, params: SamplingParams,
+                      beta: float) -> GenerationOutput:
+        """Sample with ILQL's shifted logits ``log_softmax(logits) + beta * (min_i Qtarget_i - V)``
+        and ``params.top_k`` (:func:`~nemo_rlhf.rl.ilql.ilql_decode_logits`), then
+        ``params``' temperature / top-p / greedy, through the KV-cache loop of
+        :func:`~nemo_rlhf.generation.sampling.generate` (its ``logits_processor``); ``beta = 0``
+        samples the policy's own distribution. Arguments and result as :meth:`generate`."""
+        heads = self.heads
+
+        def shift(logits: torch.Tensor) -> torch.Tensor:
+            hidden = self._hidden[-1][-1:]  # [1, b, H]: this step's last position
+            self._hidden.clear()
+            tqs = [h(hidden)[0].float() for h in heads.target_heads()]
+            v = heads.v(hidden)[0].float()
+            return ilql_decode_logits(logits, tqs, v, float(beta), int(params.top_k))
+
+        with self.capturing_hidden():
+            return generate(self, prompts, prompt_lengths, params, eos_id=self.eos_id, pad_id=self.pad_id,
+                            logits_processor=shift)
