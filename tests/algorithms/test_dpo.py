@@ -109,7 +109,7 @@ def test_resume_equals_uninterrupted_bitwise(megatron_world, sft_run, tmp_path):
     from nemo_rlhf.models.policy import GPTPolicyModel
 
     full, part = tmp_path / "full", tmp_path / "part"
-    ck = {"every_n_steps": 2, "resume": True}
+    ck = {"every_n_steps": 0, "resume": True}  # a checkpoint at each run's end (step 2, then 4)
     res_full = run_dpo(dpo_node(sft_run, full, trainer={"max_steps": 4}, checkpoint=ck))
     run_dpo(dpo_node(sft_run, part, trainer={"max_steps": 2}, checkpoint=ck))
     res = run_dpo(dpo_node(sft_run, part, trainer={"max_steps": 4}, checkpoint=ck))
