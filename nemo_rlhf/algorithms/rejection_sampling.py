@@ -473,8 +473,9 @@ class RejectionSamplingTrainer(Trainer):
         if self.round_steps:
             gbs = int(cfg.batch.global_batch_size)
             data = KeptSamples(kept, min_size=gbs)
-            self.train_loader = step_loader(data, gbs, int(cfg.seed) + 1_000_003 * (k + 1), self.step - self.round_start,
-                                            self.round_steps, self.sft_collate)
+            seed = int(cfg.seed) + 1_000_003 * (k + 1)  # a round's batches: pure in (seed, round, step)
+            self.train_loader = step_loader(data, gbs, seed, self.step - self.round_start, self.round_steps,
+                                            self.sft_collate)
             preempted = self.fit()
             if preempted:
                 return preempted

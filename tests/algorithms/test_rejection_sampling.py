@@ -124,6 +124,55 @@ def test_a_raising_reward_function_fails_with_its_name(sft_run, tmp_path):
         trainer.generate_round(0)
 
 
+class GoalCountingRewardModel:
+    """An in-process stand-in for the reward-model server: score = how often the response writes the
+    goal node (token 0); its values must be ignored."""
+
+    in_process = True
+
+    def infer_async(self, tokens, lengths):
+        from concurrent.futures import Future
+
+        fut = Future()
+        scores = np.array([(row[1:n] == 0).sum() for row, n in zip(tokens, lengths)], dtype=np.float32)
+        fut.set_result((np.full(tokens.shape, 123.0, dtype=np.float32), scores))
+        return fut
+
+    def close(self):
+        pass
+
+
+def test_reward_model_server_scores_are_weighted_into_the_selection(sft_run, tmp_path):
+    from nemo_rlhf.algorithms.rejection_sampling import RejectionSamplingTrainer
+
+    task, tok, weights = sft_run
+    cfg = parse_config(RejectionSamplingStageConfig, rs_node(
+        task, weights, tmp_path, rs={"prompts_per_round": 4, "num_samples": 4},
+        reward={"functions": [{**REWARD, "weight": 2.0}], "reward_model": True, "reward_model_weight": 0.5}))
+    base = make_trainer(sft_run, tmp_path)
+    trainer = RejectionSamplingTrainer.from_models(cfg, base.policy, tok, base.train_ds, base.val_ds,
+                                                   critic_client=GoalCountingRewardModel())
+    rows = trainer.generate_round(0)
+    for r in rows:
+        assert set(r["terms"]) == {"RandomWalkReward", "reward_model"}
+        assert r["reward"] == pytest.approx(2.0 * r["terms"]["RandomWalkReward"] + 0.5 * r["terms"]["reward_model"])
+    total = np.array([r["reward"] for r in rows]).reshape(4, 4)
+    assert (np.array([r["kept"] for r in rows]).reshape(4, 4).argmax(axis=1) == total.argmax(axis=1)).all()
+
+
+def test_best_of_n_judge_scores_the_picked_responses(sft_run, tmp_path):
+    """With the VADER compound itself as the reward, the best of a block of n is VADER-positive iff
+    any of its n is, so the judge's positive fraction cannot fall as n grows."""
+    from nemo_rlhf.rewards.functions import build_reward
+
+    vader = build_reward([{"_target_": "nemo_rlhf.rewards.sentiment.vader_reward"}])
+    trainer = make_trainer(sft_run, tmp_path, reward_fn=vader, rs={"best_of_n": {"ns": [1, 2, 8], "judge": "vader"}})
+    curve = trainer.best_of_n()
+    assert curve["ns"] == [1, 2, 8] and curve["prompts"] == 5 and curve["samples_per_prompt"] == 8
+    assert curve["reward"] == sorted(curve["reward"]) and curve["vader_positive"] == sorted(curve["vader_positive"])
+    assert all(0.0 <= v <= 1.0 for v in curve["vader_positive"])
+
+
 def test_two_rounds_raise_heldout_optimality_above_sft(sft_run, tmp_path):
     from nemo_rlhf.algorithms.rejection_sampling import run_rejection_sampling
 
@@ -197,7 +246,8 @@ def test_config_errors(sft_run, tmp_path):
     with pytest.raises(ConfigError, match=r"rs.selection must be one of"):
         parse_config(RejectionSamplingStageConfig, rs_node(task, weights, tmp_path, rs={"selection": "top"}))
     with pytest.raises(ConfigError, match=r"rs.best_of_n.ns\[1\]=3 must be >= 1 and divide"):
-        parse_config(RejectionSamplingStageConfig, rs_node(task, weights, tmp_path, rs={"best_of_n": {"ns": [1, 3, 16]}}))
+        parse_config(RejectionSamplingStageConfig,
+                     rs_node(task, weights, tmp_path, rs={"best_of_n": {"ns": [1, 3, 16]}}))
     with pytest.raises(ConfigError, match=r"unknown key 'num_sample' in section 'rs'.*'num_samples'"):
         parse_config(RejectionSamplingStageConfig, rs_node(task, weights, tmp_path, rs={"num_sample": 4}))
     with pytest.raises(ConfigError, match=r"rs.generation_batch_size=12 must be a multiple of rs.num_samples=8"):
