@@ -1672,7 +1672,7 @@ __all__ += ["GRPOConfig", "GRPOSamplingConfig", "GRPOValSamplingConfig", "Overlo
 
 # ----------------------------------------------------------------------------- rejection sampling (issue 14 §2)
 RS_SELECTIONS = ("best", "threshold")  # rs.selection
-RS_JUDGES = ("vader",)  # rs.best_of_n.judge
+RS_JUDGES = ("vader",)  # rs.judge
 
 
 @dataclass
@@ -1695,14 +1695,13 @@ class RSValSamplingConfig(ValSamplingConfig):
 class BestOfNConfig(_Section):
     """``rs.best_of_n:`` — best-of-n evaluation on the held-out prompts: ``max(ns)`` responses per
     prompt (``rs.sampling``, seeded ``rs.seed + 2``), and for each ``n`` in ``ns`` the mean reward of
-    the best of each block of ``n`` (:func:`nemo_rlhf.rl.rejection.best_of_n_curve`); with ``judge:
+    the best of each block of ``n`` (:func:`nemo_rlhf.rl.rejection.best_of_n_curve`); with ``rs.judge:
     vader`` also the VADER positive fraction of those best responses (prompt + response). Run on
     the starting policy (``at_start``) and after the last round; ``<run_dir>/best_of_n.json``.
     ``max_prompts``: at most this many held-out prompts (None: all). ``enabled: false``: none.
 
     Raises:
-        ConfigError: ``ns`` empty, an ``n`` < 1 or not dividing ``max(ns)``, unknown ``judge``,
-            ``max_prompts`` < 1.
+        ConfigError: ``ns`` empty, an ``n`` < 1 or not dividing ``max(ns)``, ``max_prompts`` < 1.
     """
 
     SECTION: ClassVar[str] = "rs.best_of_n"
@@ -1710,11 +1709,9 @@ class BestOfNConfig(_Section):
     enabled: bool = True
     ns: List[int] = field(default_factory=lambda: [1, 4, 16])
     at_start: bool = True
-    judge: Optional[str] = None  # vader (needs the vaderSentiment package)
     max_prompts: Optional[int] = None
 
     def _validate(self) -> None:
-        self._choice("judge", RS_JUDGES)
         self._greater("max_prompts", 1, or_equal=True)
         if not self.ns:
             raise ConfigError("rs.best_of_n.ns must list at least one n (e.g. [1, 4, 16])")
@@ -1739,10 +1736,12 @@ class RejectionSamplingConfig(_Section):
     ``trainer.max_steps`` steps per round). ``generation_batch_size``: responses per generate call
     on one data-parallel rank. After each round the held-out prompts are evaluated with
     ``val_samples_per_prompt`` responses each (``val_sampling``, seeded ``seed + 1``: the same draws
-    every round). ``seed`` fixes the prompts and samples of every round.
+    every round). ``judge: vader``: an independent judge of the held-out samples and of the
+    best-of-n picks (VADER positive fraction of prompt + response, :mod:`nemo_rlhf.rewards.sentiment`;
+    needs the vaderSentiment package). ``seed`` fixes the prompts and samples of every round.
 
     Raises:
-        ConfigError: a count < 1; unknown ``selection``; ``threshold`` missing with ``selection:
+        ConfigError: a count < 1; unknown ``selection`` / ``judge``; ``threshold`` missing with ``selection:
             threshold`` or set with ``selection: best``; a non-finite ``threshold``;
             ``generation_batch_size`` not a multiple of ``num_samples``.
     """
@@ -1760,10 +1759,12 @@ class RejectionSamplingConfig(_Section):
     sampling: RSSamplingConfig = field(default_factory=RSSamplingConfig)
     val_sampling: RSValSamplingConfig = field(default_factory=RSValSamplingConfig)
     best_of_n: BestOfNConfig = field(default_factory=BestOfNConfig)
+    judge: Optional[str] = None  # vader: VADER positive fraction of held-out samples and best-of-n picks
     seed: int = 1234
 
     def _validate(self) -> None:
         self._choice("selection", RS_SELECTIONS)
+        self._choice("judge", RS_JUDGES)
         for name in ("num_rounds", "num_samples", "prompts_per_round", "sft_epochs", "generation_batch_size",
                      "val_samples_per_prompt"):
             self._greater(name, 1, or_equal=True)

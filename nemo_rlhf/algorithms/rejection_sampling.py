@@ -170,8 +170,8 @@ class RejectionSamplingTrainer(Trainer):
                     train_prompts: PromptDataset, heldout_prompts: PromptDataset, reward_fn: RewardSum | None = None,
                     critic_client=None) -> "RejectionSamplingTrainer":
         """A trainer around a policy built elsewhere (tests, benchmarks): :meth:`generate_round`,
-        :meth:`train_round`-free pieces, :meth:`evaluate` and :meth:`best_of_n` work without
-        :meth:`setup`. ``reward_fn`` None: built from ``reward.functions``."""
+        :meth:`train_step`, :meth:`evaluate` and :meth:`best_of_n` work without :meth:`setup`
+        (:meth:`run` calls :meth:`setup` itself). ``reward_fn`` None: built from ``reward.functions``."""
         trainer = cls(cfg, critic_client)
         trainer.policy = trainer.model = policy
         trainer.tokenizer = tokenizer
@@ -355,7 +355,9 @@ class RejectionSamplingTrainer(Trainer):
     def evaluate(self, limit: int | None = None) -> dict[str, float]:
         """Held-out mean reward: ``rs.val_samples_per_prompt`` responses per held-out prompt sampled
         with ``rs.val_sampling`` (seeded ``rs.seed + 1``: the same draws at every evaluation), scored
-        as in training; also each reward term and the response length (tokens), averaged over DP."""
+        as in training; also each reward term, the response length (tokens) and, with ``rs.judge:
+        vader``, ``vader_compound`` and ``vader_positive`` (the fraction of prompt + response with
+        compound > 0.05), averaged over DP."""
         k = int(self.cfg.rs.val_samples_per_prompt)
         sums: dict[str, float] = {}
         count = 0
@@ -365,6 +367,12 @@ class RejectionSamplingTrainer(Trainer):
             total, terms = self.score(gen.tokens, gen.lengths, gen.prompt_lengths)
             rows = {"reward": total, **{f"reward_{t}": v for t, v in terms.items()},
                     "response_length": (gen.lengths - gen.prompt_lengths).double().numpy()}
+            if self.cfg.rs.judge == "vader":
+                from nemo_rlhf.rewards.sentiment import POSITIVE_THRESHOLD, vader_compound
+
+                ps, rs = decode_rollouts(self.tokenizer, gen.tokens, gen.prompt_lengths, gen.lengths)
+                rows["vader_compound"] = vader_compound([p + r for p, r in zip(ps, rs)])
+                rows["vader_positive"] = (rows["vader_compound"] > POSITIVE_THRESHOLD).astype(np.float64)
             for name, v in rows.items():
                 sums[name] = sums.get(name, 0.0) + float(np.sum(v))
             count += int(total.shape[0])
@@ -374,7 +382,7 @@ class RejectionSamplingTrainer(Trainer):
     def best_of_n(self) -> dict[str, Any]:
         """Best-of-n on the held-out prompts (``rs.best_of_n``): ``N = max(ns)`` responses per prompt
         (``rs.sampling``, seeded ``rs.seed + 2``), scored; for each ``n`` the mean reward of the best
-        of each block of ``n`` (:func:`~nemo_rlhf.rl.rejection.best_of_n_curve`) and, with ``judge:
+        of each block of ``n`` (:func:`~nemo_rlhf.rl.rejection.best_of_n_curve`) and, with ``rs.judge:
         vader``, the VADER positive fraction of ``prompt + response`` of those best responses
         (:mod:`nemo_rlhf.rewards.sentiment`). Averaged over DP (equal shards).
 
@@ -393,13 +401,13 @@ class RejectionSamplingTrainer(Trainer):
             gen = generate_repeated(self.policy, b["prompts"], b["prompt_lengths"], params, big)
             total, _ = self.score(gen.tokens, gen.lengths, gen.prompt_lengths)
             scores.append(torch.as_tensor(total).view(len(idx), big))
-            if c.judge:
+            if self.cfg.rs.judge:
                 ps, rs = decode_rollouts(self.tokenizer, gen.tokens, gen.prompt_lengths, gen.lengths)
                 texts.extend(p + r for p, r in zip(ps, rs))
         s = torch.cat(scores) if scores else torch.zeros(0, big, dtype=torch.float64)
         curve = best_of_n_curve(s, ns) if s.numel() else {n: 0.0 for n in ns}
         metrics = {f"reward_{n}": v for n, v in curve.items()}
-        if c.judge == "vader":
+        if self.cfg.rs.judge == "vader":
             from nemo_rlhf.rewards.sentiment import positive_fraction, vader_compound
 
             compound = vader_compound(texts).reshape(-1, big) if texts else np.zeros((0, big))
@@ -409,7 +417,7 @@ class RejectionSamplingTrainer(Trainer):
         metrics = dp_mean(metrics)
         out: dict[str, Any] = {"ns": ns, "reward": [metrics[f"reward_{n}"] for n in ns],
                                "prompts": int(s.shape[0]) * _dp()[1], "samples_per_prompt": big}
-        if c.judge == "vader":
+        if self.cfg.rs.judge == "vader":
             out["vader_positive"] = [metrics[f"vader_positive_{n}"] for n in ns]
         return out
 

@@ -166,11 +166,13 @@ def test_best_of_n_judge_scores_the_picked_responses(sft_run, tmp_path):
     from nemo_rlhf.rewards.functions import build_reward
 
     vader = build_reward([{"_target_": "nemo_rlhf.rewards.sentiment.vader_reward"}])
-    trainer = make_trainer(sft_run, tmp_path, reward_fn=vader, rs={"best_of_n": {"ns": [1, 2, 8], "judge": "vader"}})
+    trainer = make_trainer(sft_run, tmp_path, reward_fn=vader, rs={"best_of_n": {"ns": [1, 2, 8]}, "judge": "vader"})
     curve = trainer.best_of_n()
     assert curve["ns"] == [1, 2, 8] and curve["prompts"] == 5 and curve["samples_per_prompt"] == 8
     assert curve["reward"] == sorted(curve["reward"]) and curve["vader_positive"] == sorted(curve["vader_positive"])
     assert all(0.0 <= v <= 1.0 for v in curve["vader_positive"])
+    ev = trainer.evaluate()  # the held-out evaluation's judge: the reward here is the compound itself
+    assert ev["vader_compound"] == pytest.approx(ev["reward"]) and 0.0 <= ev["vader_positive"] <= 1.0
 
 
 def test_two_rounds_raise_heldout_optimality_above_sft(sft_run, tmp_path):
