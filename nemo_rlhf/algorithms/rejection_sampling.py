@@ -163,6 +163,7 @@ class RejectionSamplingTrainer(Trainer):
         self.heldout_before: dict[str, float] | None = None
         self.best_of_n_start: dict[str, Any] | None = None
         self.generated_rounds: list[int] = []
+        self.resumed = False  # this process continued a checkpoint (round_<k>/samples.jsonl may be reused)
 
     # -------------------------------------------------------------- set-up
     @classmethod
@@ -260,7 +261,8 @@ class RejectionSamplingTrainer(Trainer):
         Returns:
             this rank's rows, ``rs.num_samples`` per prompt in order: ``round``, ``prompt_index``,
             ``sample``, ``prompt``, ``response`` (texts; the response without its eos), ``reward``,
-            ``terms`` ({name: value}), ``kept``, ``prompt_ids``, ``response_ids`` (token ids).
+            ``terms`` ({name: value}), ``kept``, ``prompt_ids``, ``response_ids`` (token ids);
+            :meth:`round_samples` adds ``policy_step``.
 
         Raises:
             RewardFunctionError: a reward function failed (its name, the batch index and value).
@@ -293,15 +295,24 @@ class RejectionSamplingTrainer(Trainer):
         return self.run_dir / f"round_{round_}" / "samples.jsonl"
 
     def round_samples(self, round_: int) -> list[dict[str, Any]]:
-        """Round ``round_``'s samples of every DP rank: read from ``round_<k>/samples.jsonl`` when it
-        exists (a resumed round), else :meth:`generate_round`, gathered over DP and written there
-        (rank 0, atomically) before anything trains on them."""
+        """Round ``round_``'s samples of every DP rank: read from ``round_<k>/samples.jsonl`` when
+        this run resumed from a checkpoint and the file was sampled by the policy of the round's start
+        (its rows' ``policy_step`` = the SFT step the round starts at), else :meth:`generate_round`,
+        gathered over DP and written there (rank 0, atomically) before anything trains on them. A
+        file left by another run in the same ``run_dir`` (a fresh start, ``checkpoint.resume:
+        false``, or another step) is sampled again and replaced."""
         path = self.samples_path(round_)
-        if path.exists():
+        start = self.step if self.round_start is None else int(self.round_start)
+        if self.resumed and path.exists():
             rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-            LOG.info("rs round %d: %d samples read from %s (not generated again)", round_, len(rows), path)
-            return rows
+            if rows and all(r.get("policy_step") == start and r.get("round") == round_ for r in rows):
+                LOG.info("rs round %d: %d samples read from %s (not generated again)", round_, len(rows), path)
+                return rows
+            LOG.warning("rs round %d: %s was not sampled at step %d of this run: sampling again", round_, path,
+                        start)
         rows = _gather_rows(self.generate_round(round_))
+        for r in rows:
+            r["policy_step"] = start
         self.generated_rounds.append(round_)
         if is_rank_zero():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -438,7 +449,8 @@ class RejectionSamplingTrainer(Trainer):
         cfg = self.cfg
         self.setup()
         try:
-            if self.resume() is None:
+            self.resumed = self.resume() is not None
+            if not self.resumed:
                 load_weights(self.policy, cfg.init_from)
             if self.heldout_before is None:
                 self.heldout_before = self.run_evaluation()

@@ -111,6 +111,22 @@ def test_threshold_selection_keeps_every_sample_at_or_above(sft_run, tmp_path):
     assert trainer.sft_steps(0) == 0 and trainer.sft_steps(5) == 1 and trainer.sft_steps(40) == 2
 
 
+def test_samples_of_another_run_are_not_reused(sft_run, tmp_path):
+    """round_<k>/samples.jsonl is read back only by a resumed run and only if it was sampled at the
+    round's starting step; a stale file in the run directory is sampled again and replaced."""
+    trainer = make_trainer(sft_run, tmp_path, rs={"prompts_per_round": 4, "num_samples": 2})
+    stale = tmp_path / "round_0" / "samples.jsonl"
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"round": 0, "policy_step": 0, "kept": True, "reward": 9.0}) + "\n")
+    rows = trainer.round_samples(0)  # a fresh run: generates
+    assert trainer.generated_rounds == [0] and len(rows) == 8 and all(r["policy_step"] == 0 for r in rows)
+    assert [json.loads(line) for line in stale.read_text().splitlines()] == rows
+    trainer.resumed = True
+    assert trainer.round_samples(0) == rows and trainer.generated_rounds == [0]  # read back
+    trainer.step = 3  # a checkpoint of another step: sampled again
+    assert trainer.round_samples(0)[0]["policy_step"] == 3 and trainer.generated_rounds == [0, 0]
+
+
 def raising_reward(prompts, responses):
     raise RuntimeError("judge offline")
 
