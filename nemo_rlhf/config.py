@@ -915,9 +915,13 @@ class PPOActorStageConfig(_TrainingStage):
     init_from: str = MISSING  # SFT weights: initial policy and the frozen reference policy
     ppo: PPOConfig = field(default_factory=PPOConfig)
     critic: CriticClientConfig = field(default_factory=CriticClientConfig)
+    reward: "PPORewardConfig" = field(default_factory=lambda: PPORewardConfig())
 
     def _validate(self) -> None:
         super()._validate()
+        if not self.reward.functions and not self.reward.reward_model:
+            raise ConfigError("reward: PPO needs a reward: reward.reward_model=true (the critic server's reward "
+                              "model) and/or reward.functions")
         lora = self.model.lora
         if self.ppo.reference == "lora_disabled" and (not lora.enabled or lora.train_head):
             raise ConfigError(f"ppo.reference=lora_disabled is the actor with its LoRA adapters off, the initial "
@@ -942,13 +946,19 @@ class PPOActorStageConfig(_TrainingStage):
 @dataclass
 class CriticServerStageConfig(_Stage):
     """``conf/gpt_ppo_critic.yaml``: the critic + frozen reward model server. ``reward_model_path``
-    (required) scores rollouts; the critic starts from ``critic_init_path`` (None: the reward
-    model). ``value_clip``: PPO value clipping (None: off). ``data:`` is not read by the server; it
-    is accepted because the demo merges its ``common`` section into every stage."""
+    (required, or null for a critic-only server whose actor rewards with ``reward.functions``:
+    scores are then 0) scores rollouts; the critic starts from ``critic_init_path`` (None: the
+    reward model; required without one). ``value_clip``: PPO value clipping (None: off). ``data:``
+    is not read by the server; it is accepted because the demo merges its ``common`` section into
+    every stage.
+
+    Raises:
+        ConfigError: neither ``reward_model_path`` nor ``critic_init_path``; ``value_clip`` <= 0.
+    """
 
     run_dir: str = "runs/critic"
     seed: int = 1234
-    reward_model_path: str = MISSING
+    reward_model_path: Optional[str] = MISSING
     critic_init_path: Optional[str] = None
     value_clip: Optional[float] = 0.2
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -963,6 +973,9 @@ class CriticServerStageConfig(_Stage):
     def _validate(self) -> None:
         super()._validate()
         self._greater("value_clip", 0.0)
+        if self.reward_model_path is None and not self.critic_init_path:
+            raise ConfigError("reward_model_path=null (a critic-only server) needs critic_init_path: the weights "
+                              "the critic starts from (e.g. the SFT policy's)")
 
 
 
@@ -1623,6 +1636,15 @@ class RewardConfig(_Section):
                 raise ConfigError(f"reward.functions[{i}] needs a '_target_' import path, got {spec!r}")
 
 
+@dataclass
+class PPORewardConfig(RewardConfig):
+    """``reward:`` of the PPO actor — as :class:`RewardConfig`, but the critic server's reward model
+    is on by default (``reward_model: true``); with ``reward_model: false`` the server's scores are
+    ignored and only ``functions`` reward (the server still serves the critic's values)."""
+
+    reward_model: bool = True
+
+
 def check_grpo_sizes(cfg: Any, dp: int = 1) -> None:
     """Sizes of a :class:`GRPOStageConfig` against the data-parallel size ``dp``.
 
@@ -1666,7 +1688,7 @@ class GRPOStageConfig(_TrainingStage):
 
 
 STAGE_CONFIGS["gpt_grpo"] = GRPOStageConfig
-__all__ += ["GRPOConfig", "GRPOSamplingConfig", "GRPOValSamplingConfig", "OverlongPenaltyConfig", "RewardConfig",
+__all__ += ["PPORewardConfig", "GRPOConfig", "GRPOSamplingConfig", "GRPOValSamplingConfig", "OverlongPenaltyConfig", "RewardConfig",
             "GRPOStageConfig", "check_grpo_sizes", "CRITIC_FREE_ALGORITHMS"]
 
 

@@ -548,3 +548,15 @@ def test_demo_reward_model_may_be_truncated_after_sft():
     """examples/hh_helpful: SFT for the policy, the reward model from the base model's first layers."""
     demo = parse_config(DemoConfig, {"stages": ["sft", "rm", "ppo"], "base_model": "smollm2", "rm_num_layers": 12})
     assert demo.rm_num_layers == 12 and demo.stages == ["sft", "rm", "ppo"]
+
+
+def test_critic_only_server_needs_its_initial_weights():
+    """``reward_model_path: null`` (PPO rewarded by reward functions only) is a critic-only server;
+    it must say where the critic starts from."""
+    from nemo_rlhf.config import ConfigError, CriticServerStageConfig, parse_config
+
+    node = {"reward_model_path": None, "tokenizer": {"path": "t.json"}}
+    with pytest.raises(ConfigError, match="needs critic_init_path"):
+        parse_config(CriticServerStageConfig, node)
+    cfg = parse_config(CriticServerStageConfig, {**node, "critic_init_path": "sft/weights"})
+    assert cfg.reward_model_path is None and cfg.critic_init_path == "sft/weights"

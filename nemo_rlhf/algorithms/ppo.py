@@ -48,6 +48,7 @@ from nemo_rlhf.parallel.state import any_rank, is_rank_zero, setup_parallel
 from nemo_rlhf.rl.advantages import ppo_advantages, response_mask
 from nemo_rlhf.rl.kl import build_kl_controller, kl_penalty
 from nemo_rlhf.rl.losses import ppo_policy_loss
+from nemo_rlhf.rewards.functions import RewardSum, build_reward
 from nemo_rlhf.rewards.sentiment import judge_agreement, positive_fraction, vader_compound
 from nemo_rlhf.rl.masked import masked_mean
 from nemo_rlhf.servers.critic_handle import CriticHandle
@@ -174,6 +175,7 @@ class PPOTrainer(Trainer):
         self.kl_ctl = build_kl_controller(to_plain(p.kl_controller))
         self.heldout_before: dict[str, float] | None = None
         self.tokenizer = None  # set by setup(); from_models(..., tokenizer=) for judged evaluations
+        self.reward_fn: RewardSum | None = None  # reward.functions (built by setup / from_models)
 
     @classmethod
     def from_models(cls, cfg: PPOActorStageConfig, policy: GPTPolicyModel,
@@ -181,14 +183,20 @@ class PPOTrainer(Trainer):
         """A trainer around models built elsewhere (tests, benchmarks, the layout-parity tool):
         :meth:`train_step`, :meth:`rollout` and :meth:`evaluate` work without :meth:`setup`
         (``val_loader`` must be set for :meth:`evaluate`). ``reference``: a frozen full copy, or a
-        :class:`~nemo_rlhf.models.hydra.HydraReference` branching off ``policy``'s trunk."""
+        :class:`~nemo_rlhf.models.hydra.HydraReference` branching off ``policy``'s trunk.
+
+        Raises:
+            ValueError: ``ppo.val_judge`` or ``reward.functions`` without ``tokenizer``.
+        """
         trainer = cls(cfg, critic_client)
         trainer.policy = trainer.model = policy
         trainer.reference = reference
         trainer.critic = CriticHandle(critic_client)
         trainer.tokenizer = tokenizer
-        if tokenizer is None and cfg.ppo.val_judge:
-            raise ValueError("PPOTrainer.from_models: ppo.val_judge needs the tokenizer (tokenizer=...)")
+        if tokenizer is None and (cfg.ppo.val_judge or cfg.reward.functions):
+            raise ValueError("PPOTrainer.from_models: ppo.val_judge / reward.functions need the tokenizer "
+                             "(tokenizer=...)")
+        trainer.reward_fn = build_reward(cfg.reward.functions) if cfg.reward.functions else None
         return trainer
 
     # -------------------------------------------------------------- set-up
@@ -202,6 +210,7 @@ class PPOTrainer(Trainer):
         self.train_ds, self.val_ds, self.collate = prompt_datasets(cfg.data, tok, "PPO")
         check_heldout_size(len(self.val_ds), gbs, self.dp, data=cfg.data, unit="prompts")
         self.critic = CriticHandle(connect_critic(self.critic_client, cfg.critic))
+        self.reward_fn = build_reward(cfg.reward.functions) if cfg.reward.functions else None
         model_cfg = to_plain(cfg.model)
         if cfg.ppo.reference == "lora_disabled":  # the actor itself with its LoRA adapters off: no copy
             self.policy = self.model = GPTPolicyModel(model_cfg, to_plain(cfg.optim), tok.vocab_size, mbs,
@@ -266,8 +275,26 @@ class PPOTrainer(Trainer):
         future = self.critic.infer_async(tokens, lengths)  # overlaps the two forwards below
         logprobs, ref_logprobs = self._rollout_logprobs(tokens)
         values, scores = self.critic.infer_result(future, tuple(tokens.shape), self.policy.model_device)
+        scores = self.reward(tokens, lengths, gen.prompt_lengths, scores)
         mask = response_mask(gen.prompt_lengths, lengths, tokens.shape[1])
         return Rollout(tokens, lengths, gen.prompt_lengths, scores, values, logprobs, ref_logprobs, mask)
+
+    def reward(self, tokens: torch.Tensor, lengths: torch.Tensor, prompt_lengths: torch.Tensor,
+               rm_scores: torch.Tensor) -> torch.Tensor:
+        """The sequence reward ``[B]`` float32 of each rollout: ``reward.reward_model_weight *
+        rm_scores`` (the server's reward model; left out with ``reward.reward_model: false``) +
+        ``sum_k w_k f_k(prompt, response)`` over ``reward.functions`` (on the decoded texts).
+
+        Raises:
+            RewardFunctionError: a reward function raised or returned a bad shape / non-finite value.
+        """
+        r = self.cfg.reward
+        total = rm_scores * float(r.reward_model_weight) if r.reward_model else torch.zeros_like(rm_scores)
+        if self.reward_fn is not None:
+            prompts, responses = decode_rollouts(self.tokenizer, tokens, prompt_lengths, lengths)
+            fn_total, _ = self.reward_fn.weighted(prompts, responses)
+            total = total + torch.as_tensor(fn_total, dtype=total.dtype, device=total.device)
+        return total
 
     def compute_advantages(self, ro: Rollout) -> Rollout:
         """KL-penalised per-token rewards, GAE advantages and returns (whitened over DP)."""

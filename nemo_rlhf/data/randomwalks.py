@@ -215,16 +215,25 @@ def build_tokenizer(graph: RandomWalkGraph):
 
 
 def write_task(out_dir: str | os.PathLike, graph: RandomWalkGraph | None = None, n_sft_walks: int = 2000,
-               n_offline_walks: int = 1000, n_heldout_starts: int = 5, seed: int = 0) -> dict[str, Any]:
+               n_offline_walks: int = 1000, n_heldout_starts: int = 5, seed: int = 0,
+               sft_from_heldout: bool = True) -> dict[str, Any]:
     """Write a randomwalks task directory (deterministic in ``graph.seed`` and ``seed``).
+
+    Held-out start nodes are never a prompt of the online RL stage (``prompts.jsonl``); they are
+    what the policy's improvement is measured on. The SFT walks (the *behaviour* data: sampled, not
+    optimal) start from every start node as trlX's do (``sft_from_heldout``): otherwise a held-out
+    node is never the first token the policy sees, and the RL stage is asked to generalise to an
+    input position the network never read (measured: held-out optimality peaks at ~0.6 and decays
+    while the training starts reach ~0.98). ``sft_from_heldout=False`` writes that harder split.
 
     Files:
         ``graph.json``        :meth:`RandomWalkGraph.to_json` plus the held-out start nodes.
         ``tokenizer.json``    :func:`build_tokenizer` (``tokenizer.type: tokenizer_json``).
-        ``sft.jsonl``         ``{"prompt": start, "response": " rest of walk"}`` sampled walks from the
-                              training start nodes (SFT data: sampled, not optimal, as trlX).
-        ``prompts.jsonl``     ``{"prompt": start}``: each training start node once.
-        ``heldout.jsonl``     ``{"prompt": start}``: the held-out start nodes (never in sft.jsonl).
+        ``sft.jsonl``         ``{"prompt": start, "response": " rest of walk"}`` sampled walks from
+                              every start node (only the training ones if ``sft_from_heldout`` is
+                              false) — SFT data: sampled, not optimal, as trlX.
+        ``prompts.jsonl``     ``{"prompt": start}``: each training start node once (online RL prompts).
+        ``heldout.jsonl``     ``{"prompt": start}``: the held-out start nodes (never an RL prompt).
         ``offline.jsonl``     ``{"prompt", "response", "reward"}``: ``n_offline_walks`` sampled walks
                               from every start node with their optimality (issue 14's offline data).
 
@@ -252,7 +261,7 @@ def write_task(out_dir: str | os.PathLike, graph: RandomWalkGraph | None = None,
                         "reward": graph.optimality(walk)})
         return res
 
-    sft, offline = rows(n_sft_walks, train), rows(n_offline_walks, starts)
+    sft, offline = rows(n_sft_walks, starts if sft_from_heldout else train), rows(n_offline_walks, starts)
 
     def dump(name: str, items: list[dict[str, Any]]) -> None:
         tmp = out / (name + ".tmp")
@@ -264,7 +273,7 @@ def write_task(out_dir: str | os.PathLike, graph: RandomWalkGraph | None = None,
     dump("heldout.jsonl", [{"prompt": node_name(s)} for s in heldout])
     dump("offline.jsonl", offline)
     meta = {**graph.to_json(), "heldout_starts": [node_name(s) for s in heldout],
-            "train_starts": [node_name(s) for s in train]}
+            "train_starts": [node_name(s) for s in train], "sft_from_heldout": sft_from_heldout}
     (out / "graph.json").write_text(json.dumps(meta, indent=2))
     build_tokenizer(graph).save(str(out / "tokenizer.json"))
     return {"dir": str(out), "sft_walks": len(sft), "offline_walks": len(offline),

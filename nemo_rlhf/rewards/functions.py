@@ -112,9 +112,21 @@ class RewardSum:
         """``{name: scores [B]}`` per function, unweighted (for logging)."""
         return {f.name: f(prompts, responses, **metadata) for f in self.functions}
 
-    def __call__(self, prompts: Sequence[str], responses: Sequence[str], **metadata: Any) -> np.ndarray:
+    def weighted(self, prompts: Sequence[str], responses: Sequence[str],
+                 **metadata: Any) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """``(sum_k w_k * r_k [B] float64, {name: r_k [B]} unweighted)``.
+
+        Raises:
+            RewardFunctionError: as :class:`RewardFunction` (names the function, index, value).
+        """
         terms = self.terms(prompts, responses, **metadata)
-        return sum(f.weight * terms[f.name] for f in self.functions)
+        total = np.zeros(len(prompts), dtype=np.float64)
+        for f in self.functions:
+            total += f.weight * terms[f.name]
+        return total, terms
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str], **metadata: Any) -> np.ndarray:
+        return self.weighted(prompts, responses, **metadata)[0]
 
 
 def build_reward_function(spec: Mapping[str, Any]) -> RewardFunction:

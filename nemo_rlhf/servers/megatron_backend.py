@@ -35,7 +35,9 @@ class MegatronCriticBackend:
 
     Args:
         critic: the value model (trained by ``train``).
-        reward_model: the frozen reward model (scores at the last token).
+        reward_model: the frozen reward model (scores at the last token); None when the actor's
+            rewards come from reward functions only (``reward.reward_model: false``): ``infer``
+            then returns zero scores.
         max_seq_len: longest accepted sequence (the models' ``max_position_embeddings``).
             ``vocab_size`` (the critic's unpadded vocabulary) bounds the accepted token ids.
         save_fn: ``(path) -> None`` that writes the critic checkpoint instead of the default
@@ -61,7 +63,8 @@ class MegatronCriticBackend:
         t = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).to(dev)
         lens = torch.from_numpy(np.ascontiguousarray(lengths, dtype=np.int64)).reshape(-1).to(dev)
         values = self.critic.values(t)
-        rewards = self.reward_model.score(t, lens)
+        rewards = (self.reward_model.score(t, lens) if self.reward_model is not None
+                   else torch.zeros(t.shape[0], dtype=torch.float32))
         return values.cpu().numpy().astype(np.float32), rewards.cpu().numpy().astype(np.float32)
 
     def train(self, tokens: np.ndarray, returns: np.ndarray, prev_values: np.ndarray,

@@ -23,12 +23,16 @@ LOG = logging.getLogger("nemo_rlhf")
 
 
 def build_critic_backend(cfg: DictConfig):
-    """The critic server's model pair: frozen reward model + critic initialised from it."""
+    """The critic server's model pair: frozen reward model (``reward_model_path``; None: no reward
+    model, the actor rewards with reward functions and the server returns zero scores) + critic
+    initialised from ``critic_init_path`` or else the reward model."""
     setup_parallel(to_plain(cfg.model), (int(cfg.batch.global_batch_size), int(cfg.batch.micro_batch_size)),
                    cfg.trainer.accelerator, int(cfg.seed))
     tok = tokenizer_from_config(to_plain(cfg.tokenizer))
-    rm = GPTRewardModel(to_plain(cfg.model), None, tok.vocab_size, int(cfg.batch.micro_batch_size))
-    load_weights(rm, cfg.reward_model_path)
+    rm = None
+    if cfg.reward_model_path:
+        rm = GPTRewardModel(to_plain(cfg.model), None, tok.vocab_size, int(cfg.batch.micro_batch_size))
+        load_weights(rm, cfg.reward_model_path)
     critic = GPTCriticModel(to_plain(cfg.model), to_plain(cfg.optim), tok.vocab_size,
                             int(cfg.batch.micro_batch_size))
     init = cfg.get("critic_init_path") or cfg.reward_model_path

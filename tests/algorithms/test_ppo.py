@@ -6,6 +6,8 @@ not; the actor starts from random weights, so it emits the target token at chanc
 raise the reward-model score of its samples while staying near the reference policy.
 """
 
+import json
+
 import numpy as np
 import torch
 
@@ -77,3 +79,44 @@ def test_ppo_mean_reward_rises(megatron_world, tmp_path):
         assert np.isfinite(m["loss"]) and np.isfinite(m["kl"])
     first, last = float(np.mean(rewards[:4])), float(np.mean(rewards[-4:]))
     assert last > first + 0.5, f"mean reward did not rise: first {first:.3f}, last {last:.3f}: {rewards}"
+
+
+def test_ppo_reward_combines_reward_model_and_functions(tmp_path):
+    """``PPOTrainer.reward``: ``reward_model_weight * rm + sum_k w_k f_k`` on the decoded texts;
+    ``reward.reward_model: false`` drops the server's scores; a failing function names itself."""
+    import pytest
+
+    from nemo_rlhf.algorithms.ppo import PPOTrainer
+    from nemo_rlhf.config import ConfigError, PPOActorStageConfig, parse_config
+    from nemo_rlhf.data.randomwalks import write_task
+    from nemo_rlhf.data.tokenizer import tokenizer_from_config
+    from nemo_rlhf.rewards.functions import RewardFunctionError, build_reward
+
+    write_task(tmp_path, n_sft_walks=4, n_offline_walks=1)
+    tok = tokenizer_from_config({"type": "tokenizer_json", "path": str(tmp_path / "tokenizer.json")})
+    fn = [{"_target_": "nemo_rlhf.data.randomwalks.RandomWalkReward", "weight": 2.0}]
+
+    def trainer(reward):
+        cfg = parse_config(PPOActorStageConfig, {"init_from": "x", "tokenizer": {"path": "t"}, "reward": reward})
+        t = PPOTrainer(cfg)
+        t.tokenizer, t.reward_fn = tok, build_reward(cfg.reward.functions) if cfg.reward.functions else None
+        return t
+
+    # prompts "b", "b"; responses "a" (b->a is an edge iff distance 1) and "b" (never reaches a)
+    graph = json.loads((tmp_path / "graph.json").read_text())
+    start = next(k for k, d in graph["distance"].items() if d == 1)
+    ids = lambda s: tok.encode(s)  # noqa: E731
+    tokens = torch.tensor([ids(start) + ids("a"), ids(start) + ids(start)])
+    lengths, plens = torch.tensor([2, 2]), torch.tensor([1, 1])
+    rm = torch.tensor([0.5, -1.0])
+    both = trainer({"functions": fn, "reward_model_weight": 0.5}).reward(tokens, lengths, plens, rm)
+    assert torch.allclose(both, torch.tensor([0.25 + 2.0, -0.5]))
+    only_fn = trainer({"functions": fn, "reward_model": False}).reward(tokens, lengths, plens, rm)
+    assert torch.allclose(only_fn, torch.tensor([2.0, 0.0]))
+    only_rm = trainer({}).reward(tokens, lengths, plens, rm)
+    assert torch.equal(only_rm, rm)
+    bad = trainer({"functions": [{"_target_": "math.sqrt"}], "reward_model": False})
+    with pytest.raises(RewardFunctionError, match="math.sqrt"):
+        bad.reward(tokens, lengths, plens, rm)
+    with pytest.raises(ConfigError, match="reward.reward_model=true"):
+        trainer({"reward_model": False})

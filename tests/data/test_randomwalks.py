@@ -91,7 +91,13 @@ def test_write_task_files(tmp_path):
     sft = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
     offline = [json.loads(line) for line in (tmp_path / "offline.jsonl").read_text().splitlines()]
     assert len(heldout) == 5 and set(meta["heldout_starts"]) == heldout
-    assert len(sft) == 50 and not {r["prompt"] for r in sft} & heldout  # held-out starts never in SFT data
+    prompts = {json.loads(line)["prompt"] for line in (tmp_path / "prompts.jsonl").read_text().splitlines()}
+    assert len(prompts) == 15 and not prompts & heldout  # held-out starts are never an RL prompt
+    assert len(sft) == 50 and {r["prompt"] for r in sft} & heldout  # SFT walks start everywhere (as trlX)
+    assert meta["sft_from_heldout"] is True
+    narrow = write_task(tmp_path / "narrow", n_sft_walks=50, n_offline_walks=4, seed=3, sft_from_heldout=False)
+    narrow_sft = [json.loads(line) for line in (tmp_path / "narrow" / "sft.jsonl").read_text().splitlines()]
+    assert narrow["heldout_starts"] == 5 and not {r["prompt"] for r in narrow_sft} & heldout
     assert len(offline) == 40 and summary["offline_walks"] == 40
     fn = RandomWalkReward()
     assert np.allclose(fn([r["prompt"] for r in offline], [r["response"] for r in offline]),
