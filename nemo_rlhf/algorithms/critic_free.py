@@ -266,7 +266,8 @@ class CriticFreeTrainer(Trainer):
               prompt_lengths: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The reward of each response: ``sum_k w_k * f_k(prompt, response)`` over
         ``reward.functions`` + ``reward.reward_model_weight * reward-model score``
-        (:func:`~nemo_rlhf.algorithms.base.score_responses`) + the DAPO overlong penalty (``grpo.overlong_penalty``, eq. 13 of Yu et al. 2025, times its weight).
+        (:func:`~nemo_rlhf.algorithms.base.score_responses`) + the DAPO overlong penalty
+        (``grpo.overlong_penalty``, eq. 13 of Yu et al. 2025, times its weight).
 
         Returns:
             ``(scores [B] float32, {term: [B] float32})`` on the policy's device; the terms are
