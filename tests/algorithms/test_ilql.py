@@ -287,3 +287,44 @@ def test_config_errors_and_yaml_composes(task, tmp_path):
     cfg = load_stage_config(ILQLStageConfig, n)
     assert cfg.ilql.beta == 1.0 and cfg.ilql.tau == 0.8 and cfg.ilql.sampling.top_k == 10
     assert cfg.init_from is None and cfg.data.files == ["offline.jsonl"]
+
+
+def test_sft_weights_load_into_the_trunk_and_heads_start_fresh(megatron_world, task, tmp_path):
+    """init_from = a plain policy's weights (e.g. SFT): trunk and LM head load, the ILQL heads keep
+    their init (the checkpoint has none); ILQL weights load back into a plain policy."""
+    from nemo_rlhf.checkpoint.weights import load_weights, save_model_weights
+    from nemo_rlhf.models.ilql import HEADS_PREFIX, GPTILQLModel
+    from nemo_rlhf.models.policy import GPTPolicyModel
+    from nemo_rlhf.parallel.state import seed_everything
+
+    _, tok, _ = task
+    seed_everything(11)
+    sft = GPTPolicyModel(MODEL, None, tok.vocab_size, 8, tok.eos_id, tok.pad_id)
+    save_model_weights(sft.gpt, tmp_path / "sft")
+    seed_everything(12)
+    model = GPTILQLModel(MODEL, dict(lr=1e-3), tok.vocab_size, 8, tok.eos_id, tok.pad_id)
+    heads = heads_state(model)
+    skipped = load_weights(model, tmp_path / "sft", skip_prefixes=(HEADS_PREFIX,))
+    assert skipped and all(name.startswith(HEADS_PREFIX) for name in skipped)
+    mine = model.gpt.state_dict()
+    for k, v in sft.gpt.state_dict().items():
+        if torch.is_tensor(v) and not k.endswith("_extra_state"):
+            assert torch.equal(mine[k], v), k
+    assert all(torch.equal(heads[k], v) for k, v in heads_state(model).items())
+    save_model_weights(model.gpt, tmp_path / "ilql")
+    plain = GPTPolicyModel(MODEL, None, tok.vocab_size, 8, tok.eos_id, tok.pad_id)
+    load_weights(plain, tmp_path / "ilql")
+    theirs = plain.gpt.state_dict()
+    assert all(torch.equal(theirs[k], v) for k, v in model.gpt.state_dict().items()
+               if torch.is_tensor(v) and not k.startswith(HEADS_PREFIX) and not k.endswith("_extra_state"))
+
+
+def test_model_parallel_layouts_are_refused_with_the_reason(megatron_world, task, monkeypatch):
+    from megatron.core import parallel_state
+
+    from nemo_rlhf.models.ilql import GPTILQLModel
+
+    _, tok, _ = task
+    monkeypatch.setattr(parallel_state, "get_tensor_model_parallel_world_size", lambda: 2)
+    with pytest.raises(ValueError, match=r"model.tensor_model_parallel_size=1 .*\(got TP=2, PP=1"):
+        GPTILQLModel(MODEL, None, tok.vocab_size, 8, tok.eos_id, tok.pad_id)
