@@ -1926,3 +1926,114 @@ class DPOStageConfig(_TrainingStage):
 
 STAGE_CONFIGS["gpt_dpo"] = DPOStageConfig
 __all__ += ["DPOConfig", "DPOStageConfig", "DPO_LOSS_TYPES", "DPO_REFERENCES"]
+
+
+# ----------------------------------------------------------------------------- ILQL (issue 14 §3)
+@dataclass
+class ILQLSamplingConfig(SamplingConfig):
+    """``ilql.sampling:`` — held-out decoding of ILQL (:class:`SamplingConfig`; seeded ``ilql.seed``):
+    ``top_k`` is applied to the shifted logits ``log_softmax(logits) + beta (Q - V)`` as trlX's
+    ``gen_kwargs.top_k``; ``temperature`` then divides them. Defaults: trlX's randomwalks
+    ``gen_kwargs`` (``max_new_tokens`` 9, ``top_k`` 10, ``temperature`` 1)."""
+
+    SECTION: ClassVar[str] = "ilql.sampling"
+
+    max_new_tokens: int = 9
+    top_k: int = 10
+
+
+@dataclass
+class ILQLConfig(_Section):
+    """``ilql:`` — Implicit Language Q-Learning (Snell et al. 2022; ``nemo_rlhf/algorithms/ilql.py``,
+    maths in ``nemo_rlhf/rl/ilql.py``). Names and defaults as trlX's ``ILQLConfig`` and its
+    randomwalks recipe.
+
+    Loss ``L_Q + L_V + cql_scale * L_CQL + awac_scale * L_AWAC``: ``tau`` expectile of the value
+    loss; ``gamma`` discount of ``r + gamma V(s')``; ``cql_scale`` weight of the CQL cross-entropy
+    of Q over the vocabulary; ``awac_scale`` weight of the policy's NLL of the data's actions,
+    weighted ``exp(awac_beta (Q - V))`` (trlX's training ``beta``; 0: plain NLL). ``two_qs``: two Q
+    heads (min of the targets). Target heads: every ``steps_for_target_q_sync`` optimizer steps,
+    ``target <- alpha * Q + (1 - alpha) * target``. ``normalize_rewards``: standardise the data's
+    rewards over the data set (trlX). Decoding: ``beta`` scales the advantage added to the
+    log-probs (trlX's ``gen_kwargs.beta``; 0 = the trained policy alone); ``eval_betas``: further
+    betas evaluated at every held-out evaluation (reported as ``reward_beta<b>``).
+    ``val_samples_per_prompt`` responses per held-out prompt; rank 0 appends its first
+    ``val_samples_saved`` samples to ``<run_dir>/ilql_samples.jsonl``. ``head_init_std``: std of
+    the heads' init (None: ``model.init_method_std``).
+
+    Raises:
+        ConfigError: ``tau`` outside (0, 1), ``gamma`` / ``alpha`` outside [0, 1], a negative scale /
+            beta, a count < 1.
+    """
+
+    SECTION: ClassVar[str] = "ilql"
+
+    tau: float = 0.8
+    gamma: float = 0.99
+    cql_scale: float = 0.1
+    awac_scale: float = 1.0
+    awac_beta: float = 0.0
+    alpha: float = 0.1
+    beta: float = 1.0
+    steps_for_target_q_sync: int = 5
+    two_qs: bool = True
+    normalize_rewards: bool = True
+    head_init_std: Optional[float] = None
+    sampling: ILQLSamplingConfig = field(default_factory=ILQLSamplingConfig)
+    eval_betas: List[float] = field(default_factory=lambda: [0.0])
+    val_samples_per_prompt: int = 8
+    val_samples_saved: int = 8
+    seed: int = 1234
+
+    def _validate(self) -> None:
+        self._between("tau", 0.0, 1.0, low_open=True, high_open=True)
+        self._between("gamma", 0.0, 1.0)
+        self._between("alpha", 0.0, 1.0)
+        for name in ("cql_scale", "awac_scale", "awac_beta", "beta"):
+            self._greater(name, 0.0, or_equal=True)
+        self._greater("head_init_std", 0.0)
+        for name in ("steps_for_target_q_sync", "val_samples_per_prompt"):
+            self._greater(name, 1, or_equal=True)
+        self._greater("val_samples_saved", 0, or_equal=True)
+        for i, b in enumerate(self.eval_betas):
+            if not (b >= 0 and math.isfinite(b)):
+                raise ConfigError(f"ilql.eval_betas[{i}]={b!r} must be a finite number >= 0")
+
+
+@dataclass
+class ILQLStageConfig(_TrainingStage):
+    """``conf/gpt_ilql.yaml``: ILQL on offline ``{prompt, response, reward}`` rows (``data.files``,
+    ``data.dataset: jsonl``; e.g. randomwalks' ``offline.jsonl``), evaluated by decoding on the
+    held-out prompts ``data.heldout_files`` scored with ``reward.functions`` (e.g.
+    ``RandomWalkReward``). ``init_from``: the weights the trunk and LM head start from (None:
+    random init, as trlX's randomwalks); the heads always start fresh. ``batch.global_batch_size``
+    counts offline rows per optimizer step over all DP ranks.
+
+    Raises:
+        ConfigError: ``data.dataset`` other than jsonl, no ``data.heldout_files``, no
+            ``reward.functions``, or ``reward.reward_model: true`` (not served here).
+    """
+
+    run_dir: str = "runs/ilql"
+    init_from: Optional[str] = None
+    ilql: ILQLConfig = field(default_factory=ILQLConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+    def _validate(self) -> None:
+        super()._validate()
+        if self.data.dataset != "jsonl":
+            raise ConfigError(f"ILQL reads offline {{prompt, response, reward}} rows: set data.dataset=jsonl "
+                              f"(got {self.data.dataset!r})")
+        if not self.data.heldout_files:
+            raise ConfigError("ILQL evaluates by decoding held-out prompts: set data.heldout_files (e.g. "
+                              "[heldout.jsonl] of a randomwalks task)")
+        if self.reward.reward_model:
+            raise ConfigError("reward.reward_model=true is not supported by ILQL (offline data carry their "
+                              "rewards); score held-out responses with reward.functions")
+        if not self.reward.functions:
+            raise ConfigError("reward.functions: ILQL's held-out evaluation needs a reward function, e.g. "
+                              "[{_target_: nemo_rlhf.data.randomwalks.RandomWalkReward}]")
+
+
+STAGE_CONFIGS["gpt_ilql"] = ILQLStageConfig
+__all__ += ["ILQLConfig", "ILQLSamplingConfig", "ILQLStageConfig"]
