@@ -328,3 +328,25 @@ def test_model_parallel_layouts_are_refused_with_the_reason(megatron_world, task
     monkeypatch.setattr(parallel_state, "get_tensor_model_parallel_world_size", lambda: 2)
     with pytest.raises(ValueError, match=r"model.tensor_model_parallel_size=1 .*\(got TP=2, PP=1"):
         GPTILQLModel(MODEL, None, tok.vocab_size, 8, tok.eos_id, tok.pad_id)
+
+
+def test_one_q_head_without_two_qs(megatron_world, task, tmp_path):
+    """ilql.two_qs=false: one Q head and one target (no q2 parameters); a step trains and decodes."""
+    from nemo_rlhf.algorithms.ilql import ILQLTrainer
+    from nemo_rlhf.data import PromptDataset
+    from nemo_rlhf.data.offline import collate_offline
+    from nemo_rlhf.generation.sampling import SamplingParams
+    from nemo_rlhf.models.ilql import GPTILQLModel
+
+    task_dir, tok, _ = task
+    cfg = parse_config(ILQLStageConfig, node(task_dir, tmp_path, ilql={"two_qs": False, "steps_for_target_q_sync": 1,
+                                                                       "alpha": 1.0}))
+    model = GPTILQLModel(MODEL, dict(lr=1e-3), tok.vocab_size, 20, tok.eos_id, tok.pad_id, two_qs=False)
+    assert not any(".q2." in n or "target_q2" in n for n, _ in model.gpt.named_parameters())
+    train_ds, _, _ = ILQLTrainer.offline_dataset(cfg, tok)
+    trainer = ILQLTrainer.from_models(cfg, model, tok, train_ds, PromptDataset(["c", "h"], tok, 4))
+    m = trainer.train_step(collate_offline([train_ds[i] for i in range(20)], tok.pad_id))
+    assert math.isfinite(m["loss"]) and m["target_synced"] == 1.0
+    assert torch.equal(model.heads.target_q1.fc2.weight, model.heads.q1.fc2.weight)  # alpha = 1 copies
+    out = model.generate_ilql(torch.tensor([[2], [7]]), torch.tensor([1, 1]), SamplingParams(max_new_tokens=4), 1.0)
+    assert out.tokens.shape[0] == 2
