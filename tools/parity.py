@@ -7,6 +7,11 @@ Run it once in the reference layout (one process) with ``--save-init`` and then 
     python -m torch.distributed.run --nproc-per-node 4 tools/parity.py \\
         --tp 2 --pp 2 --sp --out tp2pp2 --init init
 
+The ``grpo`` and ``reinforce_pp`` roles (not run by default: ``--roles``) take two whole steps of
+:class:`~nemo_rlhf.algorithms.critic_free.CriticFreeTrainer` (GRPO with a k3 KL term to a frozen
+reference; REINFORCE++ with the KL in the token rewards and DP-whitened returns): groups of 4
+sampled responses per prompt, rewarded by :func:`even_token_reward`.
+
 For each role (``sft``, ``rm``, ``critic``, ``actor``) it loads the same initial weights (a
 dist-checkpoint, resharded to this layout), records forward outputs on the full fixed batch
 (SFT per-token NLL, reward-model scores, critic values, actor log-probs and entropy), takes one
@@ -31,6 +36,9 @@ from typing import Any
 import torch
 
 ROLES = ("sft", "rm", "critic", "actor", "ppo")
+# The critic-free trainers (``--roles ...,grpo,reinforce_pp``): two whole steps each from the actor's
+# initial weights, rewarded by :func:`even_token_reward` (a reward function on decoded texts).
+CRITIC_FREE_ROLES = ("grpo", "reinforce_pp")
 VOCAB = 100
 # Llama-like (RMSNorm, SwiGLU, RoPE, GQA) with tied embeddings, 4 layers: divisible by TP 2 and
 # PP 2 and 4. make_vocab_size_divisible_by=64 pads vocab 100 to 128 for TP 1 and TP 2 alike.
@@ -108,7 +116,63 @@ def build_role(role: str, model_cfg: dict[str, Any], optim_cfg: dict[str, Any] |
         return GPTCriticModel(model_cfg, optim_cfg, VOCAB, MICRO_BATCH)
     if role == "ppo":
         return build_ppo(model_cfg, optim_cfg, reference)
-    raise ValueError(f"unknown role {role!r}; roles: {ROLES}")
+    if role in CRITIC_FREE_ROLES:
+        return build_critic_free(role, model_cfg, optim_cfg)
+    raise ValueError(f"unknown role {role!r}; roles: {ROLES + CRITIC_FREE_ROLES}")
+
+
+class DigitTokenizer:
+    """The parity vocabulary's "tokenizer" for reward functions: token ids written as numbers."""
+
+    eos_id, pad_id = 1, 0
+
+    def decode(self, ids) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+
+def even_token_reward(prompts, responses):
+    """``[B]``: the fraction of even token ids in each response (0 for an empty one)."""
+    out = []
+    for r in responses:
+        ids = [int(t) for t in r.split()]
+        out.append(sum(i % 2 == 0 for i in ids) / len(ids) if ids else 0.0)
+    return out
+
+
+def build_critic_free(algorithm: str, model_cfg: dict[str, Any], optim_cfg: dict[str, Any] | None):
+    """A :class:`~nemo_rlhf.algorithms.critic_free.CriticFreeTrainer` of ``algorithm`` with its
+    policy and frozen reference in this layout (weights loaded by :func:`load_critic_free`)."""
+    from nemo_rlhf.algorithms.critic_free import trainer_class
+    from nemo_rlhf.config import GRPOStageConfig, parse_config
+    from nemo_rlhf.models.policy import GPTPolicyModel
+
+    kl = {"beta": 0.05} if algorithm == "grpo" else {"kl_coef": 0.05}
+    cfg = parse_config(GRPOStageConfig, {
+        "run_dir": ".", "init_from": "init/actor", "tokenizer": {"path": "unused"},
+        "batch": {"global_batch_size": GLOBAL_BATCH, "micro_batch_size": MICRO_BATCH},
+        "reward": {"functions": [{"_target_": "tools.parity.even_token_reward"}]},
+        "grpo": {"algorithm": algorithm, "num_generations": 4, "num_minibatches": 2, "seed": 5, **kl,
+                 "sampling": {"max_new_tokens": 6}}})
+    policy = GPTPolicyModel(model_cfg, optim_cfg, VOCAB, MICRO_BATCH, eos_id=1, pad_id=0)
+    reference = GPTPolicyModel(model_cfg, None, VOCAB, MICRO_BATCH, eos_id=1, pad_id=0)
+    trainer = trainer_class(algorithm).from_models(cfg, policy, reference, DigitTokenizer(),
+                                                    reward_fn=_even_token_reward_sum())
+    trainer.gpt = policy.gpt  # what main() saves after the steps
+    return trainer
+
+
+def _even_token_reward_sum():
+    from nemo_rlhf.rewards.functions import RewardFunction, RewardSum
+
+    return RewardSum([RewardFunction(even_token_reward, name="tools.parity.even_token_reward")])
+
+
+def load_critic_free(trainer, init: Path) -> None:
+    """Policy and reference from the ``actor`` weights."""
+    from nemo_rlhf.checkpoint.weights import load_weights
+
+    load_weights(trainer.policy, init / "actor")
+    load_weights(trainer.reference, init / "actor")
 
 
 def build_ppo(model_cfg: dict[str, Any], optim_cfg: dict[str, Any] | None, reference: str = "full"):
@@ -216,6 +280,15 @@ def run_role(role: str, model, data: dict[str, torch.Tensor]) -> dict[str, Any]:
         out["metrics"] = steps[-1]
         out["steps"] = steps
         out["outputs"] = model.policy.logprobs(tokens)  # the policy after two PPO steps
+    elif role in CRITIC_FREE_ROLES:
+        prompts, plens = data["prompts"][:2], data["prompt_lengths"][:2]  # 2 prompts x 4 responses
+        steps = []
+        for _ in range(2):  # two whole steps: group sampling, rewards, advantages, KL, updates
+            steps.append(model.train_step({"prompts": _dp_slice(prompts), "prompt_lengths": _dp_slice(plens)}))
+            model.step += 1
+        out["metrics"] = steps[-1]
+        out["steps"] = steps
+        out["outputs"] = model.policy.logprobs(tokens)  # the policy after two steps
     return out
 
 
@@ -279,6 +352,8 @@ def main(argv: list[str] | None = None) -> None:
             init = Path(args.init) / role
             if role == "ppo":
                 load_ppo(model, Path(args.init))  # reuses the other roles' initial weights
+            elif role in CRITIC_FREE_ROLES:
+                load_critic_free(model, Path(args.init))
             else:
                 if args.save_init:
                     if args.lora:

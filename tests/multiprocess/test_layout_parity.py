@@ -6,8 +6,10 @@ micro-batches, the weights after that step, and greedy KV-cache generation, in T
 (4 micro-batches), DP=2 at the same global batch, TP=2 x PP=2 (+SP, 4 processes) and DP=2 with the
 distributed optimizer — against TP=PP=DP=1 with the same initial weights (a dist-checkpoint
 resharded into each layout), fp32, tolerance 1e-5. Plus two whole PPO steps (generation, in-process
-critic and reward model, GAE, updates) in the TP/PP layouts, tolerance 1e-4. Each layout runs under
-torchrun (gloo, CPU).
+critic and reward model, GAE, updates) and two whole steps of the critic-free trainers (GRPO with a
+KL term to its reference, REINFORCE++ with DP-whitened returns: group sampling, reward function,
+advantages, updates) in the TP/PP layouts, tolerance 1e-4 (in DP layouts each rank samples its own
+groups, so those steps must only run and stay finite). Each layout runs under torchrun (gloo, CPU).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ TOL = 1e-5
 # critic updates with SGD lr=1): differences compound over the steps; measured <= 1.7e-5.
 PPO_TOL = 1e-4
 # Metrics that count tokens (a value sitting on a clip boundary may flip by one token).
-DISCRETE = {"clipfrac", "vf_clipfrac", "accuracy", "lr", "skipped"}
+DISCRETE = {"clipfrac", "clip_high_frac", "clip_low_frac", "vf_clipfrac", "accuracy", "lr", "skipped"}
 LAYOUTS = {
     # name: (processes, parity args, reference)
     "tp2": (2, ["--tp", "2"], "ref_sgd"),
@@ -39,15 +41,18 @@ LAYOUTS = {
     "dp2_distributed_optimizer": (2, ["--optimizer", "adam", "--distributed-optimizer"], "ref_adam"),
 }
 PARITY = str(REPO / "tools" / "parity.py")
+# the model roles, PPO and the critic-free trainers (tools/parity.py runs them in this order)
+ALL_ROLES = ["--roles", ",".join([*ROLES, "ppo", "grpo", "reinforce_pp"])]
+ONLINE = ("ppo", "grpo", "reinforce_pp")
 REPORT: dict[str, dict[str, float]] = {}
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("parity")
-    torchrun(1, [PARITY, "--out", "ref_sgd", "--init", "init", "--save-init"], d)
+    torchrun(1, [PARITY, "--out", "ref_sgd", "--init", "init", "--save-init", *ALL_ROLES], d)
     torchrun(1, [PARITY, "--out", "ref_adam", "--init", "init",
-                 "--optimizer", "adam"], d)
+                 "--optimizer", "adam", *ALL_ROLES], d)
     yield d
     if REPORT:  # the largest differences, for the record (printed with -s, written next to the runs)
         (d / "parity_report.json").write_text(json.dumps(REPORT, indent=2, sort_keys=True))
@@ -78,7 +83,7 @@ EXTENDED = {"tp2", "pp2"}
                                     for name in sorted(LAYOUTS)])
 def test_layout_matches_single_process(layout, workdir):
     nproc, args, ref_name = LAYOUTS[layout]
-    torchrun(nproc, [PARITY, *args, "--out", layout, "--init", "init"], workdir)
+    torchrun(nproc, [PARITY, *args, "--out", layout, "--init", "init", *ALL_ROLES], workdir)
     worst: dict[str, float] = {}
     for role in ROLES:
         ref = torch.load(workdir / ref_name / role / "result.pt", weights_only=False)
@@ -100,17 +105,19 @@ def test_layout_matches_single_process(layout, workdir):
             assert torch.equal(ref["generation_lengths"], got["generation_lengths"])
             # the prompts were of different lengths and something was generated past each one
             assert bool((got["generation_lengths"] > torch.tensor([6, 3, 5, 4])).all())
-    ref = torch.load(workdir / ref_name / "ppo" / "result.pt", weights_only=False)
-    got = torch.load(workdir / layout / "ppo" / "result.pt", weights_only=False)
-    if layout.startswith("dp"):
-        # Each DP rank samples its own share of the rollouts with its own generator draws, so the
-        # samples differ from one process's; the PPO step must still run and stay finite.
-        for step in got["steps"]:
-            assert all(torch.isfinite(torch.tensor(v)) for v in step.values()), step
-    else:
-        d_ppo = max(abs(a[k] - b[k]) for a, b in zip(ref["steps"], got["steps"]) for k in a if k not in DISCRETE)
-        assert d_ppo <= PPO_TOL, f"{layout}: PPO step metrics differ by {d_ppo}"
+    for role in ONLINE:
+        ref = torch.load(workdir / ref_name / role / "result.pt", weights_only=False)
+        got = torch.load(workdir / layout / role / "result.pt", weights_only=False)
+        if layout.startswith("dp"):
+            # Each DP rank samples its own share of the rollouts with its own generator draws, so the
+            # samples differ from one process's; the steps must still run and stay finite.
+            for step in got["steps"]:
+                assert all(torch.isfinite(torch.tensor(v)) for v in step.values()), (role, step)
+            continue
+        d_steps = max(abs(a[k] - b[k]) for a, b in zip(ref["steps"], got["steps"]) for k in a
+                      if k not in DISCRETE)
+        assert d_steps <= PPO_TOL, f"{layout}/{role}: step metrics differ by {d_steps}"
         d_pol = (ref["outputs"] - got["outputs"]).abs().max().item()
-        assert d_pol <= PPO_TOL, f"{layout}: policy log-probs after two PPO steps differ by {d_pol}"
-        worst["ppo/metrics"], worst["ppo/policy_logprobs"] = d_ppo, d_pol
+        assert d_pol <= PPO_TOL, f"{layout}/{role}: policy log-probs after two steps differ by {d_pol}"
+        worst[f"{role}/metrics"], worst[f"{role}/policy_logprobs"] = d_steps, d_pol
     REPORT[layout] = worst
