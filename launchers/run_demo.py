@@ -7,6 +7,9 @@
 a Bradley-Terry reward model on (positive, negative) reviews, then PPO against it, judged before
 and after by VADER (a lexicon sentiment analyser the policy never trained against).
 ``conf/demo_tiny.yaml`` runs SFT -> reward model -> PPO on HH-RLHF with a tiny model from scratch.
+``algorithm=grpo|dr_grpo|rloo|reinforce_pp`` runs that critic-free trainer in place of PPO, rewarded
+by the same reward-model server (its ``grpo:`` section: a partial ``conf/gpt_grpo.yaml``-style
+stage config over the schema's defaults; ``grpo_samples.jsonl`` instead of ``ppo_samples.jsonl``).
 
 The stages (``stages``) run in this process, except the critic/reward server, a separate process
 (``launchers/serve_critic.py``) that this launcher starts, health-checks and always stops. The run
@@ -61,6 +64,9 @@ def prepare_base_models(cfg) -> dict:
     }
 
 
+ONLINE_ALGORITHMS = ("ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp")  # the report's key of the online stage
+
+
 def _fmt(before, after, spec="{:.3f}") -> str:
     return f"{spec.format(before)} -> {spec.format(after)}"
 
@@ -79,13 +85,14 @@ def format_report(rep: dict) -> str:
         r = rep["rm"]
         lines.append(f"  RM    pairwise accuracy on {r['val_after']['pairs']} held-out pairs: "
                      f"{_fmt(r['val_before']['accuracy'], r['val_after']['accuracy'])}   [{r['steps']} steps, {wall['rm']:.0f} s]")
-    if "ppo" in rep:
-        p = rep["ppo"]
+    online = next((k for k in ONLINE_ALGORITHMS if k in rep), None)
+    if online:
+        p = rep[online]
         b, a = p["heldout_before"], p["heldout_after"]
-        lines.append(f"  PPO   {p['heldout_prompts_evaluated']} held-out prompts, same sampling seed before/after "
-                     f"[{p['steps']} steps, {wall['ppo']:.0f} s]")
-        lines.append(f"        reward-model score {b['reward']:+.3f} -> {a['reward']:+.3f};  KL to reference "
-                     f"{_fmt(b['kl'], a['kl'])} nats/response")
+        lines.append(f"  {online.upper():<5} {p['heldout_prompts_evaluated']} held-out prompts, same sampling seed "
+                     f"before/after [{p['steps']} steps, {wall[online]:.0f} s]")
+        kl = f";  KL to reference {_fmt(b['kl'], a['kl'])} nats/response" if "kl" in a else ""
+        lines.append(f"        reward-model score {b['reward']:+.3f} -> {a['reward']:+.3f}{kl}")
         if "vader_positive" in a:
             lines.append(f"        VADER (independent judge): positive fraction {_fmt(b['vader_positive'], a['vader_positive'])}"
                          f";  mean compound {b['vader_compound']:+.3f} -> {a['vader_compound']:+.3f}")
@@ -94,10 +101,11 @@ def format_report(rep: dict) -> str:
                          f"{b['vader_rm_agreement']:.2f} before, {a['vader_rm_agreement']:.2f} after")
         for i, (sb, sa) in enumerate(rep.get("samples", [])):
             lines.append(f"  sample {i + 1}: prompt {sb['prompt']!r}")
-            lines.append(f"     before: {sb['completion']!r}  (RM {sb['rm_score']:+.2f}"
-                         + (f", VADER {sb['vader_compound']:+.2f})" if sb.get("vader_compound") is not None else ")"))
-            lines.append(f"     after:  {sa['completion']!r}  (RM {sa['rm_score']:+.2f}"
-                         + (f", VADER {sa['vader_compound']:+.2f})" if sa.get("vader_compound") is not None else ")"))
+            for label, row in (("before", sb), ("after: ", sa)):
+                text, score = row.get("completion", row.get("response")), row.get("rm_score", row.get("reward"))
+                lines.append(f"     {label} {text!r}  (RM {score:+.2f}"
+                             + (f", VADER {row['vader_compound']:+.2f})" if row.get("vader_compound") is not None
+                                else ")"))
         lines.append(f"  critic server start: {wall['server_start']:.0f} s")
         for failure in p.get("server_restarts", []):
             lines.append(f"  critic server restarted after: {failure}")
@@ -108,12 +116,13 @@ def format_report(rep: dict) -> str:
     return "\n".join(lines)
 
 
-def before_after_samples(run_dir: Path, n: int) -> list[tuple[dict, dict]]:
+def before_after_samples(run_dir: Path, n: int, algorithm: str = "ppo") -> list[tuple[dict, dict]]:
     """The first ``n`` held-out samples of the first and the last evaluation in
-    ``ppo_samples.jsonl`` (the same prompts: held-out batches are in order, sampled with one seed)."""
+    ``ppo_samples.jsonl`` (critic-free algorithms: ``grpo_samples.jsonl``; the same prompts:
+    held-out batches are in order, sampled with one seed)."""
     from nemo_rlhf.utils.logging import read_jsonl
 
-    path = run_dir / "ppo_samples.jsonl"
+    path = run_dir / ("ppo_samples.jsonl" if algorithm == "ppo" else "grpo_samples.jsonl")
     if not path.exists():
         return []
     rows = list(read_jsonl(path))
@@ -135,7 +144,6 @@ def _preempted(stage: str, result: dict) -> bool:
 
 @hydra_entry("demo")
 def main(cfg) -> None:
-    from nemo_rlhf.algorithms.ppo import run_ppo
     from nemo_rlhf.algorithms.reward_model import run_reward_model
     from nemo_rlhf.algorithms.sft import run_sft
     from nemo_rlhf.parallel.state import destroy_distributed
@@ -183,13 +191,16 @@ def main(cfg) -> None:
             return
         # The server's reward model reads its head as the trained one did.
         rm["reward_pooling"] = str(rm_cfg.model.get("reward_pooling") or "last")
-        if "ppo" in stages:
-            report.update(run_ppo_stage(cfg, run_dir, base, rm_base, tokenizer, policy_init, rm, wall,
-                                        run_ppo, CriticClient, find_free_ports, start_server_process))
-            if _preempted("ppo", report["ppo"]):
+        if "ppo" in stages:  # the online RL stage: PPO or the critic-free cfg.algorithm
+            online = run_online_stage(cfg, run_dir, base, rm_base, tokenizer, policy_init, rm, wall,
+                                      CriticClient, find_free_ports, start_server_process)
+            report.update(online)
+            name = next(iter(online))
+            if _preempted(name, online[name]):
                 return
-            report["plot"] = str(plot_ppo_metrics(run_dir / "metrics.jsonl", run_dir / "ppo_reward_kl.png"))
-            report["samples"] = before_after_samples(run_dir, int(cfg.report_samples))
+            if name == "ppo":
+                report["plot"] = str(plot_ppo_metrics(run_dir / "metrics.jsonl", run_dir / "ppo_reward_kl.png"))
+            report["samples"] = before_after_samples(run_dir, int(cfg.report_samples), name)
         wall["total"] = time.time() - t0
         (run_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
         print(format_report(report), flush=True)
@@ -197,14 +208,18 @@ def main(cfg) -> None:
         destroy_distributed()
 
 
-def run_ppo_stage(cfg, run_dir: Path, base: dict, rm_base, tokenizer, policy_init, rm: dict, wall: dict,
-                  run_ppo, CriticClient, find_free_ports, start_server_process) -> dict:
-    """Start the critic/reward server on the trained reward model, run PPO against it, stop it.
+def run_online_stage(cfg, run_dir: Path, base: dict, rm_base, tokenizer, policy_init, rm: dict, wall: dict,
+                     CriticClient, find_free_ports, start_server_process) -> dict:
+    """Start the critic/reward server on the trained reward model, run the online stage against
+    it (``cfg.algorithm``: PPO, which also trains the server's critic; or a critic-free trainer
+    rewarded by the server's reward model, ``grpo`` section), stop it. Returns
+    ``{algorithm: result}``.
 
     A server that dies mid-run (PPO raises ``CriticServerFailure`` after its emergency checkpoint,
-    or ``CriticServerError`` before its first step) is started again, at most ``server_restarts`` times, and PPO resumes from the newest paired
-    actor+critic checkpoint (``ppo.checkpoint.every_n_steps`` bounds the steps redone); the
-    failures are listed in the report (``ppo.server_restarts``)."""
+    or ``CriticServerError`` before its first step) is started again, at most ``server_restarts``
+    times, and the stage resumes from its newest checkpoint (PPO: the paired actor+critic one;
+    ``checkpoint.every_n_steps`` bounds the steps redone); the failures are listed in the report
+    (``<algorithm>.server_restarts``)."""
     from nemo_rlhf.algorithms.ppo import CriticServerFailure
     from nemo_rlhf.servers.protocol import CriticServerError
 
@@ -225,9 +240,19 @@ def run_ppo_stage(cfg, run_dir: Path, base: dict, rm_base, tokenizer, policy_ini
     ppo_restarts: list[str] = []
     # One access token per demo run (inherited by the server process, read by the client).
     os.environ.setdefault("NEMO_RLHF_CRITIC_TOKEN", secrets.token_urlsafe(32))
-    ppo_cfg = stage_config("gpt_ppo_actor", cfg, "ppo", base=base.get("policy"), run_dir=str(run_dir),
-                           init_from=policy_init, tokenizer=tokenizer, critic={"host": "127.0.0.1", "port": port})
-    wall["ppo"] = 0.0
+    algorithm = str(cfg.algorithm)
+    common = dict(base=base.get("policy"), run_dir=str(run_dir), init_from=policy_init, tokenizer=tokenizer,
+                  critic={"host": "127.0.0.1", "port": port})
+    if algorithm == "ppo":
+        from nemo_rlhf.algorithms.ppo import run_ppo as run_stage
+
+        ppo_cfg = stage_config("gpt_ppo_actor", cfg, "ppo", **common)
+    else:  # the server's reward model rewards; its critic is never trained
+        from nemo_rlhf.algorithms.critic_free import run_critic_free as run_stage
+
+        ppo_cfg = stage_config("gpt_grpo_rm", cfg, "grpo",
+                               grpo={"algorithm": algorithm}, **common)
+    wall[algorithm] = 0.0
     for attempt in range(int(cfg.server_restarts) + 1):
         t = time.time()
         server = start_server_process(cmd, "127.0.0.1", port, float(cfg.server_ready_timeout_s),
@@ -236,26 +261,27 @@ def run_ppo_stage(cfg, run_dir: Path, base: dict, rm_base, tokenizer, policy_ini
         try:
             t = time.time()
             with CriticClient.from_config(ppo_cfg.critic) as client:
-                ppo = run_ppo(ppo_cfg, critic=client)
-            wall["ppo"] += time.time() - t
+                ppo = run_stage(ppo_cfg, critic=client)
+            wall[algorithm] += time.time() - t
             break
         except (CriticServerFailure, CriticServerError) as exc:
             # The server died under the actor (its state since the last paired checkpoint is lost):
             # a fresh server, and PPO resumes from the newest paired actor+critic checkpoint.
-            wall["ppo"] += time.time() - t
+            wall[algorithm] += time.time() - t
             if attempt == int(cfg.server_restarts):
                 raise
-            LOG.warning("critic server failed (%s); restarting it (restart %d of %d) and resuming PPO from the "
-                        "newest paired checkpoint", str(exc).splitlines()[0], attempt + 1, int(cfg.server_restarts))
+            LOG.warning("critic server failed (%s); restarting it (restart %d of %d) and resuming %s from its "
+                        "newest checkpoint", str(exc).splitlines()[0], attempt + 1, int(cfg.server_restarts),
+                        algorithm)
             ppo_restarts.append(str(exc).splitlines()[0])
         finally:
             server.stop()
     if ppo.get("preempted"):  # SIGTERM/SIGUSR1: checkpointed; the same command resumes
-        return {"ppo": ppo}
+        return {algorithm: ppo}
     ppo["server_restarts"] = ppo_restarts
     ppo["heldout_prompts_evaluated"] = min(ppo["heldout_prompts"],
                                            int(ppo_cfg.data.get("max_heldout_prompts") or ppo["heldout_prompts"]))
-    return {"ppo": ppo}
+    return {algorithm: ppo}
 
 
 if __name__ == "__main__":

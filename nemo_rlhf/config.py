@@ -1216,8 +1216,14 @@ class DemoConfig(_Section):
     rm: Dict[str, Any] = field(default_factory=dict)
     critic: Dict[str, Any] = field(default_factory=dict)
     ppo: Dict[str, Any] = field(default_factory=dict)
+    # The online RL stage (``stages: [..., ppo]``): ppo (actor + critic server) or a critic-free
+    # algorithm (grpo | dr_grpo | rloo | reinforce_pp) rewarded by the same reward-model server,
+    # configured by the ``grpo`` section (a partial GRPOStageConfig over its schema defaults).
+    algorithm: str = "ppo"
+    grpo: Dict[str, Any] = field(default_factory=dict)
 
     def _validate(self) -> None:
+        self._choice("algorithm", ("ppo",) + CRITIC_FREE_ALGORITHMS)
         self._greater("server_ready_timeout_s", 0.0)
         self._between("server_port", 1, 65533)
         self._greater("rm_num_layers", 1, or_equal=True)
@@ -1569,10 +1575,12 @@ class GRPOConfig(_Section):
     val_sampling: GRPOValSamplingConfig = field(default_factory=GRPOValSamplingConfig)
     val_samples_per_prompt: int = 1  # held-out responses per prompt (seeded, or greedy)
     val_samples_saved: int = 8  # rank 0's first held-out samples appended to <run_dir>/grpo_samples.jsonl
+    val_judge: Optional[str] = None  # None | vader: held-out val/vader_positive, val/vader_compound (as ppo.val_judge)
     seed: int = 1234
 
     def _validate(self) -> None:
         self._choice("algorithm", CRITIC_FREE_ALGORITHMS)
+        self._choice("val_judge", JUDGES)
         self._choice("loss_aggregation", LOSS_AGGREGATIONS)
         self._choice("kl_estimator", KL_ESTIMATORS)
         self._greater("num_generations", 2, or_equal=True)
@@ -1688,6 +1696,8 @@ class GRPOStageConfig(_TrainingStage):
 
 
 STAGE_CONFIGS["gpt_grpo"] = GRPOStageConfig
+# run_demo's critic-free stage (conf/gpt_grpo.yaml is the randomwalks recipe)
+DEMO_STAGES["grpo"] = ("gpt_grpo_rm", GRPOStageConfig)
 __all__ += ["PPORewardConfig", "GRPOConfig", "GRPOSamplingConfig", "GRPOValSamplingConfig", "OverlongPenaltyConfig", "RewardConfig",
             "GRPOStageConfig", "check_grpo_sizes", "CRITIC_FREE_ALGORITHMS"]
 

@@ -47,6 +47,7 @@ from nemo_rlhf.models.megatron_module import NonFiniteError
 from nemo_rlhf.models.policy import GPTPolicyModel
 from nemo_rlhf.parallel.state import any_rank, is_rank_zero, setup_parallel
 from nemo_rlhf.rewards.functions import RewardFunctionError, RewardSum, build_reward
+from nemo_rlhf.rewards.sentiment import POSITIVE_THRESHOLD, vader_compound
 from nemo_rlhf.rl.advantages import response_mask
 from nemo_rlhf.rl.group import dynamic_sampling_mask, overlong_penalty
 from nemo_rlhf.rl.kl import kl_penalty
@@ -440,8 +441,11 @@ class CriticFreeTrainer(Trainer):
         """Held-out mean reward: ``grpo.val_samples_per_prompt`` responses per held-out prompt,
         sampled with ``grpo.val_sampling`` over ``grpo.sampling`` (seeded ``grpo.seed + 1``, or
         greedy), scored as in training; also each reward term and the response length (tokens),
-        averaged over DP. Rank 0 appends its first ``grpo.val_samples_saved`` samples (step,
-        prompt, response, reward) to ``<run_dir>/grpo_samples.jsonl``."""
+        averaged over DP. With ``grpo.val_judge: vader`` also ``vader_compound`` (mean VADER
+        compound of prompt + response) and ``vader_positive`` (fraction with compound > 0.05), as
+        PPO's evaluation (:mod:`nemo_rlhf.rewards.sentiment`). Rank 0 appends its first
+        ``grpo.val_samples_saved`` samples (step, prompt, response, reward) to
+        ``<run_dir>/grpo_samples.jsonl``."""
         p = self.cfg.grpo
         k = int(p.val_samples_per_prompt)
         keep = int(p.val_samples_saved) if is_rank_zero() else 0
@@ -454,14 +458,23 @@ class CriticFreeTrainer(Trainer):
             n = int(scores.shape[0])
             rows = {"reward": scores, **{f"reward_{t}": v for t, v in terms.items()},
                     "response_length": (gen.lengths - gen.prompt_lengths).float()}
+            texts = None
+            if p.val_judge or len(samples) < keep:
+                texts = decode_rollouts(self.tokenizer, gen.tokens, gen.prompt_lengths, gen.lengths)
+            compound = None
+            if p.val_judge == "vader":
+                compound = vader_compound([a + c for a, c in zip(*texts)])
+                rows["vader_compound"] = torch.as_tensor(compound, dtype=torch.float64)
+                rows["vader_positive"] = torch.as_tensor(compound > POSITIVE_THRESHOLD, dtype=torch.float64)
             for name, v in rows.items():
                 sums[name] = sums.get(name, 0.0) + v.double().sum().item()
             count += n
             if len(samples) < keep:
-                prompts, responses = decode_rollouts(self.tokenizer, gen.tokens, gen.prompt_lengths, gen.lengths)
+                prompts, responses = texts
                 for i in range(min(keep - len(samples), n)):
                     samples.append({"step": self.step, "prompt": prompts[i], "response": responses[i],
-                                    "reward": float(scores[i])})
+                                    "reward": float(scores[i]),
+                                    **({} if compound is None else {"vader_compound": float(compound[i])})})
         if samples:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with open(self.run_dir / "grpo_samples.jsonl", "a", encoding="utf-8") as f:

@@ -7,6 +7,8 @@ SFT-trains a tiny GPT on randomwalks' sampled walks and then runs GRPO.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -78,7 +80,7 @@ def batch_of(trainer, step, n):
     ("grpo", {"beta": 0.05, "ppo_epochs": 2, "num_minibatches": 2, "clip_eps_high": 0.28,
               "overlong_penalty": {"max_len": 8, "cache_len": 4}, "dynamic_sampling": True,
               "batch": {"global_batch_size": 16, "micro_batch_size": 4}}),
-    ("rloo", {"kl_coef": 0.05}),
+    ("rloo", {"kl_coef": 0.05, "val_judge": "vader"}),
     ("reinforce_pp", {"kl_coef": 0.05}),
     ("reinforce_pp", {}),
 ])
@@ -99,6 +101,12 @@ def test_step_runs_with_finite_metrics(megatron_world, task, tmp_path, algorithm
             assert "dropped_groups" in m and "refill_rounds" in m
     ev = trainer.evaluate()
     assert 0.0 <= ev["reward_RandomWalkReward"] <= 1.0 and ev["response_length"] > 0 and np.isfinite(ev["reward"])
+    if cfg.grpo.val_judge:  # VADER on prompt + response texts (some node letters are lexicon entries)
+        assert -1.0 <= ev["vader_compound"] <= 1.0 and 0.0 <= ev["vader_positive"] <= 1.0
+        saved = [json.loads(line) for line in (tmp_path / "grpo_samples.jsonl").read_text().splitlines()]
+        assert saved and all(-1.0 <= r["vader_compound"] <= 1.0 for r in saved)
+    else:
+        assert "vader_positive" not in ev
 
 
 def test_groups_are_contiguous_and_whole(megatron_world, task, tmp_path):

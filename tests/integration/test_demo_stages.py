@@ -1,4 +1,5 @@
-"""The from-scratch demo's stages at a smaller size: SFT -> RM -> critic server (subprocess) -> PPO.
+"""The from-scratch demo's stages at a smaller size: SFT -> RM -> critic server (subprocess) -> PPO, then
+the same pipeline with algorithm=rloo (a critic-free trainer rewarded by the server's reward model).
 
 Runs the README's smoke path (launchers/run_demo.py --config-name demo_tiny) at the launchers' smallest size (1 layer,
 H = 32, 600 HH rows, 128 tokens, 512-token BPE, 8 sampled tokens) and with few steps, then checks
@@ -18,7 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
-SFT_STEPS, RM_STEPS, PPO_STEPS = 20, 10, 4
+SFT_STEPS, RM_STEPS, PPO_STEPS, RLOO_STEPS = 20, 10, 4, 2
 
 
 def test_demo_pipeline_small(tmp_path):
@@ -63,5 +64,24 @@ def test_demo_pipeline_small(tmp_path):
     png = (run_dir / "ppo_reward_kl.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     # The server was stopped: no process still serves from this run directory.
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(run_dir) not in ps
+
+    # The same pipeline with a critic-free algorithm in place of PPO (run_demo.py algorithm=rloo):
+    # SFT and RM resume at their last step (nothing retrained), the server's reward model rewards,
+    # the samples go to grpo_samples.jsonl, the report names the algorithm.
+    cmd_rloo = [c for c in cmd if not c.startswith(("ppo.", "+ppo."))] + [
+        "algorithm=rloo", f"grpo.trainer.max_steps={RLOO_STEPS}", "grpo.trainer.val_check_interval=2",
+        "grpo.batch.global_batch_size=16", "+grpo.grpo.sampling.max_new_tokens=8", "grpo.data.max_heldout_prompts=8"]
+    proc = subprocess.run(cmd_rloo, cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "RLOO" in proc.stdout and "reward-model score" in proc.stdout
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["rloo"]["steps"] == RLOO_STEPS and report["rloo"]["algorithm"] == "rloo"
+    assert report["sft"]["steps"] == SFT_STEPS and report["rm"]["steps"] == RM_STEPS  # resumed, not retrained
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sum(1 for r in rows if r["stage"] == "grpo" and "grpo/reward_reward_model" in r) == RLOO_STEPS
+    assert (run_dir / "grpo_samples.jsonl").exists()
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(run_dir) not in ps
