@@ -7,9 +7,10 @@ Run it once in the reference layout (one process) with ``--save-init`` and then 
     python -m torch.distributed.run --nproc-per-node 4 tools/parity.py \\
         --tp 2 --pp 2 --sp --out tp2pp2 --init init
 
-The ``grpo`` and ``reinforce_pp`` roles (not run by default: ``--roles``) take two whole steps of
+The ``grpo``, ``rloo`` and ``reinforce_pp`` roles (not run by default: ``--roles``) take two whole steps of
 :class:`~nemo_rlhf.algorithms.critic_free.CriticFreeTrainer` (GRPO with a k3 KL term to a frozen
-reference; REINFORCE++ with the KL in the token rewards and DP-whitened returns): groups of 4
+reference; RLOO with the sequence KL in the reward and its leave-one-out baseline; REINFORCE++ with
+the KL in the token rewards and DP-whitened returns): groups of 4
 sampled responses per prompt, rewarded by :func:`even_token_reward`.
 
 For each role (``sft``, ``rm``, ``critic``, ``actor``) it loads the same initial weights (a
@@ -38,7 +39,7 @@ import torch
 ROLES = ("sft", "rm", "critic", "actor", "ppo")
 # The critic-free trainers (``--roles ...,grpo,reinforce_pp``): two whole steps each from the actor's
 # initial weights, rewarded by :func:`even_token_reward` (a reward function on decoded texts).
-CRITIC_FREE_ROLES = ("grpo", "reinforce_pp")
+CRITIC_FREE_ROLES = ("grpo", "rloo", "reinforce_pp")
 VOCAB = 100
 # Llama-like (RMSNorm, SwiGLU, RoPE, GQA) with tied embeddings, 4 layers: divisible by TP 2 and
 # PP 2 and 4. make_vocab_size_divisible_by=64 pads vocab 100 to 128 for TP 1 and TP 2 alike.
@@ -146,7 +147,7 @@ def build_critic_free(algorithm: str, model_cfg: dict[str, Any], optim_cfg: dict
     from nemo_rlhf.config import GRPOStageConfig, parse_config
     from nemo_rlhf.models.policy import GPTPolicyModel
 
-    kl = {"beta": 0.05} if algorithm == "grpo" else {"kl_coef": 0.05}
+    kl = {"beta": 0.05} if algorithm == "grpo" else {"kl_coef": 0.05}  # rloo: KL(sequence) in the reward
     cfg = parse_config(GRPOStageConfig, {
         "run_dir": ".", "init_from": "init/actor", "tokenizer": {"path": "unused"},
         "batch": {"global_batch_size": GLOBAL_BATCH, "micro_batch_size": MICRO_BATCH},

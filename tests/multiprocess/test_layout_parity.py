@@ -7,7 +7,7 @@ micro-batches, the weights after that step, and greedy KV-cache generation, in T
 distributed optimizer — against TP=PP=DP=1 with the same initial weights (a dist-checkpoint
 resharded into each layout), fp32, tolerance 1e-5. Plus two whole PPO steps (generation, in-process
 critic and reward model, GAE, updates) and two whole steps of the critic-free trainers (GRPO with a
-KL term to its reference, REINFORCE++ with DP-whitened returns: group sampling, reward function,
+KL term to its reference, RLOO, REINFORCE++ with DP-whitened returns: group sampling, reward function,
 advantages, updates) in the TP/PP layouts, tolerance 1e-4 (in DP layouts each rank samples its own
 groups, so those steps must only run and stay finite). Each layout runs under torchrun (gloo, CPU).
 """
@@ -42,8 +42,8 @@ LAYOUTS = {
 }
 PARITY = str(REPO / "tools" / "parity.py")
 # the model roles, PPO and the critic-free trainers (tools/parity.py runs them in this order)
-ALL_ROLES = ["--roles", ",".join([*ROLES, "ppo", "grpo", "reinforce_pp"])]
-ONLINE = ("ppo", "grpo", "reinforce_pp")
+ALL_ROLES = ["--roles", ",".join([*ROLES, "ppo", "grpo", "rloo", "reinforce_pp"])]
+ONLINE = ("ppo", "grpo", "rloo", "reinforce_pp")
 REPORT: dict[str, dict[str, float]] = {}
 
 
