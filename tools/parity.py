@@ -26,6 +26,18 @@ embeddings and bottom layers; at PP=2 with k=2 the whole first stage is frozen),
 ``--reference hydra`` gives the ``ppo`` role a hydra reference policy (``models/hydra.py``) instead
 of a full frozen copy (needs k >= 0). ``--lora`` puts LoRA adapters (:data:`LORA`) on every
 role, with random non-zero B in the initial weights (``tests/multiprocess/test_lora_tp.py``).
+
+The ``dpo`` and ``rs`` roles (not run by default: ``--roles``) start from the ``actor`` initial weights.
+``dpo``: two steps of :class:`~nemo_rlhf.algorithms.dpo.DPOTrainer` (sigmoid loss, beta 0.5) on the
+fixed preference pairs of :func:`dpo_pairs`, the first against the frozen reference run on the batch
+(``dpo.reference=full``), the second with reference log-probs computed once on the whole batch
+(``precomputed``); it records the DPO metrics of both steps, the precomputed reference values and
+the policy's log-probs after the steps; DPO samples nothing, so every layout, DP included, must
+match one process. ``rs``: one round of
+:class:`~nemo_rlhf.algorithms.rejection_sampling.RejectionSamplingTrainer` (4 samples per fixed
+prompt, :func:`even_token_reward`, best-of-4 kept, two SFT steps on the kept samples): it records
+the samples (token ids, rewards, kept flags), the round's metrics, the SFT step metrics and the
+log-probs after; each DP rank samples its own prompts, so only TP/PP layouts can match one process.
 """
 
 from __future__ import annotations
@@ -54,6 +66,8 @@ OPTIM = dict(optimizer="sgd", lr=1.0, clip_grad=1.0, weight_decay=0.0)
 GLOBAL_BATCH, SEQ, MICRO_BATCH = 8, 16, 2
 # --lora: adapters on every attention/MLP linear; the scalar heads of rm/critic train with them.
 LORA = dict(rank=4, alpha=8.0)
+# Preference and best-of-n roles (issue 14 §4; ``--roles ...,dpo,rs``): policy (and reference) from ``actor``.
+DPO_ROLE, RS_ROLE = "dpo", "rs"
 
 
 def with_lora(model_cfg: dict[str, Any], role: str) -> dict[str, Any]:
@@ -109,6 +123,10 @@ def build_role(role: str, model_cfg: dict[str, Any], optim_cfg: dict[str, Any] |
     from nemo_rlhf.models.policy import GPTPolicyModel
     from nemo_rlhf.models.reward_model import GPTRewardModel
 
+    if role == DPO_ROLE:
+        return build_dpo(model_cfg, optim_cfg)
+    if role == RS_ROLE:
+        return build_rs(model_cfg, optim_cfg)
     if role in ("sft", "actor"):
         return GPTPolicyModel(model_cfg, optim_cfg, VOCAB, MICRO_BATCH, eos_id=1, pad_id=0)
     if role == "rm":
@@ -221,6 +239,129 @@ def load_ppo(trainer, init: Path) -> None:
     load_weights(rm, init / "rm")
 
 
+def dpo_pairs(data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The fixed preference pairs of the ``dpo`` role, in :func:`~nemo_rlhf.data.collate_preference`'s
+    layout: ``tokens [2B, S]`` int64 (the B chosen rows = ``data["tokens"]``, then B rejected rows: the
+    same prompt followed by ``data["rejected"]``'s tokens), ``prompt_lengths [2B]`` (the prompt of
+    ``loss_mask``, 2..7 tokens) and ``lengths [2B]`` (``data["lengths"]`` for the chosen rows, the same
+    rolled by one for the rejected rows; 8..16 tokens, every response non-empty)."""
+    chosen = data["tokens"]
+    prompt = (data["loss_mask"] == 0).sum(dim=1)
+    cols = torch.arange(chosen.shape[1]).unsqueeze(0)
+    rejected = torch.where(cols < prompt.unsqueeze(1), chosen, data["rejected"])
+    return {"tokens": torch.cat([chosen, rejected]), "prompt_lengths": torch.cat([prompt, prompt]),
+            "lengths": torch.cat([data["lengths"], data["lengths"].roll(1)])}
+
+
+def _dp_pairs(pairs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This DP rank's share of :func:`dpo_pairs` (its chosen rows, then their rejected rows)."""
+    out = {}
+    for k, v in pairs.items():
+        b = v.shape[0] // 2
+        out[k] = torch.cat([_dp_slice(v[:b]), _dp_slice(v[b:])])
+    return out
+
+
+def build_dpo(model_cfg: dict[str, Any], optim_cfg: dict[str, Any] | None):
+    """A :class:`~nemo_rlhf.algorithms.dpo.DPOTrainer` (sigmoid loss, beta 0.5) with its policy and
+    frozen reference in this layout, without :meth:`~nemo_rlhf.algorithms.dpo.DPOTrainer.setup` (no
+    data set: :func:`run_role` feeds :func:`dpo_pairs`); weights loaded by :func:`load_from_actor`."""
+    from nemo_rlhf.algorithms.dpo import DPOTrainer, dpo_loss_fn
+    from nemo_rlhf.config import DPOStageConfig, parse_config
+    from nemo_rlhf.models.policy import GPTPolicyModel
+
+    cfg = parse_config(DPOStageConfig, {
+        "run_dir": ".", "init_from": "init/actor", "tokenizer": {"path": "unused"},
+        "batch": {"global_batch_size": GLOBAL_BATCH, "micro_batch_size": MICRO_BATCH}, "dpo": {"beta": 0.5}})
+    trainer = DPOTrainer(cfg)
+    trainer.model = GPTPolicyModel(model_cfg, optim_cfg, VOCAB, MICRO_BATCH, eos_id=1, pad_id=0)
+    trainer.reference = GPTPolicyModel(model_cfg, None, VOCAB, MICRO_BATCH, eos_id=1, pad_id=0)
+    trainer.loss_fn = dpo_loss_fn(trainer.model, cfg.dpo)
+    trainer.policy = trainer.model
+    trainer.gpt = trainer.model.gpt  # what main() saves after the steps
+    return trainer
+
+
+class FixedPrompts(torch.utils.data.Dataset):
+    """:class:`~nemo_rlhf.data.PromptDataset` items of ``prompts [N, P]`` cut at ``prompt_lengths [N]``."""
+
+    def __init__(self, prompts: torch.Tensor, prompt_lengths: torch.Tensor):
+        self.items = [{"prompt": p[: int(n)].clone(), "prompt_length": n.clone()}
+                      for p, n in zip(prompts, prompt_lengths)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        return self.items[idx]
+
+
+def build_rs(model_cfg: dict[str, Any], optim_cfg: dict[str, Any] | None):
+    """A :class:`~nemo_rlhf.algorithms.rejection_sampling.RejectionSamplingTrainer` around a policy in
+    this layout (weights loaded by :func:`load_from_actor`): 4 samples per prompt (seed 5, up to 6 new
+    tokens), best-of-4 by :func:`even_token_reward`; prompts set by :func:`run_role`."""
+    from nemo_rlhf.algorithms.rejection_sampling import RejectionSamplingTrainer
+    from nemo_rlhf.config import RejectionSamplingStageConfig, parse_config
+    from nemo_rlhf.models.policy import GPTPolicyModel
+
+    cfg = parse_config(RejectionSamplingStageConfig, {
+        "run_dir": ".", "init_from": "init/actor", "tokenizer": {"path": "unused"},
+        "data": {"dataset": "jsonl", "files": ["unused.jsonl"], "heldout_files": ["unused.jsonl"]},
+        "batch": {"global_batch_size": GLOBAL_BATCH, "micro_batch_size": MICRO_BATCH},
+        "reward": {"functions": [{"_target_": "tools.parity.even_token_reward"}]},
+        "rs": {"num_samples": 4, "prompts_per_round": 4, "generation_batch_size": 8, "seed": 5,
+               "sampling": {"max_new_tokens": 6}, "best_of_n": {"enabled": False}}})
+    policy = GPTPolicyModel(model_cfg, optim_cfg, VOCAB, MICRO_BATCH, eos_id=1, pad_id=0)
+    trainer = RejectionSamplingTrainer.from_models(cfg, policy, DigitTokenizer(), None, None,
+                                                   reward_fn=_even_token_reward_sum())
+    trainer.gpt = policy.gpt  # what main() saves after the steps
+    return trainer
+
+
+def load_from_actor(trainer, init: Path) -> None:
+    """The ``dpo`` / ``rs`` trainer's policy (and DPO's reference) from the ``actor`` weights."""
+    from nemo_rlhf.checkpoint.weights import load_weights
+
+    load_weights(trainer.policy, init / "actor")
+    if getattr(trainer, "reference", None) is not None:
+        load_weights(trainer.reference, init / "actor")
+
+
+def _run_dpo(trainer, data: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Two DPO steps on :func:`dpo_pairs` (this DP rank's share): reference run per batch, then
+    precomputed on the whole batch."""
+    pairs = dpo_pairs(data)
+    steps = [trainer.train_step(_dp_pairs(pairs))]  # dpo.reference=full: the reference runs on the shard
+    trainer.step += 1
+    ref = trainer.reference_logps(pairs)  # dpo.reference=precomputed: once, on every pair, [2B]
+    steps.append(trainer.train_step(_dp_pairs({**pairs, "ref_logps": ref})))
+    trainer.step += 1
+    return {"metrics": steps[-1], "steps": steps, "ref_logps": ref,
+            "outputs": trainer.model.logprobs(data["tokens"])}  # the policy after two steps
+
+
+def _run_rs(trainer, data: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """One rejection-sampling round: sample and select (each DP rank its share of the 4 prompts),
+    gather, two SFT steps on the kept samples (the global batch of :class:`KeptSamples`, this DP
+    rank's share)."""
+    from nemo_rlhf.algorithms.rejection_sampling import KeptSamples, _gather_rows
+
+    trainer.train_ds = trainer.val_ds = FixedPrompts(data["prompts"], data["prompt_lengths"])
+    rows = _gather_rows(trainer.generate_round(0))
+    kept = [r for r in rows if r["kept"]]
+    items = KeptSamples(kept, min_size=GLOBAL_BATCH)
+    batch = trainer.sft_collate([items[i] for i in range(GLOBAL_BATCH)])
+    steps = []
+    for _ in range(2):
+        steps.append(trainer.train_step({k: _dp_slice(batch[k]) for k in ("tokens", "loss_mask")}))
+        trainer.step += 1
+    return {"metrics": {**trainer.sample_metrics(rows, int(trainer.cfg.rs.num_samples)), **steps[-1]},
+            "steps": steps, "samples": [{k: r[k] for k in ("prompt_index", "sample", "prompt_ids", "response_ids",
+                                                              "reward", "kept")} for r in rows],
+            "round_metrics": trainer.sample_metrics(rows, int(trainer.cfg.rs.num_samples)),
+            "outputs": trainer.policy.logprobs(data["tokens"])}  # the policy after the round's SFT
+
+
 def run_role(role: str, model, data: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Forward outputs on the full batch, then one optimizer step on this DP rank's share."""
     from nemo_rlhf.algorithms.ppo import ppo_loss_fn
@@ -271,6 +412,10 @@ def run_role(role: str, model, data: dict[str, torch.Tensor]) -> dict[str, Any]:
                  "advantages": _dp_slice(data["advantages"]), "mask": _dp_slice(data["mask"][:, :-1])}
         out["metrics"] = model.train_on(ppo_loss_fn(model, clip_eps=0.2, entropy_coef=0.01, clip_eps_high=None),
                                         shard)
+    elif role == DPO_ROLE:
+        out.update(_run_dpo(model, data))
+    elif role == RS_ROLE:
+        out.update(_run_rs(model, data))
     elif role == "ppo":
         prompts = tokens[:, :6]
         plens = 3 + (data["lengths"] % 4)
@@ -355,6 +500,8 @@ def main(argv: list[str] | None = None) -> None:
                 load_ppo(model, Path(args.init))  # reuses the other roles' initial weights
             elif role in CRITIC_FREE_ROLES:
                 load_critic_free(model, Path(args.init))
+            elif role in (DPO_ROLE, RS_ROLE):
+                load_from_actor(model, Path(args.init))
             else:
                 if args.save_init:
                     if args.lora:
