@@ -11,7 +11,12 @@ The ``grpo``, ``rloo`` and ``reinforce_pp`` roles (not run by default: ``--roles
 :class:`~nemo_rlhf.algorithms.critic_free.CriticFreeTrainer` (GRPO with a k3 KL term to a frozen
 reference; RLOO with the sequence KL in the reward and its leave-one-out baseline; REINFORCE++ with
 the KL in the token rewards and DP-whitened returns): groups of 4
-sampled responses per prompt, rewarded by :func:`even_token_reward`.
+sampled responses per prompt, rewarded by :func:`even_token_reward`. The ``ilql`` role (not run by
+default either) takes two ILQL steps of :class:`~nemo_rlhf.algorithms.ilql.ILQLTrainer` on a fixed
+offline batch (a Polyak target sync after each) from its own initial weights (trunk and heads), and
+records the step metrics, then the log-probs and the heads' outputs (Q, target Q over the whole
+vocabulary, V) on the full batch; ILQL samples nothing in a step, so every layout, DP included,
+must match one process.
 
 For each role (``sft``, ``rm``, ``critic``, ``actor``) it loads the same initial weights (a
 dist-checkpoint, resharded to this layout), records forward outputs on the full fixed batch
@@ -52,6 +57,8 @@ ROLES = ("sft", "rm", "critic", "actor", "ppo")
 # The critic-free trainers (``--roles ...,grpo,reinforce_pp``): two whole steps each from the actor's
 # initial weights, rewarded by :func:`even_token_reward` (a reward function on decoded texts).
 CRITIC_FREE_ROLES = ("grpo", "rloo", "reinforce_pp")
+# ILQL (``--roles ...,ilql``): two offline steps of the ILQL trainer, heads on the policy's trunk.
+ILQL_ROLE = "ilql"
 VOCAB = 100
 # Llama-like (RMSNorm, SwiGLU, RoPE, GQA) with tied embeddings, 4 layers: divisible by TP 2 and
 # PP 2 and 4. make_vocab_size_divisible_by=64 pads vocab 100 to 128 for TP 1 and TP 2 alike.
@@ -137,7 +144,11 @@ def build_role(role: str, model_cfg: dict[str, Any], optim_cfg: dict[str, Any] |
         return build_ppo(model_cfg, optim_cfg, reference)
     if role in CRITIC_FREE_ROLES:
         return build_critic_free(role, model_cfg, optim_cfg)
-    raise ValueError(f"unknown role {role!r}; roles: {ROLES + CRITIC_FREE_ROLES}")
+    if role == ILQL_ROLE:
+        from nemo_rlhf.models.ilql import GPTILQLModel
+
+        return GPTILQLModel(model_cfg, optim_cfg, VOCAB, MICRO_BATCH, eos_id=1, pad_id=0)
+    raise ValueError(f"unknown role {role!r}; roles: {ROLES + CRITIC_FREE_ROLES + (ILQL_ROLE,)}")
 
 
 class DigitTokenizer:
@@ -192,6 +203,51 @@ def load_critic_free(trainer, init: Path) -> None:
 
     load_weights(trainer.policy, init / "actor")
     load_weights(trainer.reference, init / "actor")
+
+
+def ilql_trainer(model):
+    """An :class:`~nemo_rlhf.algorithms.ilql.ILQLTrainer` around the ``ilql`` role's model: a target
+    sync after every step at ``alpha`` 0.5 (so the second step's value loss reads moved targets),
+    AWAC weighted (``awac_beta`` 0.5) to exercise every term."""
+    from nemo_rlhf.algorithms.ilql import ILQLTrainer
+    from nemo_rlhf.config import ILQLStageConfig, parse_config
+
+    cfg = parse_config(ILQLStageConfig, {
+        "run_dir": ".", "tokenizer": {"path": "unused"},
+        "data": {"dataset": "jsonl", "files": ["unused.jsonl"], "heldout_files": ["unused.jsonl"]},
+        "batch": {"global_batch_size": GLOBAL_BATCH, "micro_batch_size": MICRO_BATCH},
+        "reward": {"functions": [{"_target_": "tools.parity.even_token_reward"}]},
+        "ilql": {"steps_for_target_q_sync": 1, "alpha": 0.5, "awac_beta": 0.5}})
+    return ILQLTrainer.from_models(cfg, model, DigitTokenizer(), None, None, reward_fn=_even_token_reward_sum())
+
+
+def ilql_head_outputs(model, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The heads of a :class:`~nemo_rlhf.models.ilql.GPTILQLModel` on ``tokens [B, S]`` (forward
+    only), on every rank: ``q1``, ``target_q1`` (``q2``, ``target_q2``) ``[B, S, V]`` (the padded
+    vocabulary, gathered over TP) and ``v [B, S]``."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from nemo_rlhf.models.megatron_module import split_microbatches
+    from nemo_rlhf.models.pipeline_utils import broadcast_from_last_stage
+
+    model.model.eval()
+    names = ["q1", "q2"][: 2 if model._ilql_options[0] else 1]
+
+    def loss_fn(mb, logits, heads):
+        qs, tqs, v = heads
+        out = {"v": v}
+        for name, q, t in zip(names, qs, tqs):
+            out[name] = gather_from_tensor_model_parallel_region(q.detach())
+            out[f"target_{name}"] = gather_from_tensor_model_parallel_region(t)
+        return logits.sum() * 0, out
+
+    with torch.no_grad(), model.capturing_hidden():
+        outs = model.forward_backward(split_microbatches({"tokens": tokens}, MICRO_BATCH), model.forward_step,
+                                      model._with_heads(loss_fn), forward_only=True)
+    b, s = tokens.shape
+    shapes = {"v": (b, s), **{k: (b, s, model.gpt.vocab_size) for n in names for k in (n, f"target_{n}")}}
+    return {k: broadcast_from_last_stage(torch.cat([o[k] for o in outs]) if outs else None, shape, torch.float32)
+            for k, shape in shapes.items()}
 
 
 def build_ppo(model_cfg: dict[str, Any], optim_cfg: dict[str, Any] | None, reference: str = "full"):
@@ -435,6 +491,18 @@ def run_role(role: str, model, data: dict[str, torch.Tensor]) -> dict[str, Any]:
         out["metrics"] = steps[-1]
         out["steps"] = steps
         out["outputs"] = model.policy.logprobs(tokens)  # the policy after two steps
+    elif role == ILQL_ROLE:
+        trainer = ilql_trainer(model)
+        batch = {"tokens": tokens, "prompt_lengths": (data["loss_mask"] == 0).sum(dim=1), "lengths": data["lengths"],
+                 "rewards": data["returns"][:, 0]}
+        steps = []
+        for _ in range(2):  # two offline steps, a target sync after each
+            steps.append(trainer.train_step({k: _dp_slice(v) for k, v in batch.items()}))
+            trainer.step += 1
+        out["metrics"] = steps[-1]
+        out["steps"] = steps
+        out["outputs"] = model.logprobs(tokens)  # the LM head after two steps
+        out["heads"] = ilql_head_outputs(model, tokens)
     return out
 
 

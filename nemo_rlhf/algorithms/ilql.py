@@ -45,6 +45,7 @@ from nemo_rlhf.data.tokenizer import tokenizer_from_config
 from nemo_rlhf.generation.sampling import SamplingParams
 from nemo_rlhf.models.ilql import HEADS_PREFIX, GPTILQLModel
 from nemo_rlhf.models.policy import mask_padded_vocab
+from nemo_rlhf.models.vocab_parallel import token_logprobs, vocab_parallel_gather
 from nemo_rlhf.parallel.state import is_rank_zero, setup_parallel
 from nemo_rlhf.rewards.functions import RewardSum, build_reward
 from nemo_rlhf.rl.advantages import response_mask
@@ -59,9 +60,17 @@ def ilql_loss_fn(model: GPTILQLModel, tau: float, gamma: float, cql_scale: float
     the micro-batch ``tokens [b, S]``, ``mask`` and ``token_rewards`` ``[b, S-1]`` (float32).
 
     Q over the vocabulary has its padding columns set to -1e9 (so CQL's softmax ignores them).
+    Under tensor parallelism the logits and Q arrive as ``[b, S, V/TP]`` vocabulary slices: the
+    log-probs (AWAC), the CQL cross-entropy (:func:`~nemo_rlhf.models.vocab_parallel.token_logprobs`
+    of Q) and Q(s, a) (:func:`~nemo_rlhf.models.vocab_parallel.vocab_parallel_gather`) are computed
+    vocabulary-parallel, without gathering the vocabulary; with TP = 1, the whole-vocabulary maths
+    of :mod:`nemo_rlhf.rl.ilql` (the same values up to float rounding, tools/parity.py role ``ilql``).
     Metrics: ``loss``, ``loss_q``, ``loss_v``, ``loss_cql``, ``loss_awac``, ``q_mean``, ``v_mean``,
     ``target_q_mean``."""
+    from megatron.core import parallel_state
+
     vocab = model.gpt.unpadded_vocab_size if hasattr(model.gpt, "unpadded_vocab_size") else None
+    tp = parallel_state.get_tensor_model_parallel_world_size()
 
     def loss_fn(mb, logits, heads):
         qs_all, target_all, values = heads
@@ -69,11 +78,17 @@ def ilql_loss_fn(model: GPTILQLModel, tau: float, gamma: float, cql_scale: float
         actions = tokens[:, 1:]
         logprobs = model.response_logprobs(model.masked_logits(logits), tokens)
         q_vocab = [mask_padded_vocab(q[:, :-1], vocab) for q in qs_all]
-        qs = [gather_actions(q, actions) for q in q_vocab]
-        target_qs = [gather_actions(q[:, :-1], actions) for q in target_all]
+        if tp == 1:
+            qs = [gather_actions(q, actions) for q in q_vocab]
+            target_qs = [gather_actions(q[:, :-1], actions) for q in target_all]
+            cql_ce = None
+        else:
+            qs = [vocab_parallel_gather(q, actions) for q in q_vocab]
+            target_qs = [vocab_parallel_gather(q[:, :-1], actions) for q in target_all]
+            cql_ce = [-token_logprobs(q.contiguous(), actions) for q in q_vocab]
         loss, stats = ilql_loss(logprobs, qs, target_qs, q_vocab, values, actions, mb["token_rewards"], mb["mask"],
                                 tau=tau, gamma=gamma, cql_scale=cql_scale, awac_scale=awac_scale,
-                                awac_beta=awac_beta)
+                                awac_beta=awac_beta, cql_ce=cql_ce)
         return loss, {"loss": loss, **stats}
 
     return loss_fn

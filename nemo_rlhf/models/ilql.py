@@ -1,7 +1,7 @@
 """The ILQL policy: a megatron GPT language model with ILQL heads on its trunk (Snell et al. 2022;
 trlX ``AutoModelForCausalLMWithILQLHeads`` / ``ILQLHeads``).
 
-Heads (:class:`ILQLHeads`, ``gpt.ilql_heads``, last pipeline stage), each a two-layer MLP
+Heads (:class:`ILQLHeads`, ``gpt.ilql_heads``, on the last pipeline stage only, as the LM head), each a two-layer MLP
 ``H -> 2H -> out`` with ReLU as trlX's ``make_head``, reading the trunk's final hidden states
 (after the final norm, the LM head's input):
 
@@ -22,12 +22,18 @@ plain :class:`~nemo_rlhf.models.policy.GPTPolicyModel`, which ignores the heads)
 
 Hidden states: a forward hook on ``gpt.decoder.final_layernorm`` captures ``[S, b, H]`` during
 the same forward that gives the logits (training, evaluation and every KV-cache decode step), so
-one trunk forward serves the LM head and the ILQL heads.
+one trunk forward serves the LM head and the ILQL heads. With sequence parallelism the captured
+states are ``[S/TP, b, H]``; they are all-gathered over the sequence before the heads (as the LM
+head's column-parallel input does; the backward keeps each rank's own slice).
 
-Layouts: TP = PP = 1 with no sequence parallelism (data parallel works: the heads are ordinary
-DDP parameters). The heads are megatron TP linears (Q: vocabulary-split output like the LM head;
-V: column- then row-parallel), but the ILQL losses and the decoding shift are written for the
-whole vocabulary on one rank, so other layouts are refused at construction with the reason.
+Layouts: every TP x PP x DP (+ sequence parallelism). The heads are megatron TP linears: Q and
+target Q ``[b, S, V/TP]`` split over the vocabulary like the LM head (fc1 column-parallel gathered,
+fc2 column-parallel), V column- then row-parallel (replicated ``[b, S]``). The ILQL loss reads Q
+vocabulary-parallel (``algorithms/ilql.py``'s ``ilql_loss_fn``); decoding all-gathers the target
+Q of the one decoded position over TP, as the sampler gathers the logits, and shifts the full
+``[B, V]`` logits. Under PP the heads, their loss, the Polyak sync and the decoding shift live on
+the last stage; the dist-checkpoint reshards them like every TP linear
+(tools/parity.py role ``ilql``, tests/multiprocess/test_layout_parity.py).
 """
 
 from __future__ import annotations
@@ -133,8 +139,6 @@ class GPTILQLModel(GPTPolicyModel):
         two_qs: two Q heads (and two targets) instead of one.
         head_init_std: std of the heads' normal init (None: ``model.init_method_std``).
 
-    Raises:
-        ValueError: tensor or pipeline parallelism, or sequence parallelism (see the module docstring).
     """
 
     def __init__(self, model_cfg: Mapping[str, Any], optim_cfg: Mapping[str, Any] | None, vocab_size: int,
@@ -145,35 +149,39 @@ class GPTILQLModel(GPTPolicyModel):
         super().__init__(model_cfg, optim_cfg, vocab_size, micro_batch_size, eos_id, pad_id)
 
     def extend_model(self, gpt) -> None:
-        from megatron.core import parallel_state
-
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        pp = parallel_state.get_pipeline_model_parallel_world_size()
-        if tp != 1 or pp != 1 or gpt.config.sequence_parallel:
-            raise ValueError(
-                f"ILQL heads need model.tensor_model_parallel_size=1 and model.pipeline_model_parallel_size=1 "
-                f"without sequence parallelism (got TP={tp}, PP={pp}, sequence_parallel="
-                f"{gpt.config.sequence_parallel}): the ILQL losses and the decoding shift read the whole "
-                f"vocabulary on one rank. Use data parallelism to scale out.")
+        if not gpt.post_process:  # not the last pipeline stage: no LM head, no ILQL heads
+            return
         two_qs, std = self._ilql_options
         gpt.ilql_heads = _heads_class()(gpt.config, gpt.vocab_size, two_qs=two_qs, init_std=std)
 
     # ------------------------------------------------------------------ accessors
     @property
     def heads(self):
-        """The :class:`ILQLHeads` of this rank."""
-        return self.gpt.ilql_heads
+        """The :class:`ILQLHeads` of this rank (None on a pipeline stage other than the last)."""
+        return getattr(self.gpt, "ilql_heads", None)
+
+    def _capture(self, module, args, out) -> None:
+        hidden = out[0] if isinstance(out, tuple) else out
+        if self.gpt.config.sequence_parallel:  # [S/TP, b, H] -> [S, b, H] (off while generating)
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            # The heads' first linears all-reduce their input gradient over TP, so each rank's
+            # gradient of the gathered states is already whole: the backward keeps this rank's slice.
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+        self._hidden.append(hidden)
 
     @contextlib.contextmanager
     def capturing_hidden(self):
         """Inside the block, every forward appends the trunk's final hidden states ``[S, b, H]``
-        (the final norm's output) to ``self._hidden``; cleared on exit."""
-        handle = self.gpt.decoder.final_layernorm.register_forward_hook(
-            lambda module, args, out: self._hidden.append(out[0] if isinstance(out, tuple) else out))
+        (the final norm's output, all-gathered over the sequence under sequence parallelism) to
+        ``self._hidden``; cleared on exit. Nothing is captured off the last pipeline stage."""
+        norm = getattr(self.gpt.decoder, "final_layernorm", None) if self.heads is not None else None
+        handle = norm.register_forward_hook(self._capture) if norm is not None else None
         try:
             yield self._hidden
         finally:
-            handle.remove()
+            if handle is not None:
+                handle.remove()
             self._hidden.clear()
 
     # ------------------------------------------------------------------ training
@@ -198,7 +206,10 @@ class GPTILQLModel(GPTPolicyModel):
     @torch.no_grad()
     def sync_target_heads(self, alpha: float) -> None:
         """``target <- alpha * online + (1 - alpha) * target`` for every Q head's parameters
-        (:func:`~nemo_rlhf.rl.ilql.polyak_update_`); ``alpha = 1`` copies."""
+        (:func:`~nemo_rlhf.rl.ilql.polyak_update_`); ``alpha = 1`` copies. Only the last pipeline
+        stage holds heads; each TP rank updates its own slices (no communication)."""
+        if self.heads is None:
+            return
         for online, target in self.heads.pairs():
             polyak_update_(list(target.parameters()), list(online.parameters()), float(alpha))
 
@@ -210,12 +221,15 @@ class GPTILQLModel(GPTPolicyModel):
         ``params``' temperature / top-p / greedy, through the KV-cache loop of
         :func:`~nemo_rlhf.generation.sampling.generate` (its ``logits_processor``); ``beta = 0``
         samples the policy's own distribution. Arguments and result as :meth:`generate`."""
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
         heads = self.heads
 
-        def shift(logits: torch.Tensor) -> torch.Tensor:
+        def shift(logits: torch.Tensor) -> torch.Tensor:  # last pipeline stage only
             hidden = self._hidden[-1][-1:]  # [1, b, H]: this step's last position
             self._hidden.clear()
-            tqs = [h(hidden)[0].float() for h in heads.target_heads()]
+            # [1, b, V/TP] -> [b, V]: the whole vocabulary, as the logits the sampler gathered
+            tqs = [gather_from_tensor_model_parallel_region(h(hidden))[0].float() for h in heads.target_heads()]
             v = heads.v(hidden)[0].float()
             return ilql_decode_logits(logits, tqs, v, float(beta), int(params.top_k))
 

@@ -61,3 +61,34 @@ def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
         sum_e = reduce_from_tensor_model_parallel_region(sum_e)
         sum_ez = reduce_from_tensor_model_parallel_region(sum_ez)
     return torch.log(sum_e) - sum_ez / sum_e
+
+
+def vocab_parallel_gather(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``values[..., ids]`` of a vocabulary-parallel tensor, without gathering the vocabulary.
+
+    Args:
+        values: ``[B, T, V/TP]`` this TP rank's contiguous slice of a vocabulary-sized output (e.g.
+            ILQL's Q over the vocabulary), any float dtype.
+        ids: ``[B, T]`` int64 ids in the padded vocabulary.
+
+    Returns:
+        ``[B, T]`` (``values``' dtype), replicated on every TP rank, differentiable: each rank picks
+        the ids inside its slice (0 elsewhere) and the slices are summed with megatron's
+        ``reduce_from_tensor_model_parallel_region`` (all-reduce forward, identity backward, so the
+        gradient reaches only the rank that holds each id; see :func:`vocab_parallel_entropy`).
+        With TP = 1 it is ``values.gather(-1, ids)``.
+    """
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return values.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+    shard = values.shape[-1]
+    start = parallel_state.get_tensor_model_parallel_rank() * shard
+    local = ids - start
+    outside = (local < 0) | (local >= shard)
+    picked = values.gather(-1, local.masked_fill(outside, 0).unsqueeze(-1)).squeeze(-1)
+    picked = picked.masked_fill(outside, 0.0)
+    return reduce_from_tensor_model_parallel_region(picked)

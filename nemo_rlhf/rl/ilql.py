@@ -189,7 +189,8 @@ def awac_loss(logprobs: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor |
 def ilql_loss(logprobs: torch.Tensor, qs: Sequence[torch.Tensor], target_qs: Sequence[torch.Tensor],
               q_vocab: Sequence[torch.Tensor], values: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
               mask: torch.Tensor, *, tau: float, gamma: float, cql_scale: float, awac_scale: float,
-              awac_beta: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              awac_beta: float = 0.0, cql_ce: Sequence[torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The ILQL objective ``L_Q + L_V + cql_scale * L_CQL + awac_scale * L_AWAC`` (Snell et al.
     2022, §4; trlX ``ILQLConfig.loss``).
 
@@ -197,7 +198,8 @@ def ilql_loss(logprobs: torch.Tensor, qs: Sequence[torch.Tensor], target_qs: Seq
         logprobs: ``[B, T]`` policy (LM head) log-probs of the taken actions.
         qs: per Q head ``[B, T]`` Q of the taken actions (trained).
         target_qs: per target Q head ``[B, T]`` (frozen copies; their minimum is ``Qhat``).
-        q_vocab: per Q head ``[B, T, V]`` Q over the vocabulary (for CQL).
+        q_vocab: per Q head ``[B, T, V]`` Q over the vocabulary (for CQL); ignored (may be None)
+            when ``cql_ce`` is given.
         values: ``[B, S]`` V head at every position (``S = T + 1``; position ``t + 1`` gives
             ``V(s_{t+1})``).
         actions: ``[B, T]`` int64 ``tokens[:, 1:]``.
@@ -205,6 +207,9 @@ def ilql_loss(logprobs: torch.Tensor, qs: Sequence[torch.Tensor], target_qs: Seq
         mask: ``[B, T]`` actions.
         tau, gamma, cql_scale, awac_scale: see the functions above.
         awac_beta: temperature of the AWAC weight ``exp(awac_beta * (Qhat - V))`` (0: plain NLL).
+        cql_ce: per Q head ``[B, T]`` cross-entropy ``logsumexp_a Q(s, a) - Q(s, a_t)`` computed by
+            the caller (e.g. vocabulary-parallel over TP ranks, ``models/vocab_parallel.py``); the
+            CQL term is then their masked means summed, as :func:`cql_loss` does with ``q_vocab``.
 
     Returns:
         ``(loss, stats)``: scalar loss; stats ``loss_q``, ``loss_v``, ``loss_cql``, ``loss_awac``,
@@ -216,14 +221,21 @@ def ilql_loss(logprobs: torch.Tensor, qs: Sequence[torch.Tensor], target_qs: Seq
     b, t = mask.shape
     if tuple(values.shape) != (b, t + 1):
         raise ValueError(f"ilql_loss: values must be [B, T+1] = [{b}, {t + 1}], got {tuple(values.shape)}")
-    if not qs or len(qs) != len(target_qs) or len(qs) != len(q_vocab):
+    per_head = q_vocab if cql_ce is None else cql_ce
+    if not qs or len(qs) != len(target_qs) or len(qs) != len(per_head):
         raise ValueError(f"ilql_loss: need as many Q heads as target heads ({len(qs)} vs {len(target_qs)}, "
-                         f"{len(q_vocab)} vocabulary outputs), at least one")
+                         f"{len(per_head)} vocabulary outputs), at least one")
     v_now, v_next = values[:, :-1], values[:, 1:]
     target_q = torch.stack([q.detach() for q in target_qs]).amin(dim=0)
     loss_q = q_loss(qs, q_targets(rewards, v_next, mask, gamma), mask)
     loss_v = value_loss(target_q, v_now, mask, tau)
-    loss_cql = cql_loss(q_vocab, actions, mask)
+    if cql_ce is None:
+        loss_cql = cql_loss(q_vocab, actions, mask)
+    else:
+        loss_cql = 0.0
+        for ce in cql_ce:
+            _check_same_shape(cql_ce=ce, mask=mask)
+            loss_cql = loss_cql + _masked_mean(ce, mask)
     weight = torch.exp(awac_beta * (target_q - v_now.detach())) if awac_beta else None
     loss_awac = awac_loss(logprobs, mask, weight)
     loss = loss_q + loss_v + cql_scale * loss_cql + awac_scale * loss_awac

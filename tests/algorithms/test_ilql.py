@@ -319,17 +319,6 @@ def test_sft_weights_load_into_the_trunk_and_heads_start_fresh(megatron_world, t
                if torch.is_tensor(v) and not k.startswith(HEADS_PREFIX) and not k.endswith("_extra_state"))
 
 
-def test_model_parallel_layouts_are_refused_with_the_reason(megatron_world, task, monkeypatch):
-    from megatron.core import parallel_state
-
-    from nemo_rlhf.models.ilql import GPTILQLModel
-
-    _, tok, _ = task
-    monkeypatch.setattr(parallel_state, "get_tensor_model_parallel_world_size", lambda: 2)
-    with pytest.raises(ValueError, match=r"model.tensor_model_parallel_size=1 .*\(got TP=2, PP=1"):
-        GPTILQLModel(MODEL, None, tok.vocab_size, 8, tok.eos_id, tok.pad_id)
-
-
 def test_one_q_head_without_two_qs(megatron_world, task, tmp_path):
     """ilql.two_qs=false: one Q head and one target (no q2 parameters); a step trains and decodes."""
     from nemo_rlhf.algorithms.ilql import ILQLTrainer
