@@ -440,10 +440,11 @@ class CriticFreeTrainer(Trainer):
     def evaluate(self, limit: int | None = None) -> dict[str, float]:
         """Held-out mean reward: ``grpo.val_samples_per_prompt`` responses per held-out prompt,
         sampled with ``grpo.val_sampling`` over ``grpo.sampling`` (seeded ``grpo.seed + 1``, or
-        greedy), scored as in training; also each reward term and the response length (tokens),
-        averaged over DP. With ``grpo.val_judge: vader`` also ``vader_compound`` (mean VADER
-        compound of prompt + response) and ``vader_positive`` (fraction with compound > 0.05), as
-        PPO's evaluation (:mod:`nemo_rlhf.rewards.sentiment`). Rank 0 appends its first
+        greedy), scored as in training; also each reward term, the response length (tokens) and,
+        when a reference policy exists, ``kl`` (sequence KL(policy || reference), k1 estimate,
+        nats per response, as PPO's), averaged over DP. With ``grpo.val_judge: vader`` also
+        ``vader_compound`` (mean VADER compound of prompt + response) and ``vader_positive``
+        (fraction with compound > 0.05), as PPO's evaluation (:mod:`nemo_rlhf.rewards.sentiment`). Rank 0 appends its first
         ``grpo.val_samples_saved`` samples (step, prompt, response, reward) to
         ``<run_dir>/grpo_samples.jsonl``."""
         p = self.cfg.grpo
@@ -458,6 +459,10 @@ class CriticFreeTrainer(Trainer):
             n = int(scores.shape[0])
             rows = {"reward": scores, **{f"reward_{t}": v for t, v in terms.items()},
                     "response_length": (gen.lengths - gen.prompt_lengths).float()}
+            if self.reference is not None:  # sequence KL(policy || reference), k1, nats per response (as PPO)
+                mask = response_mask(gen.prompt_lengths, gen.lengths, gen.tokens.shape[1])
+                lp, ref = self.policy.logprobs(gen.tokens), self.reference.logprobs(gen.tokens)
+                rows["kl"] = (kl_penalty(lp, ref, estimator="k1") * mask).sum(dim=1)
             texts = None
             if p.val_judge or len(samples) < keep:
                 texts = decode_rollouts(self.tokenizer, gen.tokens, gen.prompt_lengths, gen.lengths)

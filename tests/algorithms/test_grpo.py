@@ -101,6 +101,7 @@ def test_step_runs_with_finite_metrics(megatron_world, task, tmp_path, algorithm
             assert "dropped_groups" in m and "refill_rounds" in m
     ev = trainer.evaluate()
     assert 0.0 <= ev["reward_RandomWalkReward"] <= 1.0 and ev["response_length"] > 0 and np.isfinite(ev["reward"])
+    assert ("kl" in ev) == cfg.grpo.uses_reference and np.isfinite(ev.get("kl", 0.0))
     if cfg.grpo.val_judge:  # VADER on prompt + response texts (some node letters are lexicon entries)
         assert -1.0 <= ev["vader_compound"] <= 1.0 and 0.0 <= ev["vader_positive"] <= 1.0
         saved = [json.loads(line) for line in (tmp_path / "grpo_samples.jsonl").read_text().splitlines()]
