@@ -9,7 +9,11 @@ resharded into each layout), fp32, tolerance 1e-5. Plus two whole PPO steps (gen
 critic and reward model, GAE, updates) and two whole steps of the critic-free trainers (GRPO with a
 KL term to its reference, RLOO, REINFORCE++ with DP-whitened returns: group sampling, reward function,
 advantages, updates) in the TP/PP layouts, tolerance 1e-4 (in DP layouts each rank samples its own
-groups, so those steps must only run and stay finite). Each layout runs under torchrun (gloo, CPU).
+groups, so those steps must only run and stay finite). DPO (two steps on fixed preference pairs, the
+reference run per batch, then precomputed) samples nothing: every layout, DP included, matches one
+process at 1e-5. One rejection-sampling round (best-of-4 sampling, two SFT steps on the kept samples)
+keeps the same samples as one process in the TP/PP layouts (metrics, log-probs after: 1e-4). Each
+layout runs under torchrun (gloo, CPU).
 """
 
 from __future__ import annotations
@@ -29,6 +33,11 @@ TOL = 1e-5
 # Two whole PPO steps (rollout with sampling, in-process critic and reward model, GAE, actor and
 # critic updates with SGD lr=1): differences compound over the steps; measured <= 1.7e-5.
 PPO_TOL = 1e-4
+# ILQL (two offline steps, no sampling: every layout, DP included, against one process): after two
+# SGD steps (lr 1, clip 1) from heads of init std 0.2 (|Q| ~ 5), float32 rounding of another
+# reduction order reaches ~3e-5 absolute on Q (1.3e-5 in plain DP=2), so its differences are taken
+# relative to max(1, max |reference|).
+ILQL_TOL = 1e-5
 # Metrics that count tokens (a value sitting on a clip boundary may flip by one token).
 DISCRETE = {"clipfrac", "clip_high_frac", "clip_low_frac", "vf_clipfrac", "accuracy", "lr", "skipped"}
 LAYOUTS = {
@@ -42,8 +51,8 @@ LAYOUTS = {
 }
 PARITY = str(REPO / "tools" / "parity.py")
 # the model roles, PPO and the critic-free trainers (tools/parity.py runs them in this order)
-ALL_ROLES = ["--roles", ",".join([*ROLES, "ppo", "grpo", "rloo", "reinforce_pp"])]
-ONLINE = ("ppo", "grpo", "rloo", "reinforce_pp")
+ALL_ROLES = ["--roles", ",".join([*ROLES, "ppo", "grpo", "rloo", "reinforce_pp", "dpo", "rs", "ilql"])]
+ONLINE = ("ppo", "grpo", "rloo", "reinforce_pp", "rs")
 REPORT: dict[str, dict[str, float]] = {}
 
 
@@ -120,4 +129,75 @@ def test_layout_matches_single_process(layout, workdir):
         d_pol = (ref["outputs"] - got["outputs"]).abs().max().item()
         assert d_pol <= PPO_TOL, f"{layout}/{role}: policy log-probs after two steps differ by {d_pol}"
         worst[f"{role}/metrics"], worst[f"{role}/policy_logprobs"] = d_steps, d_pol
+    worst.update(_check_dpo(layout, workdir / ref_name, workdir / layout))
+    worst.update(_check_rs(layout, workdir / ref_name, workdir / layout))
+    worst.update(_check_ilql(layout, workdir / ref_name, workdir / layout))
     REPORT[layout] = worst
+
+
+def _check_dpo(layout: str, ref_dir: Path, got_dir: Path) -> dict[str, float]:
+    """DPO samples nothing: both steps' metrics (reference per batch, then precomputed), the
+    precomputed reference log-probs and the policy's log-probs after match one process in every layout."""
+    ref = torch.load(ref_dir / "dpo" / "result.pt", weights_only=False)
+    got = torch.load(got_dir / "dpo" / "result.pt", weights_only=False)
+    assert ref["steps"][0]["loss"] == pytest.approx(0.6931, abs=1e-4)  # policy = reference: -log sigmoid(0)
+    assert ref["steps"][1]["rewards/margins"] > 0  # the first step moved the policy toward the chosen rows
+    d_steps = max(abs(a[k] - b[k]) for a, b in zip(ref["steps"], got["steps"]) for k in a if k not in DISCRETE)
+    assert d_steps <= TOL, f"{layout}/dpo: step metrics differ by {d_steps}: {ref['steps']} vs {got['steps']}"
+    d_ref = (ref["ref_logps"] - got["ref_logps"]).abs().max().item()
+    assert d_ref <= TOL, f"{layout}/dpo: precomputed reference log-probs differ by {d_ref}"
+    d_pol = (ref["outputs"] - got["outputs"]).abs().max().item()
+    assert d_pol <= TOL, f"{layout}/dpo: policy log-probs after two steps differ by {d_pol}"
+    return {"dpo/metrics": d_steps, "dpo/ref_logps": d_ref, "dpo/policy_logprobs": d_pol}
+
+
+def _check_rs(layout: str, ref_dir: Path, got_dir: Path) -> dict[str, float]:
+    """Rejection sampling (its steps and log-probs after are checked with the online roles): in TP/PP
+    layouts the same samples, rewards and kept flags as one process; in DP layouts every rank's
+    samples are gathered and best-of-4 keeps one per prompt."""
+    ref = torch.load(ref_dir / "rs" / "result.pt", weights_only=False)
+    got = torch.load(got_dir / "rs" / "result.pt", weights_only=False)
+    m = got["round_metrics"]
+    assert (m["samples"], m["kept"], m["kept_prompts"]) == (16.0, 4.0, 4.0), m
+    assert m["kept_reward_mean"] == m["best_reward_mean"] >= m["reward_mean"], m
+    if layout.startswith("dp"):
+        return {}
+    ids = lambda r: [(s["prompt_index"], s["sample"], s["prompt_ids"], s["response_ids"], s["kept"])  # noqa: E731
+                     for s in r["samples"]]
+    assert ids(ref) == ids(got), f"{layout}/rs: the sampled or kept responses differ from one process's"
+    d_reward = max(abs(a["reward"] - b["reward"]) for a, b in zip(ref["samples"], got["samples"]))
+    assert d_reward == 0.0, f"{layout}/rs: rewards of the same responses differ by {d_reward}"
+    assert ref["round_metrics"] == m
+    return {}
+
+
+def _rel(ref: torch.Tensor, got: torch.Tensor) -> float:
+    return ((ref - got).abs().max() / ref.abs().max().clamp(min=1.0)).item()
+
+
+def _check_ilql(layout: str, ref_dir: Path, got_dir: Path) -> dict[str, float]:
+    """ILQL (tools/parity.py role ``ilql``: two offline steps, a Polyak target sync after each)
+    samples nothing: in every layout the step metrics, the log-probs and the heads' outputs (Q,
+    target Q over the vocabulary, V) after the steps and the weights (heads included, resharded from
+    the layout's dist-checkpoint) match one process within ILQL_TOL (relative), and greedy decoding
+    with the shifted logits gives the same tokens."""
+    ref = torch.load(ref_dir / "ilql" / "result.pt", weights_only=False)
+    got = torch.load(got_dir / "ilql" / "result.pt", weights_only=False)
+    assert [s["target_synced"] for s in got["steps"]] == [1.0, 1.0]
+    d: dict[str, float] = {}
+    d["ilql/metrics"] = max(_rel(torch.tensor(a[k]), torch.tensor(b[k])) for a, b in zip(ref["steps"], got["steps"])
+                            for k in a if k not in DISCRETE)
+    d["ilql/logprobs"] = _rel(ref["outputs"], got["outputs"])
+    assert ref["heads"].keys() == got["heads"].keys() == {"q1", "q2", "target_q1", "target_q2", "v"}
+    for k in ref["heads"]:
+        d[f"ilql/{k}"] = _rel(ref["heads"][k], got["heads"][k])
+    # greedy decoding with the shifted logits: the same tokens; the shift changes what is decoded
+    assert torch.equal(ref["generation"], got["generation"]), f"{layout}/ilql: shifted greedy decoding differs"
+    assert torch.equal(ref["generation_lengths"], got["generation_lengths"])
+    assert not torch.equal(ref["generation"], ref["generation_beta0"])
+    w_ref, w_got = _weights_after("ilql", ref_dir), _weights_after("ilql", got_dir)
+    assert w_ref.keys() == w_got.keys() and any(k.startswith("ilql_heads.target_q2.") for k in w_ref)
+    d["ilql/weights"] = max(_rel(w_ref[k], w_got[k]) for k in w_ref)
+    for name, v in d.items():
+        assert v <= ILQL_TOL, f"{layout}/{name}: differs from one process by {v} (relative)"
+    return d
