@@ -148,7 +148,7 @@ def build_role(role: str, model_cfg: dict[str, Any], optim_cfg: dict[str, Any] |
         from nemo_rlhf.models.ilql import GPTILQLModel
 
         return GPTILQLModel(model_cfg, optim_cfg, VOCAB, MICRO_BATCH, eos_id=1, pad_id=0)
-    raise ValueError(f"unknown role {role!r}; roles: {ROLES + CRITIC_FREE_ROLES + (ILQL_ROLE,)}")
+    raise ValueError(f"unknown role {role!r}; roles: {ROLES + CRITIC_FREE_ROLES + (ILQL_ROLE, DPO_ROLE, RS_ROLE)}")
 
 
 class DigitTokenizer:
