@@ -9,7 +9,8 @@ and after by VADER (a lexicon sentiment analyser the policy never trained agains
 ``conf/demo_tiny.yaml`` runs SFT -> reward model -> PPO on HH-RLHF with a tiny model from scratch.
 ``algorithm=grpo|dr_grpo|rloo|reinforce_pp`` runs that critic-free trainer in place of PPO, rewarded
 by the same reward-model server (its ``grpo:`` section: a partial ``conf/gpt_grpo.yaml``-style
-stage config over the schema's defaults; ``grpo_samples.jsonl`` instead of ``ppo_samples.jsonl``).
+stage config over the schema's defaults; ``grpo_samples.jsonl`` instead of ``ppo_samples.jsonl``);
+``algorithm=rs`` runs rejection-sampling rounds (``rs:`` section, ``conf/gpt_rs_rm.yaml``).
 
 The stages (``stages``) run in this process, except the critic/reward server, a separate process
 (``launchers/serve_critic.py``) that this launcher starts, health-checks and always stops. The run
@@ -64,7 +65,7 @@ def prepare_base_models(cfg) -> dict:
     }
 
 
-ONLINE_ALGORITHMS = ("ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp")  # the report's key of the online stage
+ONLINE_ALGORITHMS = ("ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp", "rs")  # the report's key of the online stage
 
 
 def _fmt(before, after, spec="{:.3f}") -> str:
@@ -93,6 +94,13 @@ def format_report(rep: dict) -> str:
                      f"before/after [{p['steps']} steps, {wall[online]:.0f} s]")
         kl = f";  KL to reference {_fmt(b['kl'], a['kl'])} nats/response" if "kl" in a else ""
         lines.append(f"        reward-model score {b['reward']:+.3f} -> {a['reward']:+.3f}{kl}")
+        for r in p.get("rounds", []):  # rejection sampling: the held-out evaluation after each round
+            h = r.get("heldout", {})
+            lines.append(f"        round {r.get('round')}: held-out reward-model score {h.get('reward', float('nan')):+.3f}"
+                         + (f", VADER positive {h['vader_positive']:.3f}" if "vader_positive" in h else ""))
+        for when, curve in (p.get("best_of_n") or {}).items():
+            if curve:
+                lines.append(f"        best-of-n ({when}): {json.dumps(curve)}")
         if "vader_positive" in a:
             lines.append(f"        VADER (independent judge): positive fraction {_fmt(b['vader_positive'], a['vader_positive'])}"
                          f";  mean compound {b['vader_compound']:+.3f} -> {a['vader_compound']:+.3f}")
@@ -200,7 +208,8 @@ def main(cfg) -> None:
                 return
             if name == "ppo":
                 report["plot"] = str(plot_ppo_metrics(run_dir / "metrics.jsonl", run_dir / "ppo_reward_kl.png"))
-            report["samples"] = before_after_samples(run_dir, int(cfg.report_samples), name)
+            if name != "rs":
+                report["samples"] = before_after_samples(run_dir, int(cfg.report_samples), name)
         wall["total"] = time.time() - t0
         (run_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
         print(format_report(report), flush=True)
@@ -247,6 +256,10 @@ def run_online_stage(cfg, run_dir: Path, base: dict, rm_base, tokenizer, policy_
         from nemo_rlhf.algorithms.ppo import run_ppo as run_stage
 
         ppo_cfg = stage_config("gpt_ppo_actor", cfg, "ppo", **common)
+    elif algorithm == "rs":  # rejection-sampling rounds; the server's reward model scores the samples
+        from nemo_rlhf.algorithms.rejection_sampling import run_rejection_sampling as run_stage
+
+        ppo_cfg = stage_config("gpt_rs_rm", cfg, "rs", **common)
     else:  # the server's reward model rewards; its critic is never trained
         from nemo_rlhf.algorithms.critic_free import run_critic_free as run_stage
 

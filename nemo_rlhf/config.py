@@ -1219,11 +1219,13 @@ class DemoConfig(_Section):
     # The online RL stage (``stages: [..., ppo]``): ppo (actor + critic server) or a critic-free
     # algorithm (grpo | dr_grpo | rloo | reinforce_pp) rewarded by the same reward-model server,
     # configured by the ``grpo`` section (a partial GRPOStageConfig over its schema defaults).
+    # rs: rejection-sampling rounds rewarded by that server (the ``rs`` section, over conf/gpt_rs_rm.yaml).
     algorithm: str = "ppo"
     grpo: Dict[str, Any] = field(default_factory=dict)
+    rs: Dict[str, Any] = field(default_factory=dict)
 
     def _validate(self) -> None:
-        self._choice("algorithm", ("ppo",) + CRITIC_FREE_ALGORITHMS)
+        self._choice("algorithm", ("ppo", "rs") + CRITIC_FREE_ALGORITHMS)
         self._greater("server_ready_timeout_s", 0.0)
         self._between("server_port", 1, 65533)
         self._greater("rm_num_layers", 1, or_equal=True)
@@ -1834,6 +1836,7 @@ class RejectionSamplingStageConfig(_TrainingStage):
 
 
 STAGE_CONFIGS["gpt_rs"] = RejectionSamplingStageConfig
+DEMO_STAGES["rs"] = ("gpt_rs_rm", RejectionSamplingStageConfig)  # run_demo algorithm=rs
 __all__ += ["RejectionSamplingConfig", "RSSamplingConfig", "RSValSamplingConfig", "BestOfNConfig",
             "RejectionSamplingStageConfig", "RS_SELECTIONS"]
 

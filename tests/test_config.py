@@ -560,3 +560,31 @@ def test_critic_only_server_needs_its_initial_weights():
         parse_config(CriticServerStageConfig, node)
     cfg = parse_config(CriticServerStageConfig, {**node, "critic_init_path": "sft/weights"})
     assert cfg.reward_model_path is None and cfg.critic_init_path == "sft/weights"
+
+
+@pytest.mark.parametrize("config_name", ["demo", "demo_tiny", "examples/hh_helpful", "examples/imdb_sentiment"])
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo", "rs"])
+def test_demo_online_stage_for_every_algorithm_parses(config_name, algorithm):
+    """run_demo's online stage with ``algorithm=...`` in place of PPO: its section merged over
+    conf/gpt_grpo_rm.yaml (critic-free) or conf/gpt_rs_rm.yaml (rs) parses to the typed stage config,
+    rewarded by the reward-model server."""
+    from hydra import compose, initialize_config_dir
+
+    from nemo_rlhf.config import (DEMO_STAGES, DemoConfig, GRPOStageConfig, RejectionSamplingStageConfig,
+                                  register_configs)
+
+    register_configs()
+    section = "rs" if algorithm == "rs" else "grpo"
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        demo = compose(config_name=config_name, overrides=[f"algorithm={algorithm}"])
+        parse_config(DemoConfig, demo)
+        base = {"model": {"num_layers": 30}} if demo.base_model else None  # SmolLM2's depth (the base model's)
+        node = demo_stage_node(compose(config_name=DEMO_STAGES[section][0]), demo, section, base=base, run_dir="/r",
+                               init_from="/w", tokenizer={"type": "tokenizer_json", "path": "/t.json"},
+                               critic={"host": "127.0.0.1", "port": 5555},
+                               **({} if section == "rs" else {"grpo": {"algorithm": algorithm}}))
+    cls = RejectionSamplingStageConfig if section == "rs" else GRPOStageConfig
+    cfg = load_stage_config(cls, node, stage=section)
+    assert cfg.reward.reward_model and not cfg.reward.functions and cfg.critic.port == 5555
+    if section == "grpo":
+        assert cfg.grpo.algorithm == algorithm
