@@ -15,7 +15,7 @@ sampled responses per prompt, rewarded by :func:`even_token_reward`. The ``ilql`
 default either) takes two ILQL steps of :class:`~nemo_rlhf.algorithms.ilql.ILQLTrainer` on a fixed
 offline batch (a Polyak target sync after each) from its own initial weights (trunk and heads), and
 records the step metrics, then the log-probs and the heads' outputs (Q, target Q over the whole
-vocabulary, V) on the full batch; ILQL samples nothing in a step, so every layout, DP included,
+vocabulary, V) on the full batch and greedy ILQL decoding at beta 4 and 0; ILQL samples nothing in a step, so every layout, DP included,
 must match one process.
 
 For each role (``sft``, ``rm``, ``critic``, ``actor``) it loads the same initial weights (a
@@ -503,6 +503,12 @@ def run_role(role: str, model, data: dict[str, torch.Tensor]) -> dict[str, Any]:
         out["steps"] = steps
         out["outputs"] = model.logprobs(tokens)  # the LM head after two steps
         out["heads"] = ilql_head_outputs(model, tokens)
+        # decoding with the shift beta (min target Q - V) (target Q gathered over TP, last PP stage)
+        gen = model.generate_ilql(data["prompts"], data["prompt_lengths"],
+                                  SamplingParams(greedy=True, max_new_tokens=6), beta=4.0)
+        out["generation"], out["generation_lengths"] = gen.tokens, gen.lengths
+        out["generation_beta0"] = model.generate_ilql(data["prompts"], data["prompt_lengths"],
+                                                      SamplingParams(greedy=True, max_new_tokens=6), beta=0.0).tokens
     return out
 
 

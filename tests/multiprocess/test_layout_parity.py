@@ -33,6 +33,11 @@ TOL = 1e-5
 # Two whole PPO steps (rollout with sampling, in-process critic and reward model, GAE, actor and
 # critic updates with SGD lr=1): differences compound over the steps; measured <= 1.7e-5.
 PPO_TOL = 1e-4
+# ILQL (two offline steps, no sampling: every layout, DP included, against one process): after two
+# SGD steps (lr 1, clip 1) from heads of init std 0.2 (|Q| ~ 5), float32 rounding of another
+# reduction order reaches ~3e-5 absolute on Q (1.3e-5 in plain DP=2), so its differences are taken
+# relative to max(1, max |reference|).
+ILQL_TOL = 1e-5
 # Metrics that count tokens (a value sitting on a clip boundary may flip by one token).
 DISCRETE = {"clipfrac", "clip_high_frac", "clip_low_frac", "vf_clipfrac", "accuracy", "lr", "skipped"}
 LAYOUTS = {
@@ -46,7 +51,7 @@ LAYOUTS = {
 }
 PARITY = str(REPO / "tools" / "parity.py")
 # the model roles, PPO and the critic-free trainers (tools/parity.py runs them in this order)
-ALL_ROLES = ["--roles", ",".join([*ROLES, "ppo", "grpo", "rloo", "reinforce_pp", "dpo", "rs"])]
+ALL_ROLES = ["--roles", ",".join([*ROLES, "ppo", "grpo", "rloo", "reinforce_pp", "dpo", "rs", "ilql"])]
 ONLINE = ("ppo", "grpo", "rloo", "reinforce_pp", "rs")
 REPORT: dict[str, dict[str, float]] = {}
 
@@ -126,6 +131,7 @@ def test_layout_matches_single_process(layout, workdir):
         worst[f"{role}/metrics"], worst[f"{role}/policy_logprobs"] = d_steps, d_pol
     worst.update(_check_dpo(layout, workdir / ref_name, workdir / layout))
     worst.update(_check_rs(layout, workdir / ref_name, workdir / layout))
+    worst.update(_check_ilql(layout, workdir / ref_name, workdir / layout))
     REPORT[layout] = worst
 
 
@@ -164,3 +170,34 @@ def _check_rs(layout: str, ref_dir: Path, got_dir: Path) -> dict[str, float]:
     assert ref["round_metrics"] == m
     return {}
 
+
+def _rel(ref: torch.Tensor, got: torch.Tensor) -> float:
+    return ((ref - got).abs().max() / ref.abs().max().clamp(min=1.0)).item()
+
+
+def _check_ilql(layout: str, ref_dir: Path, got_dir: Path) -> dict[str, float]:
+    """ILQL (tools/parity.py role ``ilql``: two offline steps, a Polyak target sync after each)
+    samples nothing: in every layout the step metrics, the log-probs and the heads' outputs (Q,
+    target Q over the vocabulary, V) after the steps and the weights (heads included, resharded from
+    the layout's dist-checkpoint) match one process within ILQL_TOL (relative), and greedy decoding
+    with the shifted logits gives the same tokens."""
+    ref = torch.load(ref_dir / "ilql" / "result.pt", weights_only=False)
+    got = torch.load(got_dir / "ilql" / "result.pt", weights_only=False)
+    assert [s["target_synced"] for s in got["steps"]] == [1.0, 1.0]
+    d: dict[str, float] = {}
+    d["ilql/metrics"] = max(_rel(torch.tensor(a[k]), torch.tensor(b[k])) for a, b in zip(ref["steps"], got["steps"])
+                            for k in a if k not in DISCRETE)
+    d["ilql/logprobs"] = _rel(ref["outputs"], got["outputs"])
+    assert ref["heads"].keys() == got["heads"].keys() == {"q1", "q2", "target_q1", "target_q2", "v"}
+    for k in ref["heads"]:
+        d[f"ilql/{k}"] = _rel(ref["heads"][k], got["heads"][k])
+    # greedy decoding with the shifted logits: the same tokens; the shift changes what is decoded
+    assert torch.equal(ref["generation"], got["generation"]), f"{layout}/ilql: shifted greedy decoding differs"
+    assert torch.equal(ref["generation_lengths"], got["generation_lengths"])
+    assert not torch.equal(ref["generation"], ref["generation_beta0"])
+    w_ref, w_got = _weights_after("ilql", ref_dir), _weights_after("ilql", got_dir)
+    assert w_ref.keys() == w_got.keys() and any(k.startswith("ilql_heads.target_q2.") for k in w_ref)
+    d["ilql/weights"] = max(_rel(w_ref[k], w_got[k]) for k in w_ref)
+    for name, v in d.items():
+        assert v <= ILQL_TOL, f"{layout}/{name}: differs from one process by {v} (relative)"
+    return d
