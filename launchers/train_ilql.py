@@ -3,7 +3,8 @@
 ILQL (Snell et al. 2022) on offline {prompt, response, reward} rows (`data.files`), evaluated by
 decoding the held-out prompts (`data.heldout_files`) with the heads' shifted logits and scoring them
 with `reward.functions`. Runs under a single process, `torchrun --nproc-per-node N` or SLURM `srun`
-(rank/world from the environment; data parallel only: the ILQL heads need TP = PP = 1); set
+(rank/world from the environment; any model.tensor_model_parallel_size / pipeline_model_parallel_size
+/ sequence_parallel, as the other stages); set
 `trainer.accelerator=gpu` on GPU clusters.
 """
 
