@@ -218,7 +218,7 @@ def main(cfg) -> None:
 
 
 def run_online_stage(cfg, run_dir: Path, base: dict, rm_base, tokenizer, policy_init, rm: dict, wall: dict,
-                     CriticClient, find_free_ports, start_server_process) -> dict:
+                     CriticClient, find_free_ports, start_server_process, run_stage=None) -> dict:
     """Start the critic/reward server on the trained reward model, run the online stage against
     it (``cfg.algorithm``: PPO, which also trains the server's critic; or a critic-free trainer
     rewarded by the server's reward model, ``grpo`` section), stop it. Returns
@@ -228,7 +228,8 @@ def run_online_stage(cfg, run_dir: Path, base: dict, rm_base, tokenizer, policy_
     or ``CriticServerError`` before its first step) is started again, at most ``server_restarts``
     times, and the stage resumes from its newest checkpoint (PPO: the paired actor+critic one;
     ``checkpoint.every_n_steps`` bounds the steps redone); the failures are listed in the report
-    (``<algorithm>.server_restarts``)."""
+    (``<algorithm>.server_restarts``). ``run_stage(cfg, critic=client)``: the stage's runner (None:
+    ``run_ppo``, ``run_rejection_sampling`` or ``run_critic_free`` by ``cfg.algorithm``)."""
     from nemo_rlhf.algorithms.ppo import CriticServerFailure
     from nemo_rlhf.servers.protocol import CriticServerError
 
@@ -253,18 +254,19 @@ def run_online_stage(cfg, run_dir: Path, base: dict, rm_base, tokenizer, policy_
     common = dict(base=base.get("policy"), run_dir=str(run_dir), init_from=policy_init, tokenizer=tokenizer,
                   critic={"host": "127.0.0.1", "port": port})
     if algorithm == "ppo":
-        from nemo_rlhf.algorithms.ppo import run_ppo as run_stage
+        from nemo_rlhf.algorithms.ppo import run_ppo as default_runner
 
         ppo_cfg = stage_config("gpt_ppo_actor", cfg, "ppo", **common)
     elif algorithm == "rs":  # rejection-sampling rounds; the server's reward model scores the samples
-        from nemo_rlhf.algorithms.rejection_sampling import run_rejection_sampling as run_stage
+        from nemo_rlhf.algorithms.rejection_sampling import run_rejection_sampling as default_runner
 
         ppo_cfg = stage_config("gpt_rs_rm", cfg, "rs", **common)
     else:  # the server's reward model rewards; its critic is never trained
-        from nemo_rlhf.algorithms.critic_free import run_critic_free as run_stage
+        from nemo_rlhf.algorithms.critic_free import run_critic_free as default_runner
 
         ppo_cfg = stage_config("gpt_grpo_rm", cfg, "grpo",
                                grpo={"algorithm": algorithm}, **common)
+    run_stage = run_stage or default_runner
     wall[algorithm] = 0.0
     for attempt in range(int(cfg.server_restarts) + 1):
         t = time.time()

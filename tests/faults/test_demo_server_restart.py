@@ -66,7 +66,7 @@ class FakeClient:
         return False
 
 
-def _run(tmp_path, failures, restarts, result=None):
+def _run(tmp_path, failures, restarts, result=None, algorithm="ppo"):
     from hydra import compose, initialize_config_dir
 
     register_configs()
@@ -80,23 +80,26 @@ def _run(tmp_path, failures, restarts, result=None):
         return result or {"heldout_prompts": 8, "steps": 3}
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("demo_tiny", [f"server_restarts={restarts}"])
+        cfg = compose("demo_tiny", [f"server_restarts={restarts}", f"algorithm={algorithm}"])
         wall = {}
-        out = mod.run_ppo_stage(cfg, tmp_path, {}, None, {"type": "tokenizer_json", "path": "tok.json"}, "sft_w",
-                                {"checkpoint": "rm_w", "reward_pooling": "last"}, wall, run_ppo, FakeClient,
-                                lambda n: [20000], lambda *a, **k: FakeServer(log))
+        out = mod.run_online_stage(cfg, tmp_path, {}, None, {"type": "tokenizer_json", "path": "tok.json"}, "sft_w",
+                                   {"checkpoint": "rm_w", "reward_pooling": "last"}, wall, FakeClient,
+                                   lambda n: [20000], lambda *a, **k: FakeServer(log), run_stage=run_ppo)
     return out, log, calls, wall
 
 
-def test_dead_server_is_restarted_and_ppo_resumes(tmp_path):
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo", "rs"])
+def test_dead_server_is_restarted_and_ppo_resumes(tmp_path, algorithm):
+    """The same restart loop serves PPO and the algorithms run in its place (algorithm=...)."""
     failures = [CriticServerFailure("critic server 127.0.0.1:20000 failed at PPO step 3: stub not healthy\n  more"),
                 CriticServerError("critic server http://127.0.0.1:20000 rejected the request: stub not healthy")]
-    out, log, calls, wall = _run(tmp_path, failures, restarts=2)
+    out, log, calls, wall = _run(tmp_path, failures, restarts=2, algorithm=algorithm)
     assert log == ["start", "stop"] * 3  # every server stopped, a fresh one per attempt
-    assert len(calls) == 3 and out["ppo"]["steps"] == 3
-    assert out["ppo"]["server_restarts"] == ["critic server 127.0.0.1:20000 failed at PPO step 3: stub not healthy",
-                                             "critic server http://127.0.0.1:20000 rejected the request: stub not healthy"]
-    assert wall["ppo"] >= 0.0 and "server_start" in wall
+    assert len(calls) == 3 and out[algorithm]["steps"] == 3
+    assert out[algorithm]["server_restarts"] == [
+        "critic server 127.0.0.1:20000 failed at PPO step 3: stub not healthy",
+        "critic server http://127.0.0.1:20000 rejected the request: stub not healthy"]
+    assert wall[algorithm] >= 0.0 and "server_start" in wall
 
 
 def test_restarts_are_bounded(tmp_path):
