@@ -339,3 +339,33 @@ def test_one_q_head_without_two_qs(megatron_world, task, tmp_path):
     assert torch.equal(model.heads.target_q1.fc2.weight, model.heads.q1.fc2.weight)  # alpha = 1 copies
     out = model.generate_ilql(torch.tensor([[2], [7]]), torch.tensor([1, 1]), SamplingParams(max_new_tokens=4), 1.0)
     assert out.tokens.shape[0] == 2
+
+
+def test_trained_policy_exports_to_hf_without_its_heads(megatron_world, task, tmp_path):
+    """Issue 14 §4: an ILQL checkpoint exports like the rest (``export_hf``): the policy trunk and LM
+    head, the Q / target-Q / V heads left out; re-imported, it computes the trained model's
+    log-probs (a Llama-shaped tiny model, the architecture the HF exporter writes)."""
+    from nemo_rlhf.algorithms.ilql import ILQLTrainer
+    from nemo_rlhf.checkpoint.hf import export_hf, import_hf
+    from nemo_rlhf.checkpoint.weights import load_weights, save_model_weights
+    from nemo_rlhf.data.offline import collate_offline
+    from nemo_rlhf.models.ilql import GPTILQLModel
+    from nemo_rlhf.models.policy import GPTPolicyModel
+
+    task_dir, tok, _ = task
+    llama = dict(MODEL, normalization="RMSNorm", activation="swiglu", add_bias_linear=False,
+                 num_query_groups=2, vocab_size=tok.vocab_size)
+    cfg = parse_config(ILQLStageConfig, node(task_dir, tmp_path / "run", model=llama))
+    model = GPTILQLModel(llama, dict(lr=1e-2), tok.vocab_size, 100, tok.eos_id, tok.pad_id)
+    train_ds, _, _ = ILQLTrainer.offline_dataset(cfg, tok)
+    trainer = ILQLTrainer.from_models(cfg, model, tok, train_ds, None)
+    trainer.train_step(collate_offline([train_ds[i] for i in range(100)], tok.pad_id))  # heads and trunk move
+    save_model_weights(model.gpt, tmp_path / "ilql")
+    assert any("ilql_heads" in k for k in model.gpt.state_dict())
+    export_hf(tmp_path / "ilql", llama, tmp_path / "hf", arch="llama", role="policy")
+    imported = import_hf(tmp_path / "hf", tmp_path / "back")
+    assert imported["num_layers"] == 2
+    plain = GPTPolicyModel(imported, None, tok.vocab_size, 100, tok.eos_id, tok.pad_id)
+    load_weights(plain, tmp_path / "back" / "weights")
+    tokens = collate_offline([train_ds[i] for i in range(8)], tok.pad_id)["tokens"]
+    assert (plain.logprobs(tokens) - model.logprobs(tokens)).abs().max().item() < 1e-5
