@@ -307,6 +307,24 @@ def generate_repeated(policy, prompts: torch.Tensor, prompt_lengths: torch.Tenso
     return policy.generate(rep(prompts), rep(prompt_lengths), params)
 
 
+def function_rewards(tokenizer, reward_fn, tokens: torch.Tensor, lengths: torch.Tensor,
+                     prompt_lengths: torch.Tensor) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``sum_k w_k * f_k(prompt, response)`` of the reward functions ``reward_fn`` (a
+    :class:`~nemo_rlhf.rewards.functions.RewardSum`) on the decoded texts of ``tokens [B, L]``
+    (``lengths``, ``prompt_lengths``: ``[B]`` int64 tokens).
+
+    Returns:
+        ``(total [B] float64, {term: [B] float64})`` numpy; each term unweighted, named by the last
+        part of its function's import path.
+
+    Raises:
+        RewardFunctionError: a reward function raised or returned a bad shape / non-finite value.
+    """
+    prompts, responses = decode_rollouts(tokenizer, tokens, prompt_lengths, lengths)
+    total, values = reward_fn.weighted(prompts, responses)
+    return total, {name.rsplit(".", 1)[-1]: v for name, v in values.items()}
+
+
 def score_responses(tokenizer, reward_fn, critic, reward_model_weight: float, tokens: torch.Tensor,
                     lengths: torch.Tensor, prompt_lengths: torch.Tensor) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The reward of each response: ``sum_k w_k * f_k(prompt, response)`` over the reward functions
@@ -331,11 +349,7 @@ def score_responses(tokenizer, reward_fn, critic, reward_model_weight: float, to
     total = np.zeros(tokens.shape[0], dtype=np.float64)
     terms: dict[str, np.ndarray] = {}
     if reward_fn is not None:
-        prompts, responses = decode_rollouts(tokenizer, tokens, prompt_lengths, lengths)
-        values = reward_fn.terms(prompts, responses)
-        for f in reward_fn.functions:
-            total += f.weight * values[f.name]
-            terms[f.name.rsplit(".", 1)[-1]] = values[f.name]
+        total, terms = function_rewards(tokenizer, reward_fn, tokens, lengths, prompt_lengths)
     if critic is not None:
         future = critic.infer_async(tokens, lengths)
         _, rm = critic.infer_result(future, tuple(tokens.shape), tokens.device)

@@ -31,6 +31,7 @@ from nemo_rlhf.algorithms.base import (
     connect_critic,
     decode_rollouts,
     dp_mean,
+    function_rewards,
     heldout_loader,
     prompt_datasets,
     step_loader,
@@ -291,8 +292,7 @@ class PPOTrainer(Trainer):
         r = self.cfg.reward
         total = rm_scores * float(r.reward_model_weight) if r.reward_model else torch.zeros_like(rm_scores)
         if self.reward_fn is not None:
-            prompts, responses = decode_rollouts(self.tokenizer, tokens, prompt_lengths, lengths)
-            fn_total, _ = self.reward_fn.weighted(prompts, responses)
+            fn_total, _ = function_rewards(self.tokenizer, self.reward_fn, tokens, lengths, prompt_lengths)
             total = total + torch.as_tensor(fn_total, dtype=total.dtype, device=total.device)
         return total
 
