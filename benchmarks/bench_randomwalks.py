@@ -46,13 +46,9 @@ def common(task: Path, run_dir: Path, init_from: str | None = None) -> dict:
 def sft(task: Path, out: Path, steps: int) -> tuple[str, float]:
     from nemo_rlhf.algorithms.sft import SFTTrainer
     from nemo_rlhf.config import SFTStageConfig, parse_config
+    from nemo_rlhf.data.randomwalks import sft_stage_node
 
-    cfg = parse_config(SFTStageConfig, {
-        **common(task, out / "sft"),
-        "data": {"dataset": "jsonl", "data_dir": str(task), "files": ["sft.jsonl"], "heldout_files": ["sft.jsonl"],
-                 "max_heldout_rows": 64, "max_seq_len": 16, "max_prompt_len": 4},
-        "batch": {"global_batch_size": 32, "micro_batch_size": 32}, "optim": {"lr": 3e-3},
-        "trainer": {"max_steps": steps, "val_check_interval": None, "limit_val_batches": 1}})
+    cfg = parse_config(SFTStageConfig, sft_stage_node(task, out / "sft", max_steps=steps, model=MODEL))
     t0 = time.perf_counter()
     result = SFTTrainer(cfg).run()
     return result["checkpoint"], time.perf_counter() - t0

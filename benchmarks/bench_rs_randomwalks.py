@@ -50,7 +50,7 @@ def main() -> None:
     from nemo_rlhf.algorithms.rejection_sampling import RejectionSamplingTrainer
     from nemo_rlhf.algorithms.sft import SFTTrainer
     from nemo_rlhf.config import RejectionSamplingStageConfig, SFTStageConfig, parse_config
-    from nemo_rlhf.data.randomwalks import write_task
+    from nemo_rlhf.data.randomwalks import sft_stage_node, write_task
     from nemo_rlhf.parallel.state import initialize_distributed
     from nemo_rlhf.utils.hydra import quiet_warnings
 
@@ -62,13 +62,7 @@ def main() -> None:
     summary = write_task(task, sft_from_heldout=bool(args.sft_from_heldout))
     tok = {"type": "tokenizer_json", "path": str(task / "tokenizer.json")}
     t0 = time.perf_counter()
-    sft = SFTTrainer(parse_config(SFTStageConfig, {
-        "run_dir": str(out / "sft"), "model": MODEL, "tokenizer": tok,
-        "data": {"dataset": "jsonl", "data_dir": str(task), "files": ["sft.jsonl"], "heldout_files": ["sft.jsonl"],
-                 "max_heldout_rows": 64, "max_seq_len": 16, "max_prompt_len": 4},
-        "batch": {"global_batch_size": 32, "micro_batch_size": 32}, "optim": {"lr": 3e-3},
-        "trainer": {"max_steps": args.sft_steps, "val_check_interval": None, "limit_val_batches": 1},
-        "checkpoint": {"every_n_steps": 0, "resume": False}})).run()
+    sft = SFTTrainer(parse_config(SFTStageConfig, sft_stage_node(task, out / "sft", args.sft_steps, MODEL))).run()
     sft_s = time.perf_counter() - t0
     rs = {"num_rounds": args.rounds, "num_samples": args.num_samples, "prompts_per_round": args.prompts_per_round,
           "selection": args.selection, "sft_epochs": args.sft_epochs,

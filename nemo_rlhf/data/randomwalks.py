@@ -281,3 +281,22 @@ def write_task(out_dir: str | os.PathLike, graph: RandomWalkGraph | None = None,
             "sft_mean_optimality": float(np.mean([r["reward"] for r in sft])),
             "offline_mean_optimality": float(np.mean([r["reward"] for r in offline])),
             "optimal_fraction": float(np.mean([math.isclose(r["reward"], 1.0) for r in offline]))}
+
+
+# The task's policy (trlX trains a small GPT): 2 layers, hidden 64; 32 positions hold prompt + walk.
+MODEL = dict(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, max_position_embeddings=32)
+
+
+def sft_stage_node(task_dir: str | os.PathLike, run_dir: str | os.PathLike, max_steps: int,
+                   model: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The SFT stage config (a node for ``SFTStageConfig``) that pre-trains the task's policy on
+    its sampled walks (``sft.jsonl``; held-out loss on 64 of them): 32 walks per step, lr 3e-3,
+    ``max_steps`` steps, no checkpoints but the final weights, ``model`` (default :data:`MODEL`)."""
+    task = Path(task_dir)
+    return {"run_dir": str(run_dir), "model": dict(model or MODEL),
+            "tokenizer": {"type": "tokenizer_json", "path": str(task / "tokenizer.json")},
+            "data": {"dataset": "jsonl", "data_dir": str(task), "files": ["sft.jsonl"], "heldout_files": ["sft.jsonl"],
+                     "max_heldout_rows": 64, "max_seq_len": 16, "max_prompt_len": 4},
+            "batch": {"global_batch_size": 32, "micro_batch_size": 32}, "optim": {"lr": 3e-3},
+            "trainer": {"max_steps": int(max_steps), "val_check_interval": None, "limit_val_batches": 1},
+            "checkpoint": {"every_n_steps": 0, "resume": False}}

@@ -26,19 +26,12 @@ def sft_run(megatron_world, tmp_path_factory):
     """The randomwalks task and an SFT run on its sampled walks: ``(task_dir, sft weights)``."""
     from nemo_rlhf.algorithms.sft import SFTTrainer
     from nemo_rlhf.config import SFTStageConfig, parse_config
-    from nemo_rlhf.data.randomwalks import write_task
+    from nemo_rlhf.data.randomwalks import sft_stage_node, write_task
 
     tmp = tmp_path_factory.mktemp("randomwalks_learning")
     task = tmp / "task"
     write_task(task, n_offline_walks=10)
-    cfg = parse_config(SFTStageConfig, {
-        "run_dir": str(tmp / "sft"), "model": MODEL,
-        "tokenizer": {"type": "tokenizer_json", "path": str(task / "tokenizer.json")},
-        "data": {"dataset": "jsonl", "data_dir": str(task), "files": ["sft.jsonl"], "heldout_files": ["sft.jsonl"],
-                 "max_heldout_rows": 64, "max_seq_len": 16, "max_prompt_len": 4},
-        "batch": {"global_batch_size": 32, "micro_batch_size": 32}, "optim": {"lr": 3e-3},
-        "trainer": {"max_steps": 60, "val_check_interval": None, "limit_val_batches": 1},
-        "checkpoint": {"every_n_steps": 0, "resume": False}})
+    cfg = parse_config(SFTStageConfig, sft_stage_node(task, tmp / "sft", max_steps=60, model=MODEL))
     result = SFTTrainer(cfg).run()
     assert result["val_after"]["nll"] < 1.0, result  # it learnt the walks
     return task, result["checkpoint"]

@@ -30,20 +30,13 @@ def sft_run(megatron_world, tmp_path_factory):
     ``(task_dir, tokenizer, sft weights, sft result)``."""
     from nemo_rlhf.algorithms.sft import SFTTrainer
     from nemo_rlhf.config import SFTStageConfig
-    from nemo_rlhf.data.randomwalks import write_task
+    from nemo_rlhf.data.randomwalks import sft_stage_node, write_task
     from nemo_rlhf.data.tokenizer import tokenizer_from_config
 
     tmp = tmp_path_factory.mktemp("rs_randomwalks")
     task = tmp / "task"
     write_task(task, n_offline_walks=10)
-    cfg = parse_config(SFTStageConfig, {
-        "run_dir": str(tmp / "sft"), "model": MODEL,
-        "tokenizer": {"type": "tokenizer_json", "path": str(task / "tokenizer.json")},
-        "data": {"dataset": "jsonl", "data_dir": str(task), "files": ["sft.jsonl"], "heldout_files": ["sft.jsonl"],
-                 "max_heldout_rows": 64, "max_seq_len": 16, "max_prompt_len": 4},
-        "batch": {"global_batch_size": 32, "micro_batch_size": 32}, "optim": {"lr": 3e-3},
-        "trainer": {"max_steps": 60, "val_check_interval": None, "limit_val_batches": 1},
-        "checkpoint": {"every_n_steps": 0, "resume": False}})
+    cfg = parse_config(SFTStageConfig, sft_stage_node(task, tmp / "sft", max_steps=60, model=MODEL))
     result = SFTTrainer(cfg).run()
     assert result["val_after"]["nll"] < 1.0, result
     tok = tokenizer_from_config({"type": "tokenizer_json", "path": str(task / "tokenizer.json")})
