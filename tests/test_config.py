@@ -533,9 +533,11 @@ if __name__ == "__main__":  # python tests/test_config.py --record <old conf dir
     [
         ({"rm_num_layers": 12}, "rm_num_layers truncates the base model for the reward model: it needs base_model"),
         ({"policy_num_layers": 2}, "policy_num_layers truncates the base model: set base_model"),
-        ({"stages": ["rm", "sft"]}, "a non-empty, ordered subset of ['sft', 'rm', 'ppo']"),
+        ({"stages": ["rm", "sft"]}, "a non-empty, ordered subset of ['sft', 'rm', 'ppo', 'dpo', 'ilql']"),
         ({"stages": ["sft", "ppo"]}, "ppo needs the reward model stage (rm) before it"),
         ({"stages": ["rm", "ppo"]}, "rm without sft needs a base_model"),
+        ({"stages": ["ilql"]}, "ilql without sft needs a base_model"),
+        ({"stages": ["ilql", "dpo"]}, "a non-empty, ordered subset of"),
     ],
 )
 def test_demo_stage_and_base_model_errors(node, fragment):
