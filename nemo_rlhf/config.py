@@ -1173,6 +1173,45 @@ def _check_partial(cls: type, node: Any, section: str) -> None:
             _check_partial(tp, value, _join(section, key))
 
 
+# ----------------------------------------------------------------------------- the DPO stage's judge (run_demo)
+@dataclass
+class JudgeSamplingConfig(SamplingConfig):
+    """``dpo_judge.sampling:`` — the judge's sampling, as :class:`SamplingConfig`; the same for both
+    policies (seed: ``dpo_judge.seed``)."""
+
+    SECTION: ClassVar[str] = "dpo_judge.sampling"
+
+
+@dataclass
+class DPOJudgeConfig(_Section):
+    """``dpo_judge:`` of the demo config (:class:`DemoConfig`): after a ``dpo`` stage,
+    ``launchers/run_demo.py`` samples one response per held-out prompt from the reference policy (the
+    DPO stage's start: the SFT weights or the base model) and one from the DPO policy, with the same
+    ``seed`` and ``sampling``, scores both with the ``rm`` stage's reward model (win rate, ties 1/2;
+    mean scores) and reports the DPO policy's KL to the reference on its own samples
+    (:func:`nemo_rlhf.evaluation.judge.compare_policies`). The prompts are the distinct prompts of the
+    DPO stage's held-out pairs (``dpo.data``, chat-formatted with ``data.chat_template``), the first
+    ``max_prompts`` of them; ``batch_size`` prompts per ``generate`` call.
+
+    Raises:
+        ConfigError: ``max_prompts`` or ``batch_size`` < 1; a bad ``sampling`` value.
+    """
+
+    SECTION: ClassVar[str] = "dpo_judge"
+
+    max_prompts: int = 48
+    batch_size: int = 16
+    seed: int = 1234
+    sampling: JudgeSamplingConfig = field(default_factory=JudgeSamplingConfig)
+
+    def _validate(self) -> None:
+        self._greater("max_prompts", 1, or_equal=True)
+        self._greater("batch_size", 1, or_equal=True)
+
+
+__all__ += ["DPOJudgeConfig", "JudgeSamplingConfig"]
+
+
 @dataclass
 class DemoConfig(_Section):
     """``launchers/run_demo.py``'s pipeline (``conf/demo.yaml``: IMDB sentiment on SmolLM2-135M;
@@ -1192,6 +1231,8 @@ class DemoConfig(_Section):
     pretrained features; the reward model then starts from the base model even after an ``sft``
     stage, which otherwise gives it the SFT policy's weights).
     ``policy_num_layers``: the same for the policy (a pipeline's smoke test at CI size).
+    ``dpo_judge`` (:class:`DPOJudgeConfig`): after a ``dpo`` stage, the start policy and the DPO policy
+    answer the same held-out prompts with one sampling seed, judged by the ``rm`` stage's reward model.
 
     Raises:
         ConfigError: an unknown key in a section (named with the nearest valid key),
@@ -1229,6 +1270,8 @@ class DemoConfig(_Section):
     # rows of the data set, e.g. IMDB review continuations rewarded by their label).
     dpo: Dict[str, Any] = field(default_factory=dict)
     ilql: Dict[str, Any] = field(default_factory=dict)
+    # After a dpo stage: DPO vs its reference, same sampling seed, judged by the rm stage's reward model.
+    dpo_judge: DPOJudgeConfig = field(default_factory=DPOJudgeConfig)
 
     def _validate(self) -> None:
         self._choice("algorithm", ("ppo", "rs") + CRITIC_FREE_ALGORITHMS)

@@ -538,12 +538,54 @@ if __name__ == "__main__":  # python tests/test_config.py --record <old conf dir
         ({"stages": ["rm", "ppo"]}, "rm without sft needs a base_model"),
         ({"stages": ["ilql"]}, "ilql without sft needs a base_model"),
         ({"stages": ["ilql", "dpo"]}, "a non-empty, ordered subset of"),
+        # the dpo stage (issue 14 section 1): after ppo, before ilql; from the SFT policy or a base model
+        ({"stages": ["dpo"]}, "dpo without sft needs a base_model"),
+        ({"stages": ["rm", "dpo"]}, "rm without sft needs a base_model"),
+        ({"stages": ["sft", "dpo", "rm"]}, "a non-empty, ordered subset of ['sft', 'rm', 'ppo', 'dpo', 'ilql']"),
+        ({"stages": ["sft", "rm", "dpo", "ppo"]}, "a non-empty, ordered subset of"),
+        ({"stages": ["sft", "dpo", "dpo"]}, "without repeats"),
+        ({"dpo": {"dpo": {"betaa": 0.1}}}, "unknown key 'betaa' in section 'dpo.dpo' (did you mean 'beta'?)"),
+        ({"dpo_judge": {"max_prompts": 0}}, "dpo_judge.max_prompts must be >= 1, got 0"),
+        ({"dpo_judge": {"sampling": {"top_p": 0.0}}}, "dpo_judge.sampling.top_p must be in (0, 1]"),
     ],
 )
 def test_demo_stage_and_base_model_errors(node, fragment):
     with pytest.raises(ConfigError) as err:
         parse_config(DemoConfig, node)
     assert fragment in str(err.value)
+
+
+def test_demo_dpo_stage_from_sft_or_base_model():
+    """stages with dpo: after sft (and rm / ppo), or alone from a base model; the judge's defaults."""
+    for stages in (["sft", "dpo"], ["sft", "rm", "dpo"], ["sft", "rm", "ppo", "dpo", "ilql"]):
+        assert parse_config(DemoConfig, {"stages": stages}).stages == stages
+    demo = parse_config(DemoConfig, {"stages": ["dpo"], "base_model": "smollm2"})
+    assert demo.stages == ["dpo"]
+    assert (demo.dpo_judge.max_prompts, demo.dpo_judge.batch_size, demo.dpo_judge.sampling.max_new_tokens) == (48, 16, 32)
+
+
+@pytest.mark.parametrize("config_name", ["demo_tiny", "examples/hh_helpful"])
+def test_demo_dpo_section_parses(config_name):
+    """run_demo's dpo stage: the config's dpo section over conf/gpt_dpo.yaml parses to DPOStageConfig;
+    examples/hh_helpful's DPO held-out pairs lie inside the SFT / reward-model held-out split (a smaller
+    cut of the same prompt hash and seed), so no stage trained on them."""
+    from hydra import compose, initialize_config_dir
+
+    from nemo_rlhf.config import DEMO_STAGES, DPOStageConfig, RewardModelStageConfig, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        demo = compose(config_name=config_name, overrides=["stages=[sft,rm,dpo]"])
+        typed = parse_config(DemoConfig, demo)
+        base = {"model": {"num_layers": 30}} if demo.base_model else None  # SmolLM2's depth
+        extra = dict(run_dir="/r", init_from="/w", tokenizer={"type": "tokenizer_json", "path": "/t.json"})
+        dpo = load_stage_config(DPOStageConfig, demo_stage_node(compose(config_name=DEMO_STAGES["dpo"][0]), demo,
+                                                                "dpo", base=base, **extra), stage="dpo")
+        rm = load_stage_config(RewardModelStageConfig, demo_stage_node(compose(config_name="gpt_rm"), demo, "rm",
+                                                                       base=base, **extra), stage="rm")
+    assert typed.stages == ["sft", "rm", "dpo"] and dpo.init_from == "/w" and dpo.dpo.loss_type == "sigmoid"
+    assert dpo.data.files == rm.data.files and dpo.data.split_seed == rm.data.split_seed
+    assert dpo.data.heldout_fraction <= rm.data.heldout_fraction
 
 
 def test_demo_reward_model_may_be_truncated_after_sft():
