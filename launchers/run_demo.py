@@ -11,6 +11,12 @@ and after by VADER (a lexicon sentiment analyser the policy never trained agains
 by the same reward-model server (its ``grpo:`` section: a partial ``conf/gpt_grpo.yaml``-style
 stage config over the schema's defaults; ``grpo_samples.jsonl`` instead of ``ppo_samples.jsonl``);
 ``algorithm=rs`` runs rejection-sampling rounds (``rs:`` section, ``conf/gpt_rs_rm.yaml``).
+A ``dpo`` stage (``stages=[sft,rm,dpo]``; ``dpo:`` section over ``conf/gpt_dpo.yaml``) trains DPO from the
+pipeline's policy (the SFT weights, or the base model) against a frozen copy of it on the data set's
+preference pairs, then judges it (``dpo_judge:``, :func:`nemo_rlhf.evaluation.judge.judge_checkpoints`):
+one response per held-out prompt from the start policy and one from the DPO policy, same sampling seed,
+both scored by the ``rm`` stage's reward model (win rate, ties 1/2; without an ``rm`` stage no win rate)
+and the DPO policy's KL to the start policy (nats/response); the pairs go to ``dpo_samples.jsonl``.
 
 The stages (``stages``) run in this process, except the critic/reward server, a separate process
 (``launchers/serve_critic.py``) that this launcher starts, health-checks and always stops. The run
@@ -117,11 +123,42 @@ def format_report(rep: dict) -> str:
         lines.append(f"  critic server start: {wall['server_start']:.0f} s")
         for failure in p.get("server_restarts", []):
             lines.append(f"  critic server restarted after: {failure}")
+    if "dpo" in rep:
+        lines.extend(format_dpo(rep["dpo"], wall, rep.get("dpo_samples", [])))
     if rep.get("plot"):
         lines.append(f"  plot: {rep['plot']}")
     lines.append(f"  total wall time: {wall['total']:.0f} s")
     lines.append("=" * 78)
     return "\n".join(lines)
+
+
+def format_dpo(d: dict, wall: dict, samples: list) -> list[str]:
+    """The report lines of the DPO stage: held-out implicit-reward accuracy and margin before -> after,
+    then the judge (win rate against the start policy under the reward model, mean scores, KL) and
+    the first judged samples (rows of ``dpo_samples.jsonl``)."""
+    b, a, j = d["val_before"], d["val_after"], d.get("judge") or {}
+    lines = [f"  DPO   held-out implicit-reward accuracy on {a['pairs']} pairs: "
+             f"{_fmt(b['rewards/accuracies'], a['rewards/accuracies'])};  margin "
+             f"{_fmt(b['rewards/margins'], a['rewards/margins'], '{:+.3f}')}   "
+             f"[{d['steps']} steps, {wall['dpo']:.0f} s]"]
+    if j:
+        lines.append(f"        judge: {j['prompts']} held-out prompts, one response each from the start policy and "
+                     f"the DPO policy, same sampling seed [{wall.get('dpo_judge', 0.0):.0f} s]")
+        if j.get("win_rate") is not None:
+            lines.append(f"        DPO wins under the reward model: {j['win_rate']:.3f} ({j['wins']} wins, "
+                         f"{j['ties']} ties, {j['losses']} losses);  RM score "
+                         f"{j['rm_score_mean']['reference']:+.3f} (start) vs {j['rm_score_mean']['policy']:+.3f} (DPO)")
+        else:
+            lines.append(f"        win rate: not measured ({j.get('win_rate_skipped', 'no reward model')})")
+        lines.append(f"        KL(DPO || start policy) on the DPO samples: {j['kl_mean']:.3f} nats/response;  "
+                     f"samples: {j.get('samples_file')}")
+    for i, row in enumerate(samples):
+        lines.append(f"  DPO sample {i + 1}: prompt {row['prompt'][-200:]!r}")
+        for label, who in (("start:", "reference"), ("DPO:  ", "policy")):
+            score = row.get(f"{who}_rm_score")
+            lines.append(f"     {label} {row[f'{who}_response']!r}"
+                         + (f"  (RM {score:+.2f})" if score is not None else ""))
+    return lines
 
 
 def before_after_samples(run_dir: Path, n: int, algorithm: str = "ppo") -> list[tuple[dict, dict]]:
@@ -213,6 +250,34 @@ def main(cfg) -> None:
                 report["plot"] = str(plot_ppo_metrics(run_dir / "metrics.jsonl", run_dir / "ppo_reward_kl.png"))
             if name != "rs":
                 report["samples"] = before_after_samples(run_dir, int(cfg.report_samples), name)
+        if "dpo" in stages:  # DPO from the pipeline's policy on the data set's preference pairs, then the judge
+            from nemo_rlhf.algorithms.dpo import run_dpo
+            from nemo_rlhf.config import DPOStageConfig, RewardModelStageConfig, load_stage_config
+            from nemo_rlhf.evaluation.judge import judge_checkpoints
+            from nemo_rlhf.utils.logging import read_jsonl
+
+            t = time.time()
+            dpo_cfg = stage_config("gpt_dpo", cfg, "dpo", base=base.get("policy"), run_dir=str(run_dir),
+                                   init_from=policy_init, tokenizer=tokenizer)
+            dpo = run_dpo(dpo_cfg)
+            wall["dpo"] = time.time() - t
+            report["dpo"] = dpo
+            if _preempted("dpo", dpo):
+                return
+            # The judge: the start policy (DPO's reference) vs the DPO policy, same sampling seed, scored
+            # by the rm stage's reward model (none: the KL alone).
+            t = time.time()
+            typed = load_stage_config(DPOStageConfig, dpo_cfg, stage="dpo")
+            rm_model = load_stage_config(RewardModelStageConfig, rm_cfg, stage="rm").model if rm else None
+            judge = judge_checkpoints(dpo["checkpoint"], policy_init, typed.model, typed.tokenizer, typed.data,
+                                      cfg.dpo_judge, reward_weights=rm["checkpoint"] if rm else None,
+                                      reward_model_cfg=rm_model, out=run_dir / "dpo_samples.jsonl",
+                                      accelerator=typed.trainer.accelerator)
+            if not rm:
+                judge["win_rate_skipped"] = "no rm stage in stages: no reward model to judge with"
+            dpo["judge"] = judge
+            wall["dpo_judge"] = time.time() - t
+            report["dpo_samples"] = read_jsonl(run_dir / "dpo_samples.jsonl")[: int(cfg.report_samples)]
         if "ilql" in stages:  # offline RL on the data set's {prompt, response, reward} rows
             t = time.time()
             ilql = run_ilql(stage_config("gpt_ilql", cfg, "ilql", base=base.get("policy"), run_dir=str(run_dir),

@@ -1,5 +1,6 @@
 """The from-scratch demo's stages at a smaller size: SFT -> RM -> critic server (subprocess) -> PPO, then
-the same pipeline with algorithm=rloo (a critic-free trainer rewarded by the server's reward model).
+the same pipeline with algorithm=rloo (a critic-free trainer rewarded by the server's reward model), then
+stages=[sft,rm,dpo] in the same run directory (DPO from the SFT policy and its judge).
 
 Runs the README's smoke path (launchers/run_demo.py --config-name demo_tiny) at the launchers' smallest size (1 layer,
 H = 32, 600 HH rows, 128 tokens, 512-token BPE, 8 sampled tokens) and with few steps, then checks
@@ -9,6 +10,7 @@ BENCHMARKS.md's business, not CI's.)
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -19,21 +21,33 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
-SFT_STEPS, RM_STEPS, PPO_STEPS, RLOO_STEPS = 20, 10, 4, 2
+SFT_STEPS, RM_STEPS, PPO_STEPS, RLOO_STEPS, DPO_STEPS = 20, 10, 4, 2, 4
+SMALL = ["+common.model.num_layers=1", "+common.model.hidden_size=32", "+common.model.ffn_hidden_size=64",
+         "+common.model.max_position_embeddings=128", "+common.data.max_rows=600",
+         "+common.data.max_seq_len=128", "+common.data.max_prompt_len=96", "+sft.tokenizer.vocab_size=512",
+         "rm.batch.global_batch_size=16",
+         f"sft.trainer.max_steps={SFT_STEPS}", "sft.trainer.val_check_interval=10",
+         f"rm.trainer.max_steps={RM_STEPS}", "rm.trainer.val_check_interval=5"]
 
 
-def test_demo_pipeline_small(tmp_path):
-    run_dir = tmp_path / "demo"
-    small = ["+common.model.num_layers=1", "+common.model.hidden_size=32", "+common.model.ffn_hidden_size=64",
-             "+common.model.max_position_embeddings=128", "+common.data.max_rows=600",
-             "+common.data.max_seq_len=128", "+common.data.max_prompt_len=96", "+sft.tokenizer.vocab_size=512",
-             "rm.batch.global_batch_size=16", "ppo.data.max_heldout_prompts=16",
-             "+ppo.ppo.sampling.max_new_tokens=8", "+ppo.logger.tensorboard=true"]
-    cmd = [sys.executable, str(REPO / "launchers" / "run_demo.py"), "--config-name", "demo_tiny", f"run_dir={run_dir}",
-           *small,
-           f"sft.trainer.max_steps={SFT_STEPS}", "sft.trainer.val_check_interval=10",
-           f"rm.trainer.max_steps={RM_STEPS}", "rm.trainer.val_check_interval=5",
-           f"ppo.trainer.max_steps={PPO_STEPS}", "ppo.trainer.val_check_interval=2"]
+def demo_cmd(run_dir: Path, *overrides: str) -> list[str]:
+    """launchers/run_demo.py --config-name demo_tiny at the SMALL size writing into ``run_dir``."""
+    return [sys.executable, str(REPO / "launchers" / "run_demo.py"), "--config-name", "demo_tiny", f"run_dir={run_dir}",
+            *SMALL, *overrides]
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory) -> Path:
+    """The run directory of this file's tests: the DPO test after the PPO test resumes its SFT and
+    reward-model stages (run alone, it trains them first)."""
+    return tmp_path_factory.mktemp("demo_stages") / "demo"
+
+
+def test_demo_pipeline_small(demo_dir, tmp_path):
+    run_dir = demo_dir
+    cmd = demo_cmd(run_dir, "ppo.data.max_heldout_prompts=16", "+ppo.ppo.sampling.max_new_tokens=8",
+                   "+ppo.logger.tensorboard=true",
+                   f"ppo.trainer.max_steps={PPO_STEPS}", "ppo.trainer.val_check_interval=2")
     # One intra-op thread for the demo process and (inherited) its critic server: tiny models.
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
@@ -85,3 +99,44 @@ def test_demo_pipeline_small(tmp_path):
     assert (run_dir / "grpo_samples.jsonl").exists()
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(run_dir) not in ps
+
+
+def test_demo_dpo_stage_and_judge(demo_dir, tmp_path):
+    """stages=[sft,rm,dpo]: DPO from the SFT policy on the same HH pairs (held-out implicit-reward
+    accuracy before/after), then the judge: the SFT and DPO policies answer the same held-out prompts
+    with one sampling seed, the reward model of the rm stage scores both (win rate, ties 1/2), and the
+    DPO policy's KL to the SFT policy is measured on its own samples (dpo_samples.jsonl)."""
+    run_dir = demo_dir
+    n_prompts = 8
+    cmd = demo_cmd(run_dir, "stages=[sft,rm,dpo]", f"dpo.trainer.max_steps={DPO_STEPS}",
+                   "dpo.trainer.val_check_interval=2",
+                   "dpo.optim.lr=3e-3", "dpo.optim.min_lr=3e-3", "dpo.optim.warmup_steps=0",  # move the tiny policy
+                   f"dpo_judge.max_prompts={n_prompts}", "dpo_judge.batch_size=4",
+                   "dpo_judge.sampling.max_new_tokens=8")
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "DPO   held-out implicit-reward accuracy" in proc.stdout and "DPO wins under the reward model" in proc.stdout
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["sft"]["steps"] == SFT_STEPS and report["rm"]["steps"] == RM_STEPS
+    dpo = report["dpo"]
+    assert dpo["steps"] == DPO_STEPS and (run_dir / "dpo_weights" / "COMPLETE").exists()
+    for when in ("val_before", "val_after"):
+        assert 0.0 <= dpo[when]["rewards/accuracies"] <= 1.0 and dpo[when]["pairs"] > 0, when
+    # The reference is the start policy: before the first step every implicit reward is 0, the loss ln 2.
+    assert dpo["val_before"]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert dpo["val_before"]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    assert abs(dpo["val_after"]["loss"] - math.log(2)) > 1e-3  # lr 3e-3: the policy moved
+    judge = dpo["judge"]
+    rows = [json.loads(line) for line in (run_dir / "dpo_samples.jsonl").read_text().splitlines()]
+    assert len(rows) == judge["prompts"] == n_prompts
+    for r in rows:
+        assert {"prompt", "reference_response", "policy_response", "reference_rm_score", "policy_rm_score",
+                "kl"} <= set(r)
+    wins = sum(r["policy_rm_score"] > r["reference_rm_score"] for r in rows)
+    ties = sum(r["policy_rm_score"] == r["reference_rm_score"] for r in rows)
+    assert 0.0 <= judge["win_rate"] <= 1.0 and judge["win_rate"] == pytest.approx((wins + ties / 2) / len(rows))
+    assert math.isfinite(judge["kl_mean"]) and judge["kl_mean"] == pytest.approx(sum(r["kl"] for r in rows) / len(rows))
+    assert judge["identical_responses"] < n_prompts  # the DPO policy is not the SFT policy any more
+    assert json.loads((run_dir / "dpo_samples.summary.json").read_text())["win_rate"] == judge["win_rate"]
+    assert report["wall_s"]["dpo"] > 0 and report["wall_s"]["dpo_judge"] > 0
