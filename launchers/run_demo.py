@@ -125,11 +125,40 @@ def format_report(rep: dict) -> str:
             lines.append(f"  critic server restarted after: {failure}")
     if "dpo" in rep:
         lines.extend(format_dpo(rep["dpo"], wall, rep.get("dpo_samples", [])))
+    if "ilql" in rep:
+        lines.extend(format_ilql(rep["ilql"], wall["ilql"], rep.get("ilql_samples", [])))
     if rep.get("plot"):
         lines.append(f"  plot: {rep['plot']}")
     lines.append(f"  total wall time: {wall['total']:.0f} s")
     lines.append("=" * 78)
     return "\n".join(lines)
+
+
+def format_ilql(r: dict, wall_s: float, samples: list) -> list[str]:
+    """The report lines of the ILQL stage: held-out figures before -> after at ``ilql.beta`` (and
+    the other ``ilql.eval_betas``), the behaviour data's reward, sample continuations."""
+    b, a = r["heldout_before"], r["heldout_after"]
+    lines = [f"  ILQL  {r['offline_rows']} offline rows, {r['heldout_prompts']} held-out prompts, same sampling seed "
+             f"before/after [{r['steps']} steps, {wall_s:.0f} s]; decoding beta {r['beta']:g}"]
+    if "reward" in a:
+        lines.append(f"        held-out reward {_fmt(b['reward'], a['reward'], '{:+.3f}')}  (behaviour data: "
+                     f"{r['behaviour_reward']['mean']:+.3f})")
+    if "vader_positive" in a:
+        lines.append(f"        VADER (independent judge), positive fraction at beta {r['beta']:g}: "
+                     f"{_fmt(b['vader_positive'], a['vader_positive'])};  mean compound {b['vader_compound']:+.3f} -> "
+                     f"{a['vader_compound']:+.3f}")
+    if "vader_positive_beta0" in a and r["beta"] != 0:
+        lines.append(f"        base policy (before, beta 0: the heads unused) {b['vader_positive_beta0']:.3f} -> ILQL "
+                     f"(after, beta {r['beta']:g}) {a['vader_positive']:.3f};  after at beta 0 (the trained LM "
+                     f"alone): {a['vader_positive_beta0']:.3f}")
+    for key in sorted(k for k in a if "_beta" in k and not k.startswith("vader_positive")):
+        lines.append(f"        {key}: {_fmt(b.get(key, float('nan')), a[key])}")
+    for i, (sb, sa) in enumerate(samples):
+        lines.append(f"  sample {i + 1}: prompt {sb['prompt']!r}")
+        for label, row in (("before", sb), ("after: ", sa)):
+            judged = f"  (VADER {row['vader_compound']:+.2f})" if row.get("vader_compound") is not None else ""
+            lines.append(f"     {label} {row['response']!r}{judged}")
+    return lines
 
 
 def format_dpo(d: dict, wall: dict, samples: list) -> list[str]:
@@ -192,11 +221,13 @@ def main(cfg) -> None:
     from nemo_rlhf.algorithms.ilql import run_ilql
     from nemo_rlhf.algorithms.reward_model import run_reward_model
     from nemo_rlhf.algorithms.sft import run_sft
+    from nemo_rlhf.config import DemoConfig, parse_config
     from nemo_rlhf.parallel.state import destroy_distributed
     from nemo_rlhf.servers.client import CriticClient
     from nemo_rlhf.servers.process import find_free_ports, start_server_process
     from nemo_rlhf.utils.plot import plot_ppo_metrics
 
+    parse_config(DemoConfig, cfg)  # stage order, sections, sizes: one clear error before any work
     t0 = time.time()
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -2022,8 +2022,12 @@ class ILQLConfig(_Section):
     log-probs (trlX's ``gen_kwargs.beta``; 0 = the trained policy alone); ``eval_betas``: further
     betas evaluated at every held-out evaluation (reported as ``reward_beta<b>``).
     ``val_samples_per_prompt`` responses per held-out prompt; rank 0 appends its first
-    ``val_samples_saved`` samples to ``<run_dir>/ilql_samples.jsonl``. ``head_init_std``: std of
-    the heads' init (None: ``model.init_method_std``).
+    ``val_samples_saved`` samples to ``<run_dir>/ilql_samples.jsonl``. ``val_judge: vader`` also
+    scores the held-out samples with VADER (``vader_positive``, ``vader_compound``; an independent
+    judge, never a training signal). ``imdb_window`` (``data.dataset: imdb``): each review's offline
+    row is its opening and the tokens after it (``opening``) or its last ``sampling.max_new_tokens``
+    tokens and the ones before them (``ending``: where the verdict, and so the label's signal,
+    usually is). ``head_init_std``: std of the heads' init (None: ``model.init_method_std``).
 
     Raises:
         ConfigError: ``tau`` outside (0, 1), ``gamma`` / ``alpha`` outside [0, 1], a negative scale /
@@ -2047,9 +2051,13 @@ class ILQLConfig(_Section):
     eval_betas: List[float] = field(default_factory=lambda: [0.0])
     val_samples_per_prompt: int = 8
     val_samples_saved: int = 8
+    val_judge: Optional[str] = None  # None | vader: held-out vader_positive / vader_compound (as ppo.val_judge)
+    imdb_window: str = "opening"  # data.dataset=imdb: opening | ending (nemo_rlhf.data.offline.imdb_offline_rows)
     seed: int = 1234
 
     def _validate(self) -> None:
+        self._choice("val_judge", JUDGES)
+        self._choice("imdb_window", ("opening", "ending"))
         self._between("tau", 0.0, 1.0, low_open=True, high_open=True)
         self._between("gamma", 0.0, 1.0)
         self._between("alpha", 0.0, 1.0)
@@ -2067,15 +2075,17 @@ class ILQLConfig(_Section):
 @dataclass
 class ILQLStageConfig(_TrainingStage):
     """``conf/gpt_ilql.yaml``: ILQL on offline ``{prompt, response, reward}`` rows (``data.files``,
-    ``data.dataset: jsonl``; e.g. randomwalks' ``offline.jsonl``), evaluated by decoding on the
-    held-out prompts ``data.heldout_files`` scored with ``reward.functions`` (e.g.
-    ``RandomWalkReward``). ``init_from``: the weights the trunk and LM head start from (None:
-    random init, as trlX's randomwalks); the heads always start fresh. ``batch.global_batch_size``
-    counts offline rows per optimizer step over all DP ranks.
+    ``data.dataset: jsonl``; e.g. randomwalks' ``offline.jsonl``) or on IMDB reviews
+    (``data.dataset: imdb``: openings + continuations rewarded by their label), evaluated by
+    decoding the held-out prompts (``data.heldout_files``) scored with ``reward.functions`` (e.g.
+    ``RandomWalkReward``) and/or the ``ilql.val_judge``. ``init_from``: the weights the trunk and
+    LM head start from (None: random init, as trlX's randomwalks); the heads always start fresh.
+    ``batch.global_batch_size`` counts offline rows per optimizer step over all DP ranks.
 
     Raises:
-        ConfigError: ``data.dataset`` other than jsonl, no ``data.heldout_files``, no
-            ``reward.functions``, or ``reward.reward_model: true`` (not served here).
+        ConfigError: ``data.dataset`` other than jsonl / imdb, no ``data.heldout_files``, neither
+            ``reward.functions`` nor ``ilql.val_judge``, or ``reward.reward_model: true`` (not
+            served here).
     """
 
     run_dir: str = "runs/ilql"
@@ -2085,18 +2095,19 @@ class ILQLStageConfig(_TrainingStage):
 
     def _validate(self) -> None:
         super()._validate()
-        if self.data.dataset != "jsonl":
-            raise ConfigError(f"ILQL reads offline {{prompt, response, reward}} rows: set data.dataset=jsonl "
-                              f"(got {self.data.dataset!r})")
+        if self.data.dataset not in ("jsonl", "imdb"):
+            raise ConfigError(f"ILQL reads offline {{prompt, response, reward}} rows (data.dataset=jsonl) or IMDB "
+                              f"reviews rewarded by their label (data.dataset=imdb); got data.dataset="
+                              f"{self.data.dataset!r}")
         if not self.data.heldout_files:
             raise ConfigError("ILQL evaluates by decoding held-out prompts: set data.heldout_files (e.g. "
                               "[heldout.jsonl] of a randomwalks task)")
         if self.reward.reward_model:
             raise ConfigError("reward.reward_model=true is not supported by ILQL (offline data carry their "
                               "rewards); score held-out responses with reward.functions")
-        if not self.reward.functions:
-            raise ConfigError("reward.functions: ILQL's held-out evaluation needs a reward function, e.g. "
-                              "[{_target_: nemo_rlhf.data.randomwalks.RandomWalkReward}]")
+        if not self.reward.functions and not self.ilql.val_judge:
+            raise ConfigError("reward.functions or ilql.val_judge: ILQL's held-out evaluation needs a scorer, e.g. "
+                              "[{_target_: nemo_rlhf.data.randomwalks.RandomWalkReward}] or ilql.val_judge=vader")
 
 
 STAGE_CONFIGS["gpt_ilql"] = ILQLStageConfig

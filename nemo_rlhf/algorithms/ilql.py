@@ -16,7 +16,8 @@ One step (:meth:`ILQLTrainer.train_step`), as data, on one data-parallel rank::
 Evaluation (:meth:`ILQLTrainer.evaluate`) decodes the held-out prompts with the shifted logits
 ``log_softmax(logits) + beta (min target Q - V)`` and ``ilql.sampling.top_k``
 (:meth:`~nemo_rlhf.models.ilql.GPTILQLModel.generate_ilql`) and scores the responses with
-``reward.functions`` (randomwalks: ``RandomWalkReward``, the optimality); ``ilql.eval_betas``
+``reward.functions`` (randomwalks: ``RandomWalkReward``, the optimality) and, with ``ilql.val_judge: vader``, VADER (IMDB: the
+positive fraction of prompt + response, never a training signal); ``ilql.eval_betas``
 adds the same at other betas (0: the trained LM head alone, i.e. behaviour cloning through the
 AWAC term). The result sets these beside the behaviour data's own mean reward.
 
@@ -39,8 +40,9 @@ from nemo_rlhf.checkpoint.training_state import latest_checkpoint
 from nemo_rlhf.checkpoint.weights import load_weights, save_model_weights
 from nemo_rlhf.config import ConfigError, ILQLStageConfig, check_sizes, load_stage_config, to_plain
 from nemo_rlhf.data import PromptDataset, collate_prompts
-from nemo_rlhf.data.offline import OfflineDataset, collate_offline, load_offline_rows
-from nemo_rlhf.data.tasks import data_files, load_prompt_rows
+from nemo_rlhf.data.imdb import review_prompts
+from nemo_rlhf.data.offline import OfflineDataset, collate_offline, imdb_offline_rows, load_offline_rows
+from nemo_rlhf.data.tasks import data_files, load_prompt_rows, load_split_rows
 from nemo_rlhf.data.tokenizer import tokenizer_from_config
 from nemo_rlhf.generation.sampling import SamplingParams
 from nemo_rlhf.models.ilql import HEADS_PREFIX, GPTILQLModel
@@ -48,6 +50,7 @@ from nemo_rlhf.models.policy import mask_padded_vocab
 from nemo_rlhf.models.vocab_parallel import token_logprobs, vocab_parallel_gather
 from nemo_rlhf.parallel.state import is_rank_zero, setup_parallel
 from nemo_rlhf.rewards.functions import RewardSum, build_reward
+from nemo_rlhf.rewards.sentiment import POSITIVE_THRESHOLD, vader_compound
 from nemo_rlhf.rl.advantages import response_mask
 from nemo_rlhf.rl.ilql import gather_actions, ilql_loss, standardize_rewards, terminal_rewards
 
@@ -120,9 +123,43 @@ class ILQLTrainer(Trainer):
 
     # -------------------------------------------------------------- set-up
     @staticmethod
-    def offline_dataset(cfg: ILQLStageConfig, tokenizer) -> tuple[OfflineDataset, dict[str, float], list]:
-        """The offline rows of ``data.files`` tokenized, rewards standardised when
-        ``ilql.normalize_rewards``; and the behaviour data's reward summary (``mean``, ``std``, rows).
+    def load_rows(cfg: ILQLStageConfig, tokenizer) -> tuple[list, list[str]]:
+        """The offline rows and the held-out prompts of ``data.dataset``.
+
+        ``jsonl``: ``{prompt, response, reward}`` rows of ``data.files``
+        (:func:`~nemo_rlhf.data.offline.load_offline_rows`) and the prompts of
+        ``data.heldout_files``. ``imdb``: the train reviews of ``data.files`` cut into (prompt,
+        response of ``ilql.sampling.max_new_tokens`` tokens) windows (``ilql.imdb_window``)
+        rewarded by their label (:func:`~nemo_rlhf.data.offline.imdb_offline_rows`), and the openings of the held-out
+        reviews (:func:`~nemo_rlhf.data.tasks.load_split_prompts`' cut, ``data.max_heldout_prompts``).
+
+        Raises:
+            DataFormatError: a bad row (a bad reward always; others under ``data.on_error=error``).
+        """
+        d = cfg.data
+        if d.dataset == "imdb":
+            train, heldout, _ = load_split_rows(d)
+            k = (int(d.prompt_tokens_min), int(d.prompt_tokens_max))
+            rows = imdb_offline_rows(train, tokenizer, *k, int(cfg.ilql.sampling.max_new_tokens),
+                                     seed=int(d.split_seed), window=cfg.ilql.imdb_window)
+            prompts = review_prompts(heldout, tokenizer, *k, seed=int(d.split_seed) + 1)
+        else:
+            rows, stats = load_offline_rows(data_files(d), on_error=d.on_error, max_rows=d.max_rows)
+            if not rows:
+                raise ConfigError(f"data.files {list(d.files)} hold no usable offline row ({stats.summary()})")
+            held, _ = load_prompt_rows(data_files(d, "heldout_files"), on_error=d.on_error,
+                                       max_rows=d.max_heldout_rows)
+            prompts = [r.prompt for r in held]
+        if d.max_heldout_prompts:
+            prompts = prompts[: int(d.max_heldout_prompts)]
+        return rows, prompts
+
+    @staticmethod
+    def offline_dataset(cfg: ILQLStageConfig, tokenizer, rows: list | None = None
+                        ) -> tuple[OfflineDataset, dict[str, float], list]:
+        """The offline rows (``rows``, or those of ``data.files``: :meth:`load_rows`) tokenized,
+        rewards standardised when ``ilql.normalize_rewards``; and the behaviour data's reward
+        summary (``mean``, ``std``, rows).
 
         Raises:
             DataFormatError: a row with a missing / non-finite reward (file and line), or another bad
@@ -130,9 +167,10 @@ class ILQLTrainer(Trainer):
             ConfigError: no usable row.
         """
         d = cfg.data
-        rows, stats = load_offline_rows(data_files(d), on_error=d.on_error, max_rows=d.max_rows)
+        if rows is None:
+            rows = ILQLTrainer.load_rows(cfg, tokenizer)[0]
         if not rows:
-            raise ConfigError(f"data.files {list(d.files)} hold no usable offline row ({stats.summary()})")
+            raise ConfigError(f"data.files {list(d.files)} hold no usable offline row")
         raw = torch.tensor([r.reward for r in rows], dtype=torch.float64)
         rewards = standardize_rewards(raw) if cfg.ilql.normalize_rewards else raw
         ds = OfflineDataset(rows, tokenizer, int(d.max_seq_len), int(d.max_prompt_len), d.overlong,
@@ -153,15 +191,14 @@ class ILQLTrainer(Trainer):
         self.dp = setup_parallel(to_plain(cfg.model), (gbs, mbs), cfg.trainer.accelerator, int(cfg.seed))
         check_sizes(cfg, self.dp)
         self.tokenizer = tok = tokenizer_from_config(to_plain(cfg.tokenizer))
-        self.train_ds, self.behaviour, rows = self.offline_dataset(cfg, tok)
-        held, _ = load_prompt_rows(data_files(cfg.data, "heldout_files"), on_error=cfg.data.on_error,
-                                   max_rows=cfg.data.max_heldout_rows)
-        self.val_ds = PromptDataset([r.prompt for r in held], tok, int(cfg.data.max_prompt_len), cfg.data.overlong)
+        rows, prompts = self.load_rows(cfg, tok)
+        self.train_ds, self.behaviour, rows = self.offline_dataset(cfg, tok, rows)
+        self.val_ds = PromptDataset(prompts, tok, int(cfg.data.max_prompt_len), cfg.data.overlong)
         if len(self.val_ds) < self.dp:
             raise ConfigError(f"data.heldout_files hold {len(self.val_ds)} prompts, fewer than the data-parallel "
                               f"size {self.dp}")
         self.behaviour.update(self.behaviour_on_heldout(rows))
-        self.reward_fn = build_reward(cfg.reward.functions)
+        self.reward_fn = build_reward(cfg.reward.functions) if cfg.reward.functions else None
         self.collate = lambda b: collate_prompts(b, tok.pad_id)  # noqa: E731
         p = cfg.ilql
         self.model = GPTILQLModel(to_plain(cfg.model), to_plain(cfg.optim), tok.vocab_size, mbs, tok.eos_id,
@@ -184,7 +221,8 @@ class ILQLTrainer(Trainer):
         trainer.model = model
         trainer.tokenizer = tokenizer
         trainer.train_ds, trainer.val_ds = train_ds, val_ds
-        trainer.reward_fn = reward_fn if reward_fn is not None else build_reward(cfg.reward.functions)
+        trainer.reward_fn = reward_fn if reward_fn is not None else (
+            build_reward(cfg.reward.functions) if cfg.reward.functions else None)
         trainer.collate = lambda b: collate_prompts(b, tokenizer.pad_id)  # noqa: E731
         return trainer
 
@@ -235,19 +273,31 @@ class ILQLTrainer(Trainer):
         return batches[:limit] if limit else batches
 
     def _score(self, tokens: torch.Tensor, lengths: torch.Tensor, prompt_lengths: torch.Tensor):
+        """Per-sample scores ``{name: [b] float64}`` of decoded responses: ``reward`` and
+        ``reward_<term>`` (``reward.functions``, when set), ``vader_compound`` / ``vader_positive``
+        of prompt + response (``ilql.val_judge: vader``); and the decoded prompts, responses."""
         prompts, responses = decode_rollouts(self.tokenizer, tokens, prompt_lengths, lengths)
-        values = self.reward_fn.terms(prompts, responses)
-        total = np.zeros(len(prompts), dtype=np.float64)
-        for f in self.reward_fn.functions:
-            total += f.weight * values[f.name]
-        return total, {f.name.rsplit(".", 1)[-1]: np.asarray(values[f.name], dtype=np.float64)
-                       for f in self.reward_fn.functions}, prompts, responses
+        rows: dict[str, np.ndarray] = {}
+        if self.reward_fn is not None and self.reward_fn.functions:
+            values = self.reward_fn.terms(prompts, responses)
+            total = np.zeros(len(prompts), dtype=np.float64)
+            for f in self.reward_fn.functions:
+                total += f.weight * values[f.name]
+            rows["reward"] = total
+            rows.update({f"reward_{f.name.rsplit('.', 1)[-1]}": np.asarray(values[f.name], dtype=np.float64)
+                         for f in self.reward_fn.functions})
+        if self.cfg.ilql.val_judge == "vader":
+            compound = vader_compound([a + b for a, b in zip(prompts, responses)])
+            rows["vader_compound"] = np.asarray(compound, dtype=np.float64)
+            rows["vader_positive"] = (rows["vader_compound"] > POSITIVE_THRESHOLD).astype(np.float64)
+        return rows, prompts, responses
 
     @torch.no_grad()
     def heldout_rewards(self, beta: float, limit: int | None = None, save: bool = False) -> dict[str, float]:
-        """Mean held-out reward (and each reward term, response length in tokens) of
-        ``ilql.val_samples_per_prompt`` responses per held-out prompt decoded at ``beta``
-        (seeded ``ilql.seed + 1``: every evaluation draws the same way), averaged over DP."""
+        """Means over the held-out responses (:meth:`_score`'s ``reward``, ``reward_<term>``,
+        ``vader_*``; ``response_length`` in tokens) of ``ilql.val_samples_per_prompt`` responses per
+        held-out prompt decoded at ``beta`` (seeded ``ilql.seed + 1``: every evaluation draws the
+        same way), averaged over DP."""
         k = int(self.cfg.ilql.val_samples_per_prompt)
         keep = int(self.cfg.ilql.val_samples_saved) if (save and is_rank_zero()) else 0
         sums: dict[str, float] = {}
@@ -256,15 +306,15 @@ class ILQLTrainer(Trainer):
             b = self.collate([self.val_ds[i] for i in idx])
             rep = lambda t: t.repeat_interleave(k, dim=0)  # noqa: E731
             gen = self.model.generate_ilql(rep(b["prompts"]), rep(b["prompt_lengths"]), self.val_sampling, beta)
-            total, terms, prompts, responses = self._score(gen.tokens, gen.lengths, gen.prompt_lengths)
-            rows = {"reward": total, **{f"reward_{t}": v for t, v in terms.items()},
-                    "response_length": (gen.lengths - gen.prompt_lengths).double().cpu().numpy()}
+            scores, prompts, responses = self._score(gen.tokens, gen.lengths, gen.prompt_lengths)
+            rows = {**scores, "response_length": (gen.lengths - gen.prompt_lengths).double().cpu().numpy()}
             for name, v in rows.items():
                 sums[name] = sums.get(name, 0.0) + float(np.sum(v))
-            count += len(total)
-            for i in range(min(keep - len(samples), len(total))):
+            count += len(prompts)
+            for i in range(min(keep - len(samples), len(prompts))):
                 samples.append({"step": self.step, "beta": beta, "prompt": prompts[i], "response": responses[i],
-                                "reward": float(total[i])})
+                                **{name: float(scores[name][i]) for name in ("reward", "vader_compound")
+                                   if name in scores}})
         if samples:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with open(self.run_dir / "ilql_samples.jsonl", "a", encoding="utf-8") as f:
@@ -272,13 +322,17 @@ class ILQLTrainer(Trainer):
         return dp_mean({name: s / max(count, 1) for name, s in sums.items()})
 
     def evaluate(self, limit: int | None = None) -> dict[str, float]:
-        """Held-out decoding at ``ilql.beta`` (``reward``, ``reward_<term>``, ``response_length``)
-        and, for each other beta of ``ilql.eval_betas``, ``reward_beta<b>``."""
+        """Held-out decoding at ``ilql.beta`` (:meth:`heldout_rewards`) and, for each other beta
+        of ``ilql.eval_betas``, ``reward_beta<b>`` (with ``reward.functions``) and
+        ``vader_positive_beta<b>`` (with ``ilql.val_judge: vader``)."""
         p = self.cfg.ilql
         out = self.heldout_rewards(float(p.beta), limit, save=True)
         for b in p.eval_betas:
             if float(b) != float(p.beta):
-                out[f"reward_beta{b:g}"] = self.heldout_rewards(float(b), limit)["reward"]
+                other = self.heldout_rewards(float(b), limit)
+                for name in ("reward", "vader_positive"):
+                    if name in other:
+                        out[f"{name}_beta{b:g}"] = other[name]
         return out
 
     # -------------------------------------------------------------- the stage

@@ -1,6 +1,7 @@
 """Offline RL data: ``{"prompt", "response", "reward"}`` JSONL rows (issue 14 §3: ILQL's data,
 e.g. randomwalks' ``offline.jsonl`` from :func:`nemo_rlhf.data.randomwalks.write_task`, or any
-file of that shape) and the tokenized data set ILQL trains on.
+file of that shape), IMDB reviews cut into (opening, continuation) rewarded by their label
+(:func:`imdb_offline_rows`, trlX's ``ilql_sentiments``), and the tokenized data set ILQL trains on.
 
 Bad rows: a row that is not JSON, lacks a ``prompt`` / ``response`` string or has an empty one
 follows ``data.on_error`` (skipped and counted, or :class:`~nemo_rlhf.data.hh.DataFormatError`),
@@ -14,6 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import random
 from pathlib import Path
 from typing import Sequence
 
@@ -22,6 +24,7 @@ from torch.utils.data import Dataset
 
 from nemo_rlhf.data.datasets import _check_lengths, _fit_prompt, _fit_response, _pad_right
 from nemo_rlhf.data.hh import DataFormatError, LoadStats, check_fields, load_jsonl
+from nemo_rlhf.data.imdb import ImdbReview, clean_review
 from nemo_rlhf.data.tokenizer import Tokenizer
 
 
@@ -86,6 +89,44 @@ def load_offline_rows(paths: str | Path | Sequence[str | Path], on_error: str = 
         for k, v in stats.first.items():
             total.first.setdefault(k, v)
     return rows, total
+
+
+IMDB_WINDOWS = ("opening", "ending")  # imdb_offline_rows(window=...)
+
+
+def imdb_offline_rows(reviews: Sequence[ImdbReview], tokenizer: Tokenizer, min_tokens: int, max_tokens: int,
+                      response_tokens: int, seed: int, window: str = "opening") -> list[OfflineRow]:
+    """Offline rows from labelled IMDB reviews (trlX's ``ilql_sentiments``: reward = the label),
+    one per review, both texts decoded from the cleaned review's own tokens.
+
+    ``window="opening"``: prompt = the first k tokens (k uniform in ``[min_tokens, max_tokens]``,
+    drawn by ``random.Random(seed)``, as :func:`~nemo_rlhf.data.imdb.review_prompts` cuts the
+    online prompts), response = the next ``response_tokens`` tokens. ``window="ending"``: response
+    = the review's last ``response_tokens`` tokens (where its verdict usually is), prompt = the k
+    tokens before them. Reward = ``label`` (1.0 positive, 0.0 negative); source = the review's
+    ``"<file>:<line>"``. A review too short for a prompt and one response token is left out.
+
+    Raises:
+        ValueError: ``min_tokens < 1``, ``min_tokens > max_tokens``, ``response_tokens < 1`` or an
+            unknown ``window``.
+    """
+    if not 1 <= min_tokens <= max_tokens or response_tokens < 1:
+        raise ValueError(f"need 1 <= min_tokens <= max_tokens and response_tokens >= 1, got {min_tokens}, "
+                         f"{max_tokens}, {response_tokens}")
+    if window not in IMDB_WINDOWS:
+        raise ValueError(f"window must be one of {IMDB_WINDOWS}, got {window!r}")
+    rng = random.Random(seed)
+    ids = tokenizer.encode_batch([clean_review(r.text) for r in reviews])
+    rows = []
+    for review, toks in zip(reviews, ids):
+        k = rng.randint(min_tokens, max_tokens)
+        if len(toks) <= k:
+            continue
+        start = k if window == "opening" else max(k, len(toks) - response_tokens)
+        rows.append(OfflineRow(tokenizer.decode(toks[start - k: start]),
+                               tokenizer.decode(toks[start: start + response_tokens]), float(review.label),
+                               review.source))
+    return rows
 
 
 class OfflineDataset(Dataset):

@@ -67,6 +67,35 @@ def test_review_prompts_are_review_beginnings_of_k_tokens(gpt2):
         review_prompts(reviews, gpt2, 5, 4, seed=0)
 
 
+def test_imdb_offline_rows_are_opening_continuation_and_label(gpt2):
+    from nemo_rlhf.data.offline import imdb_offline_rows
+
+    texts = ["I watched this movie last night with my friends and we all thought it was a masterpiece of the genre.",
+             "Too short.", "What a waste<br />of two hours of my life, honestly the worst film of the year by far."]
+    reviews = [review(i, i % 3 != 2, t) for i, t in enumerate(texts * 4)]
+    rows = imdb_offline_rows(reviews, gpt2, 4, 6, response_tokens=5, seed=0)
+    assert rows == imdb_offline_rows(reviews, gpt2, 4, 6, response_tokens=5, seed=0)
+    assert len(rows) == 8  # "Too short." (3 tokens) has no continuation after a 4-6 token opening
+    for row in rows:
+        src = next(r for r in reviews if r.source == row.source)
+        full = gpt2.encode(clean_review(src.text))
+        k = len(gpt2.encode(row.prompt))
+        assert 4 <= k <= 6 and row.prompt + row.response == gpt2.decode(full[: k + 5])
+        assert row.reward == float(src.label)
+    assert {r.reward for r in rows} == {0.0, 1.0}
+    ends = imdb_offline_rows(reviews, gpt2, 4, 6, response_tokens=5, seed=0, window="ending")
+    assert len(ends) == 8
+    for row in ends:  # the review's last 5 tokens, after the k tokens before them
+        full = gpt2.encode(clean_review(next(r for r in reviews if r.source == row.source).text))
+        k = len(gpt2.encode(row.prompt))
+        assert 4 <= k <= 6 and row.prompt + row.response == gpt2.decode(full[-5 - k:])
+        assert row.response == gpt2.decode(full[-5:])
+    with pytest.raises(ValueError, match="response_tokens"):
+        imdb_offline_rows(reviews, gpt2, 4, 6, response_tokens=0, seed=0)
+    with pytest.raises(ValueError, match="window"):
+        imdb_offline_rows(reviews, gpt2, 4, 6, response_tokens=5, seed=0, window="middle")
+
+
 def test_review_pair_dataset_keeps_the_last_tokens(gpt2):
     pairs = review_pairs([review(0, 1, "one two three four five six seven eight nine ten. Loved it"),
                           review(1, 0, "Hated it")], seed=0)
