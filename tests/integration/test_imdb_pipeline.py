@@ -95,14 +95,14 @@ def test_imdb_ilql_example_runs_and_judges(smollm2, tmp_path):
              "ilql.data.max_heldout_prompts=4", "ilql.data.max_seq_len=20", "ilql.batch.global_batch_size=8",
              "ilql.batch.micro_batch_size=8", "ilql.trainer.max_steps=2", "ilql.trainer.val_check_interval=null",
              "ilql.trainer.log_every_n_steps=1",
-             "ilql.ilql.sampling.max_new_tokens=4", "+ilql.ilql.steps_for_target_q_sync=1", "report_samples=2"]
+             "ilql.ilql.sampling.max_new_tokens=4", "ilql.ilql.steps_for_target_q_sync=1", "report_samples=2"]
     cmd = [sys.executable, str(REPO / "launchers" / "run_demo.py"), "--config-name", "examples/imdb_ilql", *small]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "ILQL  24 offline rows, 4 held-out prompts" in proc.stdout and "VADER (independent judge)" in proc.stdout
     r = json.loads((run_dir / "report.json").read_text())["ilql"]
-    assert r["steps"] == 2 and r["beta"] == 4.0 and 0.0 < r["behaviour_reward"]["mean"] < 1.0
+    assert r["steps"] == 2 and r["beta"] == 8.0 and 0.0 < r["behaviour_reward"]["mean"] < 1.0
     for when in ("heldout_before", "heldout_after"):
         h = r[when]
         assert 0.0 <= h["vader_positive"] <= 1.0 and 0.0 <= h["vader_positive_beta0"] <= 1.0, h
