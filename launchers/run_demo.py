@@ -17,6 +17,10 @@ preference pairs, then judges it (``dpo_judge:``, :func:`nemo_rlhf.evaluation.ju
 one response per held-out prompt from the start policy and one from the DPO policy, same sampling seed,
 both scored by the ``rm`` stage's reward model (win rate, ties 1/2; without an ``rm`` stage no win rate)
 and the DPO policy's KL to the start policy (nats/response); the pairs go to ``dpo_samples.jsonl``.
+An ``ilql`` stage (``ilql:`` section over ``conf/gpt_ilql.yaml``; ``conf/examples/imdb_ilql.yaml``:
+``stages: [ilql]``) trains ILQL from the pipeline's policy on the data set's offline rows (IMDB:
+review windows rewarded by their label) and reports its held-out decodings before and after
+(``ilql.val_judge: vader``; ``ilql_samples.jsonl``).
 
 The stages (``stages``) run in this process, except the critic/reward server, a separate process
 (``launchers/serve_critic.py``) that this launcher starts, health-checks and always stops. The run
