@@ -47,7 +47,7 @@ from nemo_rlhf.models.megatron_module import NonFiniteError
 from nemo_rlhf.models.policy import GPTPolicyModel
 from nemo_rlhf.parallel.state import any_rank, is_rank_zero, setup_parallel
 from nemo_rlhf.rewards.functions import RewardFunctionError, RewardSum, build_reward
-from nemo_rlhf.rewards.sentiment import POSITIVE_THRESHOLD, vader_compound
+from nemo_rlhf.rewards.sentiment import vader_judge
 from nemo_rlhf.rl.advantages import response_mask
 from nemo_rlhf.rl.group import dynamic_sampling_mask, overlong_penalty
 from nemo_rlhf.rl.kl import kl_penalty
@@ -444,8 +444,8 @@ class CriticFreeTrainer(Trainer):
         when a reference policy exists, ``kl`` (sequence KL(policy || reference), k1 estimate,
         nats per response, as PPO's), averaged over DP. With ``grpo.val_judge: vader`` also
         ``vader_compound`` (mean VADER compound of prompt + response) and ``vader_positive``
-        (fraction with compound > 0.05), as PPO's evaluation (:mod:`nemo_rlhf.rewards.sentiment`). Rank 0 appends its first
-        ``grpo.val_samples_saved`` samples (step, prompt, response, reward) to
+        (fraction with compound > 0.05), as PPO's evaluation (:mod:`nemo_rlhf.rewards.sentiment`).
+        Rank 0 appends its first ``grpo.val_samples_saved`` samples (step, prompt, response, reward) to
         ``<run_dir>/grpo_samples.jsonl``."""
         p = self.cfg.grpo
         k = int(p.val_samples_per_prompt)
@@ -468,9 +468,9 @@ class CriticFreeTrainer(Trainer):
                 texts = decode_rollouts(self.tokenizer, gen.tokens, gen.prompt_lengths, gen.lengths)
             compound = None
             if p.val_judge == "vader":
-                compound = vader_compound([a + c for a, c in zip(*texts)])
-                rows["vader_compound"] = torch.as_tensor(compound, dtype=torch.float64)
-                rows["vader_positive"] = torch.as_tensor(compound > POSITIVE_THRESHOLD, dtype=torch.float64)
+                judged = vader_judge(*texts)
+                compound = judged["vader_compound"]
+                rows.update({name: torch.as_tensor(v, dtype=torch.float64) for name, v in judged.items()})
             for name, v in rows.items():
                 sums[name] = sums.get(name, 0.0) + v.double().sum().item()
             count += n

@@ -16,8 +16,9 @@ One step (:meth:`ILQLTrainer.train_step`), as data, on one data-parallel rank::
 Evaluation (:meth:`ILQLTrainer.evaluate`) decodes the held-out prompts with the shifted logits
 ``log_softmax(logits) + beta (min target Q - V)`` and ``ilql.sampling.top_k``
 (:meth:`~nemo_rlhf.models.ilql.GPTILQLModel.generate_ilql`) and scores the responses with
-``reward.functions`` (randomwalks: ``RandomWalkReward``, the optimality) and, with ``ilql.val_judge: vader``, VADER (IMDB: the
-positive fraction of prompt + response, never a training signal); ``ilql.eval_betas``
+``reward.functions`` (randomwalks: ``RandomWalkReward``, the optimality) and, with
+``ilql.val_judge: vader``, VADER (IMDB: the positive fraction of prompt + response, never a
+training signal); ``ilql.eval_betas``
 adds the same at other betas (0: the trained LM head alone, i.e. behaviour cloning through the
 AWAC term). The result sets these beside the behaviour data's own mean reward.
 
@@ -50,7 +51,7 @@ from nemo_rlhf.models.policy import mask_padded_vocab
 from nemo_rlhf.models.vocab_parallel import token_logprobs, vocab_parallel_gather
 from nemo_rlhf.parallel.state import is_rank_zero, setup_parallel
 from nemo_rlhf.rewards.functions import RewardSum, build_reward
-from nemo_rlhf.rewards.sentiment import POSITIVE_THRESHOLD, vader_compound
+from nemo_rlhf.rewards.sentiment import vader_judge
 from nemo_rlhf.rl.advantages import response_mask
 from nemo_rlhf.rl.ilql import gather_actions, ilql_loss, standardize_rewards, terminal_rewards
 
@@ -130,26 +131,28 @@ class ILQLTrainer(Trainer):
         (:func:`~nemo_rlhf.data.offline.load_offline_rows`) and the prompts of
         ``data.heldout_files``. ``imdb``: the train reviews of ``data.files`` cut into (prompt,
         response of ``ilql.sampling.max_new_tokens`` tokens) windows (``ilql.imdb_window``)
-        rewarded by their label (:func:`~nemo_rlhf.data.offline.imdb_offline_rows`), and the openings of the held-out
-        reviews (:func:`~nemo_rlhf.data.tasks.load_split_prompts`' cut, ``data.max_heldout_prompts``).
+        rewarded by their label (:func:`~nemo_rlhf.data.offline.imdb_offline_rows`), and the
+        openings of the held-out reviews (:func:`~nemo_rlhf.data.imdb.review_prompts`, as the online
+        stages cut them). Both: at most ``data.max_heldout_prompts`` held-out prompts.
 
         Raises:
             DataFormatError: a bad row (a bad reward always; others under ``data.on_error=error``).
+            ConfigError: no usable offline row.
         """
         d = cfg.data
         if d.dataset == "imdb":
-            train, heldout, _ = load_split_rows(d)
+            train, heldout, stats = load_split_rows(d)
             k = (int(d.prompt_tokens_min), int(d.prompt_tokens_max))
             rows = imdb_offline_rows(train, tokenizer, *k, int(cfg.ilql.sampling.max_new_tokens),
                                      seed=int(d.split_seed), window=cfg.ilql.imdb_window)
             prompts = review_prompts(heldout, tokenizer, *k, seed=int(d.split_seed) + 1)
         else:
             rows, stats = load_offline_rows(data_files(d), on_error=d.on_error, max_rows=d.max_rows)
-            if not rows:
-                raise ConfigError(f"data.files {list(d.files)} hold no usable offline row ({stats.summary()})")
             held, _ = load_prompt_rows(data_files(d, "heldout_files"), on_error=d.on_error,
                                        max_rows=d.max_heldout_rows)
             prompts = [r.prompt for r in held]
+        if not rows:
+            raise ConfigError(f"data.files {list(d.files)} hold no usable offline row ({stats.summary()})")
         if d.max_heldout_prompts:
             prompts = prompts[: int(d.max_heldout_prompts)]
         return rows, prompts
@@ -169,8 +172,6 @@ class ILQLTrainer(Trainer):
         d = cfg.data
         if rows is None:
             rows = ILQLTrainer.load_rows(cfg, tokenizer)[0]
-        if not rows:
-            raise ConfigError(f"data.files {list(d.files)} hold no usable offline row")
         raw = torch.tensor([r.reward for r in rows], dtype=torch.float64)
         rewards = standardize_rewards(raw) if cfg.ilql.normalize_rewards else raw
         ds = OfflineDataset(rows, tokenizer, int(d.max_seq_len), int(d.max_prompt_len), d.overlong,
@@ -279,17 +280,12 @@ class ILQLTrainer(Trainer):
         prompts, responses = decode_rollouts(self.tokenizer, tokens, prompt_lengths, lengths)
         rows: dict[str, np.ndarray] = {}
         if self.reward_fn is not None and self.reward_fn.functions:
-            values = self.reward_fn.terms(prompts, responses)
-            total = np.zeros(len(prompts), dtype=np.float64)
-            for f in self.reward_fn.functions:
-                total += f.weight * values[f.name]
+            total, terms = self.reward_fn.weighted(prompts, responses)
             rows["reward"] = total
-            rows.update({f"reward_{f.name.rsplit('.', 1)[-1]}": np.asarray(values[f.name], dtype=np.float64)
-                         for f in self.reward_fn.functions})
+            rows.update({f"reward_{name.rsplit('.', 1)[-1]}": np.asarray(v, dtype=np.float64)
+                         for name, v in terms.items()})
         if self.cfg.ilql.val_judge == "vader":
-            compound = vader_compound([a + b for a, b in zip(prompts, responses)])
-            rows["vader_compound"] = np.asarray(compound, dtype=np.float64)
-            rows["vader_positive"] = (rows["vader_compound"] > POSITIVE_THRESHOLD).astype(np.float64)
+            rows.update(vader_judge(prompts, responses))
         return rows, prompts, responses
 
     @torch.no_grad()

@@ -379,11 +379,10 @@ class RejectionSamplingTrainer(Trainer):
             rows = {"reward": total, **{f"reward_{t}": v for t, v in terms.items()},
                     "response_length": (gen.lengths - gen.prompt_lengths).double().numpy()}
             if self.cfg.rs.judge == "vader":
-                from nemo_rlhf.rewards.sentiment import POSITIVE_THRESHOLD, vader_compound
+                from nemo_rlhf.rewards.sentiment import vader_judge
 
-                ps, rs = decode_rollouts(self.tokenizer, gen.tokens, gen.prompt_lengths, gen.lengths)
-                rows["vader_compound"] = vader_compound([p + r for p, r in zip(ps, rs)])
-                rows["vader_positive"] = (rows["vader_compound"] > POSITIVE_THRESHOLD).astype(np.float64)
+                rows.update(vader_judge(*decode_rollouts(self.tokenizer, gen.tokens, gen.prompt_lengths,
+                                                         gen.lengths)))
             for name, v in rows.items():
                 sums[name] = sums.get(name, 0.0) + float(np.sum(v))
             count += int(total.shape[0])

@@ -59,6 +59,18 @@ def vader_reward(prompts: Sequence[str], responses: Sequence[str], **_metadata) 
     return vader_compound([p + r for p, r in zip(prompts, responses)])
 
 
+def vader_judge(prompts: Sequence[str], responses: Sequence[str]) -> dict[str, np.ndarray]:
+    """The held-out VADER judge of each sample: ``{"vader_compound": [B] float64 in [-1, 1],
+    "vader_positive": [B] float64 (1.0 where compound > POSITIVE_THRESHOLD)}`` of
+    ``prompt + response`` (:func:`vader_reward`).
+
+    Raises:
+        ValueError: as :func:`vader_reward`; ImportError / TypeError: as :func:`vader_compound`.
+    """
+    compound = vader_reward(prompts, responses)
+    return {"vader_compound": compound, "vader_positive": (compound > POSITIVE_THRESHOLD).astype(np.float64)}
+
+
 def positive_fraction(compound: np.ndarray, threshold: float = POSITIVE_THRESHOLD) -> float:
     """Fraction of ``compound [B]`` strictly above ``threshold`` (0.0 for B = 0)."""
     compound = np.asarray(compound, dtype=np.float64)

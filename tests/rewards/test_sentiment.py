@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from nemo_rlhf.rewards import sentiment
-from nemo_rlhf.rewards.sentiment import judge_agreement, positive_fraction, vader_compound, vader_reward
+from nemo_rlhf.rewards.sentiment import judge_agreement, positive_fraction, vader_compound, vader_judge, vader_reward
 
 
 def test_vader_compound_orders_sentiment():
@@ -14,6 +14,17 @@ def test_vader_compound_orders_sentiment():
     assert c.shape == (4,) and c.dtype == np.float64
     assert c[0] > 0.5 and c[1] == 0.0 and c[2] < -0.5 and c[3] == 0.0
     assert vader_reward(["I ", "It "], ["love it", "hate it"]).tolist() == vader_compound(["I love it", "It hate it"]).tolist()
+
+
+def test_vader_judge_scores_prompt_plus_response_per_sample():
+    prompts, responses = ["The film was", "The film was", "It is"], [" wonderful and moving.", " a dull mess.", " a film."]
+    judged = vader_judge(prompts, responses)
+    compound = vader_compound([p + r for p, r in zip(prompts, responses)])
+    np.testing.assert_array_equal(judged["vader_compound"], compound)
+    np.testing.assert_array_equal(judged["vader_positive"], [1.0, 0.0, 0.0])
+    assert judged["vader_positive"].dtype == np.float64
+    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+        vader_judge(prompts[:2], responses[:1])
 
 
 def test_positive_fraction_and_agreement():
