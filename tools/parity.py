@@ -29,7 +29,8 @@ It is the tool behind ``tests/parallel`` and a quick check of a new cluster layo
 ``--num-layers-unfrozen k`` trains every role with ``model.num_layers_unfrozen=k`` (frozen
 embeddings and bottom layers; at PP=2 with k=2 the whole first stage is frozen), and
 ``--reference hydra`` gives the ``ppo`` role a hydra reference policy (``models/hydra.py``) instead
-of a full frozen copy (needs k >= 0). ``--lora`` puts LoRA adapters (:data:`LORA`) on every
+of a full frozen copy (needs k >= 0); the ``ppo`` role records the reference policy's log-probs on
+the full fixed batch before its steps (``reference``: equal in every layout, DP included). ``--lora`` puts LoRA adapters (:data:`LORA`) on every
 role, with random non-zero B in the initial weights (``tests/multiprocess/test_lora_tp.py``).
 
 The ``dpo`` and ``rs`` roles (not run by default: ``--roles``) start from the ``actor`` initial weights.
@@ -475,6 +476,7 @@ def run_role(role: str, model, data: dict[str, torch.Tensor]) -> dict[str, Any]:
     elif role == "ppo":
         prompts = tokens[:, :6]
         plens = 3 + (data["lengths"] % 4)
+        out["reference"] = model.reference.logprobs(tokens)  # full batch: the same in every layout, DP too
         steps = []
         for _ in range(2):  # two full PPO steps: rollout, critic, GAE, actor + critic updates
             steps.append(model.train_step({"prompts": _dp_slice(prompts), "prompt_lengths": _dp_slice(plens)}))

@@ -8,7 +8,9 @@ keep training to ``--steps``. ``load`` mode: build the model in (possibly) anoth
 the checkpoint with :func:`~nemo_rlhf.checkpoint.training_state.load_training_checkpoint`, record
 the same things, and train from the restored step to ``--steps``. ``ref`` mode: train ``--steps``
 steps without saving (the uninterrupted run). Every mode records the per-step losses and the full
-weights at the end; global rank 0 writes ``<out>/result.pt``::
+weights at the end; global rank 0 writes ``<out>/result.pt``. ``--lora`` (adapters of
+:data:`tools.parity.LORA` on every linear, random non-zero B) and ``--num-layers-unfrozen k`` run
+the memory savers (pass the same flags to the load run)::
 
     python -m torch.distributed.run --nproc-per-node 2 tools/reshard_check.py \\
         --mode save --tp 2 --ckpt ckpt_tp2 --out save_tp2
@@ -137,21 +139,29 @@ def snapshot(module) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tools.parity import GLOBAL_BATCH, build_role, init_layout, layout_parser
+    from tools.parity import GLOBAL_BATCH, build_role, init_layout, layout_parser, randomize_adapters, with_lora
 
     p = layout_parser(__doc__)
     p.add_argument("--mode", required=True, choices=("save", "load", "ref"))
     p.add_argument("--ckpt", help="checkpoint root (save) or checkpoint directory (load)")
     p.add_argument("--save-at", type=int, default=2, help="save mode: steps before the checkpoint")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps at the end of the run")
+    p.add_argument("--lora", action="store_true",
+                   help="LoRA adapters (tools.parity.LORA) on every linear, random non-zero B at the start")
+    p.add_argument("--num-layers-unfrozen", type=int, default=-1, help="model.num_layers_unfrozen")
     args = p.parse_args(argv)
     model_cfg, world = init_layout(args)
+    model_cfg["num_layers_unfrozen"] = args.num_layers_unfrozen
+    if args.lora:
+        model_cfg = with_lora(model_cfg, "sft")
     from nemo_rlhf.checkpoint.training_state import load_training_checkpoint, save_training_checkpoint
     from nemo_rlhf.parallel.state import destroy_distributed, is_rank_zero
     result: dict[str, Any] = {"layout": dict(tp=args.tp, pp=args.pp, sp=args.sp, world=world,
                                              distributed_optimizer=args.distributed_optimizer)}
     try:
         module = build_role("sft", model_cfg, dict(OPTIM, distributed_optimizer=args.distributed_optimizer))
+        if args.lora and args.mode != "load":
+            randomize_adapters(module)  # B = 0 would make the first steps' adapters meaningless
         losses: dict[int, float] = {}
         if args.mode == "save":
             losses.update(train(module, 0, args.save_at))

@@ -164,7 +164,32 @@ def _sharded(module, is_loading: bool) -> dict[str, Any]:
             _init_adam_state(part.optimizer)
         out["optimizer"] = module.optimizer.sharded_state_dict(_optimizer_model_sd(module, model_sd),
                                                                is_loading=is_loading, metadata=_OPTIM_METADATA)
+        if not is_loading:
+            _share_common_step(module.optimizer, out["optimizer"])
     return out
+
+
+def _share_common_step(optimizer, optimizer_sd: dict[str, Any]) -> None:
+    """Give every rank's (non-distributed) optimizer state the same ``common_step``; collective.
+
+    megatron's optimizer saves Adam's step, shared by all parameters, as ``state['common_step']``,
+    a common (non-sharded) value that dist_checkpointing writes from global rank 0 only. A rank that
+    holds no trainable parameter has no step: with ``model.num_layers_unfrozen`` under PP the
+    first stage may be all frozen, and its checkpoint had no step at all, so resuming it in any
+    layout failed in torch's ``Adam.__setstate__`` (``KeyError: 'step'``). The step (the largest
+    over ranks and chained optimizers: they step together) is written into every rank's dict."""
+    parts = list(getattr(optimizer, "chained_optimizers", [optimizer]))
+    subs = [optimizer_sd] if len(parts) == 1 else [optimizer_sd[k] for k in sorted(optimizer_sd)]
+    plain = [sub for sub in subs if isinstance(sub.get("state"), dict)]  # distributed: step in param groups
+    steps = [float(sub["state"]["common_step"]) for sub in plain if "common_step" in sub["state"]]
+    step = torch.tensor(max(steps, default=0.0), dtype=torch.float64)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+        step = step.to(device)
+        torch.distributed.all_reduce(step, op=torch.distributed.ReduceOp.MAX)
+    if float(step) > 0:
+        for sub in plain:
+            sub["state"]["common_step"] = torch.tensor(float(step), dtype=torch.float32)
 
 
 def _optimizer_model_sd(module, model_sd: dict[str, Any]) -> dict[str, Any]:

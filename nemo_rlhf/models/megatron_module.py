@@ -22,6 +22,7 @@ from nemo_rlhf.models.builder import build_gpt_model, model_cfg_with_defaults
 from nemo_rlhf.models.heads import attach_scalar_head
 from nemo_rlhf.models.lora import freeze_for_lora
 from nemo_rlhf.models.trainable import freeze_bottom_layers, lr_config_overrides
+from nemo_rlhf.parallel.layout import LayoutError
 
 class NonFiniteError(FloatingPointError):
     """Raised after ``optim.max_nonfinite_in_a_row`` consecutive updates had a non-finite loss,
@@ -89,6 +90,7 @@ class MegatronGPTModule(pl.LightningModule):
             # model.num_layers_unfrozen: frozen before DDP/optimizer, so no grad buffer or state
             freeze_bottom_layers(gpt, int(self.model_cfg["num_layers_unfrozen"]))
             freeze_for_lora(gpt)  # model.lora: only the adapters (and with lora.train_head the head) train
+            self._check_distributed_optimizer_stages(gpt)
             self.model = self._wrap_ddp(gpt)
             self._build_optimizer()
         else:
@@ -96,6 +98,37 @@ class MegatronGPTModule(pl.LightningModule):
             self.model = gpt
 
     # ------------------------------------------------------------------ construction
+    def _check_distributed_optimizer_stages(self, gpt) -> None:
+        """Refuse ``optim.distributed_optimizer`` when some rank holds no trainable parameter and
+        megatron-core runs its torch-Adam fallback (no Transformer Engine or Apex: always on CPU).
+        That optimizer's ``state_dict`` asserts one Adam step among the rank's parameters, so the
+        first checkpoint of such a run would crash after the steps it saves; e.g.
+        ``model.num_layers_unfrozen`` = 2 of 4 layers at PP=2 freezes the whole first stage.
+        Collective over the world (every rank raises the same error).
+
+        Raises:
+            LayoutError: naming the keys to change.
+        """
+        if not self.optim_cfg["distributed_optimizer"]:
+            return
+        from megatron.core.optimizer import distrib_optimizer
+
+        if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
+            return
+        has = torch.tensor([1.0 if any(p.requires_grad for p in gpt.parameters()) else 0.0])
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            has = has.to("cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+            torch.distributed.all_reduce(has, op=torch.distributed.ReduceOp.MIN)
+        if float(has) == 0.0:
+            cfg = self.model_cfg
+            raise LayoutError(
+                f"optim.distributed_optimizer=true, but a pipeline stage holds no trainable parameter "
+                f"(model.num_layers_unfrozen={cfg['num_layers_unfrozen']} of model.num_layers={cfg['num_layers']}, "
+                f"model.pipeline_model_parallel_size={cfg['pipeline_model_parallel_size']}"
+                f"{', model.lora on' if cfg.get('lora') else ''}): megatron-core's distributed optimizer without "
+                f"Transformer Engine or Apex cannot checkpoint such a stage. Set optim.distributed_optimizer=false, "
+                f"raise model.num_layers_unfrozen, or lower model.pipeline_model_parallel_size")
+
     def _wrap_ddp(self, gpt):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed import finalize_model_grads

@@ -10,6 +10,12 @@ each layout's shards, so they compare key by key across layouts.
   the logits on fixed tokens equal those the saving layout computed (PP: bitwise; TP: the TP=2
   row-parallel layers sum partial products in another order, measured max |diff| 4.6e-6);
   continuing gives the saving layout's losses and weights within reduction-order noise.
+- PP=2 -> PP=1 with the memory savers (LoRA adapters on every linear, ``num_layers_unfrozen=2`` of
+  4: the first stage has nothing to train and no optimizer state): the same, and Adam state exists
+  only for the unfrozen layers' adapters, which are the only weights the continued steps change.
+  (Before the fix in ``checkpoint/training_state.py``, such a checkpoint had no Adam step at all and
+  resumed in no layout: ``KeyError: 'step'``.) With the distributed optimizer that layout is refused
+  up front.
 - Distributed optimizer, DP=2: resumed in a fresh DP=2 world, steps 3-4 are bitwise those of an
   uninterrupted 4-step DP=2 run (losses and weights). Loaded at DP=1, weights and moments are
   bitwise the saved ones and continuing matches the DP=2 run within reduction-order noise.
@@ -79,11 +85,18 @@ def check_loaded(saved: dict, loaded: dict) -> None:
     assert sorted(loaded["losses"]) == [2, 3] and sorted(saved["losses"]) == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("layout", ["tp2_to_tp1", "pp2_to_pp1"])
+# the memory savers: LoRA adapters on every linear and num_layers_unfrozen=2 of 4, so at PP=2 the
+# first stage holds no trainable parameter (no optimizer state) and only layers 2-3's adapters train
+SAVERS = ["--lora", "--num-layers-unfrozen", "2"]
+RESHARD_CASES = {"tp2_to_tp1": (["--tp", "2"], []), "pp2_to_pp1": (["--pp", "2"], []),
+                 "pp2_to_pp1_lora_frozen": (["--pp", "2"], SAVERS)}
+
+
+@pytest.mark.parametrize("layout", sorted(RESHARD_CASES))
 def test_checkpoint_reshards_to_one_process(layout, workdir):
-    args = ["--tp", "2"] if layout.startswith("tp") else ["--pp", "2"]
-    saved = run(workdir, 2, f"save_{layout}", "--mode", "save", *args, "--ckpt", f"ckpt_{layout}")
-    loaded = run(workdir, 1, f"load_{layout}", "--mode", "load", "--ckpt", f"ckpt_{layout}/{CKPT}")
+    args, savers = RESHARD_CASES[layout]
+    saved = run(workdir, 2, f"save_{layout}", "--mode", "save", *args, *savers, "--ckpt", f"ckpt_{layout}")
+    loaded = run(workdir, 1, f"load_{layout}", "--mode", "load", *savers, "--ckpt", f"ckpt_{layout}/{CKPT}")
     assert saved["layout"]["world"] == 2 and loaded["layout"]["world"] == 1
     check_loaded(saved, loaded)
     d_logits = (saved["saved"]["logits"] - loaded["loaded"]["logits"]).abs().max().item()
@@ -97,7 +110,19 @@ def test_checkpoint_reshards_to_one_process(layout, workdir):
     d_w = max_diff(saved["final_weights"], loaded["final_weights"])
     assert d_w <= WEIGHTS_TOL, f"weights after two continued steps differ by {d_w}"
     REPORT[layout] = {"logits": d_logits, "losses": d_loss, "final_weights": d_w}
-
+    if savers:
+        # Adam state exists for the adapters only, and only in the unfrozen layers 2-3 (per-layer
+        # tensors are stacked [num_layers, ...] in these full views); every other weight, base or
+        # adapter, is bitwise the checkpoint's after the two continued steps in both layouts
+        moments = saved["saved"]["moments"]  # keys optimizer.state.exp_avg[_sq].<parameter>
+        assert moments and all("lora_" in k for k in moments), sorted(moments)
+        for k, m in moments.items():
+            assert m.shape[0] == 4 and not m[:2].any() and m[2:].all(dim=0).any(), k
+        w0 = saved["saved"]["weights"]
+        for run_ in (saved, loaded):
+            changed = {k for k, w in run_["final_weights"].items() if not torch.equal(w, w0[k])}
+            assert changed and all("lora_" in k for k in changed), sorted(changed)
+            assert all(torch.equal(run_["final_weights"][k][:2], w0[k][:2]) for k in changed)
 
 def test_distributed_optimizer_resume_is_bitwise_exact(dp2_saved, workdir):
     ref = run(workdir, 2, "ref_dp2", "--mode", "ref", "--distributed-optimizer")
@@ -129,3 +154,17 @@ def test_distributed_optimizer_reshards_from_dp2_to_dp1(dp2_saved, workdir):
     d_w = max_diff(dp2_saved["final_weights"], loaded["final_weights"])
     assert d_w <= WEIGHTS_TOL, f"weights after two continued steps differ by {d_w}"
     REPORT["dp2_to_dp1_distributed_optimizer"] = {"logits": d_logits, "losses": d_loss, "final_weights": d_w}
+
+
+def test_distributed_optimizer_refuses_an_all_frozen_stage_up_front(workdir):
+    """num_layers_unfrozen=2 of 4 at PP=2 leaves the first stage nothing to train; megatron-core's
+    distributed optimizer without Transformer Engine/Apex would crash at the first checkpoint
+    (``assert len(steps) == 1`` in its ``state_dict``), after the steps it meant to save. The model
+    refuses at construction, on every rank, naming the keys."""
+    with pytest.raises(AssertionError) as err:
+        run(workdir, 2, "frozen_stage_dist", "--mode", "save", "--pp", "2", "--distributed-optimizer",
+            "--num-layers-unfrozen", "2", "--ckpt", "ckpt_frozen_stage_dist")
+    msg = str(err.value)
+    assert msg.count("LayoutError: optim.distributed_optimizer=true, but a pipeline stage holds no trainable") == 2
+    assert "model.num_layers_unfrozen=2 of model.num_layers=4, model.pipeline_model_parallel_size=2" in msg
+    assert not (workdir / "ckpt_frozen_stage_dist").exists()

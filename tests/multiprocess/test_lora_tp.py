@@ -1,9 +1,10 @@
-"""LoRA under tensor parallelism computes what it computes in one process.
+"""LoRA under tensor, pipeline and data parallelism computes what it computes in one process.
 
 ``tools/parity.py --lora`` (adapters r=4 on qkv/proj/fc1/fc2 of the Llama-like parity model, random
 non-zero B in the initial weights, saved at TP=1 and resharded) for the actor (log-probs, entropy,
-greedy generation, one PPO-loss SGD step over 4 micro-batches) at TP=2 and TP=2 + sequence
-parallelism, against TP=1: forward outputs, losses and the weights after the step (i.e. the
+greedy generation, one PPO-loss SGD step over 4 micro-batches) at TP=2, TP=2 + sequence
+parallelism and DP=2 x PP=2 (adapters split by stage, their gradients all-reduced over DP), against
+one process: forward outputs, losses and the weights after the step (i.e. the
 gradients: SGD) within 1e-5. Every base weight stays bitwise at its initial value in every layout;
 the adapters moved. This covers the column-parallel adapter (replicated A, B split, all-reduced
 ``du``; SP: the adapter's own all-gather), the row-parallel one (A split, replicated B whose
@@ -27,7 +28,8 @@ pytestmark = pytest.mark.parallel
 ROLES = ("actor",)  # the reward model's adapters run the same code; kept out for CI time
 TOL = 1e-5
 DISCRETE = {"clipfrac", "accuracy", "lr", "skipped"}
-LAYOUTS = {"tp2": ["--tp", "2"], "tp2_sp": ["--tp", "2", "--sp"]}
+LAYOUTS = {"tp2": (2, ["--tp", "2"]), "tp2_sp": (2, ["--tp", "2", "--sp"]),
+           "dp2_pp2": (4, ["--pp", "2"])}  # name: (processes, parity args)
 PARITY = str(REPO / "tools" / "parity.py")
 
 
@@ -59,10 +61,11 @@ def _weights(role: str, path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_lora_tp2_matches_one_process(layout, workdir):
+def test_lora_layout_matches_one_process(layout, workdir):
     from nemo_rlhf.models.lora import is_adapter_name
 
-    _run(2, LAYOUTS[layout], layout, workdir)
+    nproc, args = LAYOUTS[layout]
+    _run(nproc, args, layout, workdir)
     for role in ROLES:
         ref = torch.load(workdir / "ref" / role / "result.pt", weights_only=False)
         got = torch.load(workdir / layout / role / "result.pt", weights_only=False)
