@@ -15,7 +15,7 @@ from that one in-memory model
   (``apply_chat_template(..., add_generation_prompt=True)`` ids), fp32 logits ``[S, V]`` of the
   first :data:`N_LOGIT_PROMPTS` prompts with the eager attention (``logits``) and with the default
   SDPA attention (``logits_sdpa``), greedy ``generate`` (eager attention) of :data:`NEW_TOKENS`
-  tokens for every prompt, one prompt at a time (no padding), with EOS stopping off (so all 32
+  tokens for every prompt, all prompts in one left-padded batch, with EOS stopping off (so all 32
   tokens are compared, also after an ``<|im_end|>``), and the chat ids of a multi-turn dialogue;
 * writes ``OUT/timings.json`` (seconds: load, conversion, reference).
 """
@@ -93,14 +93,19 @@ def main(out: Path) -> None:
         # attention computes, in the same order: our logits equal these bit for bit (measured);
         # SDPA's fused kernel differs from eager by up to 8e-5 on these prompts.
         model.set_attn_implementation("eager")
-        for i, ids in enumerate(prompts):
-            x = torch.tensor([ids])
-            if i < N_LOGIT_PROMPTS:
-                logits.append(model(input_ids=x).logits[0].float())
-            y = model.generate(x, attention_mask=torch.ones_like(x))
-            generated.append(y[0, len(ids):].tolist())
-            if len(generated[-1]) != NEW_TOKENS:
-                raise RuntimeError(f"transformers generated {len(generated[-1])} tokens, not {NEW_TOKENS}")
+        for ids in prompts[:N_LOGIT_PROMPTS]:
+            logits.append(model(input_ids=torch.tensor([ids])).logits[0].float())
+        # All prompts in one batch, left-padded (the attention mask hides the padding; positions
+        # count from each prompt's first token): 16x fewer decoding steps than one prompt at a time
+        # (66 s -> a few seconds of the session's set-up), the same greedy tokens.
+        width = max(len(ids) for ids in prompts)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        x = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts])
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts])
+        y = model.generate(x, attention_mask=mask, pad_token_id=pad)
+        generated = y[:, width:].tolist()
+        if y.shape[1] - width != NEW_TOKENS:
+            raise RuntimeError(f"transformers generated {y.shape[1] - width} tokens, not {NEW_TOKENS}")
     t3 = time.perf_counter()
     torch.save({"questions": QUESTIONS, "prompts": prompts, "logits": logits, "logits_sdpa": logits_sdpa,
                 "generated": generated,
