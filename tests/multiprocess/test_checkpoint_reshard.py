@@ -165,6 +165,6 @@ def test_distributed_optimizer_refuses_an_all_frozen_stage_up_front(workdir):
         run(workdir, 2, "frozen_stage_dist", "--mode", "save", "--pp", "2", "--distributed-optimizer",
             "--num-layers-unfrozen", "2", "--ckpt", "ckpt_frozen_stage_dist")
     msg = str(err.value)
-    assert msg.count("LayoutError: optim.distributed_optimizer=true, but a pipeline stage holds no trainable") == 2
+    assert "LayoutError: optim.distributed_optimizer=true, but a pipeline stage holds no trainable" in msg
     assert "model.num_layers_unfrozen=2 of model.num_layers=4, model.pipeline_model_parallel_size=2" in msg
     assert not (workdir / "ckpt_frozen_stage_dist").exists()

@@ -16,11 +16,20 @@ quiet_warnings()
 REPO = Path(__file__).resolve().parents[2]
 
 
+FORK_LAUNCH = Path(__file__).with_name("fork_launch.py")
+
+
 def torchrun(nproc: int, module_args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python -m torch.distributed.run --nproc-per-node N <script or -m module> ...` on loopback,
-    one thread per rank."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--master-port={find_free_ports(1)[0]}", "--master-addr=127.0.0.1", *module_args]
+    """``SCRIPT ARGS...`` (``module_args``) on ``nproc`` ranks on loopback, one thread per rank:
+    through ``fork_launch.py`` (torchrun's variables, one shared import of torch/megatron/Lightning
+    for all ranks), or through ``python -m torch.distributed.run`` itself when the environment sets
+    ``NEMO_RLHF_TEST_TORCHRUN=1``."""
+    port = find_free_ports(1)[0]
+    if os.environ.get("NEMO_RLHF_TEST_TORCHRUN") == "1":
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               f"--master-port={port}", "--master-addr=127.0.0.1", *module_args]
+    else:
+        cmd = [sys.executable, str(FORK_LAUNCH), f"--nproc-per-node={nproc}", f"--master-port={port}", *module_args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
