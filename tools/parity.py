@@ -527,6 +527,13 @@ def layout_parser(description: str | None) -> argparse.ArgumentParser:
     return p
 
 
+def add_saver_args(p: argparse.ArgumentParser) -> None:
+    """The memory-saver arguments of the layout tools: ``--lora`` (:data:`LORA` adapters on every
+    linear, random non-zero B in the initial weights) and ``--num-layers-unfrozen k``."""
+    p.add_argument("--lora", action="store_true", help="LoRA adapters (parity.LORA) on every linear; initial B random")
+    p.add_argument("--num-layers-unfrozen", type=int, default=-1, help="model.num_layers_unfrozen of every model")
+
+
 def init_layout(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     """Validate the parity model in the layout of ``args`` for this world and initialise the
     process groups (CPU, gloo). Returns ``(model_cfg, world_size)``.
@@ -554,8 +561,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--roles", default=",".join(ROLES))
     p.add_argument("--init", required=True, help="initial-weights directory (one sub-directory per role)")
     p.add_argument("--save-init", action="store_true", help="write the initial weights (reference run)")
-    p.add_argument("--lora", action="store_true", help="LoRA adapters (parity.LORA) on every role; initial B random")
-    p.add_argument("--num-layers-unfrozen", type=int, default=-1, help="model.num_layers_unfrozen of every role")
+    add_saver_args(p)
     p.add_argument("--reference", default="full", choices=("full", "hydra"), help="the ppo role's reference policy")
     args = p.parse_args(argv)
     model_cfg, _ = init_layout(args)

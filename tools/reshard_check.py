@@ -139,16 +139,15 @@ def snapshot(module) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tools.parity import GLOBAL_BATCH, build_role, init_layout, layout_parser, randomize_adapters, with_lora
+    from tools.parity import (GLOBAL_BATCH, add_saver_args, build_role, init_layout, layout_parser,
+                              randomize_adapters, with_lora)
 
     p = layout_parser(__doc__)
     p.add_argument("--mode", required=True, choices=("save", "load", "ref"))
     p.add_argument("--ckpt", help="checkpoint root (save) or checkpoint directory (load)")
     p.add_argument("--save-at", type=int, default=2, help="save mode: steps before the checkpoint")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps at the end of the run")
-    p.add_argument("--lora", action="store_true",
-                   help="LoRA adapters (tools.parity.LORA) on every linear, random non-zero B at the start")
-    p.add_argument("--num-layers-unfrozen", type=int, default=-1, help="model.num_layers_unfrozen")
+    add_saver_args(p)
     args = p.parse_args(argv)
     model_cfg, world = init_layout(args)
     model_cfg["num_layers_unfrozen"] = args.num_layers_unfrozen

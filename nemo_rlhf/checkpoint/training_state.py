@@ -32,6 +32,7 @@ from nemo_rlhf.checkpoint.weights import (
     begin_atomic_dir,
     commit_atomic_dir,
 )
+from nemo_rlhf.parallel.state import any_rank, comm_device
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -182,10 +183,8 @@ def _share_common_step(optimizer, optimizer_sd: dict[str, Any]) -> None:
     subs = [optimizer_sd] if len(parts) == 1 else [optimizer_sd[k] for k in sorted(optimizer_sd)]
     plain = [sub for sub in subs if isinstance(sub.get("state"), dict)]  # distributed: step in param groups
     steps = [float(sub["state"]["common_step"]) for sub in plain if "common_step" in sub["state"]]
-    step = torch.tensor(max(steps, default=0.0), dtype=torch.float64)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-        step = step.to(device)
+    step = torch.tensor(max(steps, default=0.0), dtype=torch.float64, device=comm_device())
+    if torch.distributed.is_initialized():
         torch.distributed.all_reduce(step, op=torch.distributed.ReduceOp.MAX)
     if float(step) > 0:
         for sub in plain:
@@ -351,8 +350,6 @@ class Preemption:
 
     def agreed(self) -> bool:
         """True on every rank if any rank was signalled (one all-reduce)."""
-        from nemo_rlhf.parallel.state import any_rank
-
         return any_rank(self.requested is not None)
 
 

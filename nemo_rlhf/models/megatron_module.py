@@ -23,6 +23,7 @@ from nemo_rlhf.models.heads import attach_scalar_head
 from nemo_rlhf.models.lora import freeze_for_lora
 from nemo_rlhf.models.trainable import freeze_bottom_layers, lr_config_overrides
 from nemo_rlhf.parallel.layout import LayoutError
+from nemo_rlhf.parallel.state import any_rank, comm_device
 
 class NonFiniteError(FloatingPointError):
     """Raised after ``optim.max_nonfinite_in_a_row`` consecutive updates had a non-finite loss,
@@ -115,11 +116,7 @@ class MegatronGPTModule(pl.LightningModule):
 
         if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
             return
-        has = torch.tensor([1.0 if any(p.requires_grad for p in gpt.parameters()) else 0.0])
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            has = has.to("cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
-            torch.distributed.all_reduce(has, op=torch.distributed.ReduceOp.MIN)
-        if float(has) == 0.0:
+        if any_rank(not any(p.requires_grad for p in gpt.parameters())):
             cfg = self.model_cfg
             raise LayoutError(
                 f"optim.distributed_optimizer=true, but a pipeline stage holds no trainable parameter "
@@ -280,8 +277,6 @@ class MegatronGPTModule(pl.LightningModule):
 
     def _grads_finite(self) -> bool:
         """True on every rank iff every gradient of every rank is finite (one all-reduce)."""
-        from nemo_rlhf.parallel.state import any_rank
-
         bad = any(not bool(torch.isfinite(p.main_grad).all())
                   for p in self.model.parameters() if getattr(p, "main_grad", None) is not None)
         return not any_rank(bad)
@@ -389,8 +384,6 @@ def average_metrics(outs: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, flo
     group, the only stage that has them, and averaged over DP).
     """
     from megatron.core import parallel_state
-
-    from nemo_rlhf.parallel.state import comm_device
 
     outs = list(outs)
     keys = sorted(outs[0].keys()) if outs else []
