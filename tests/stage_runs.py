@@ -2,10 +2,10 @@
 checkpoint, fault and integration tests; a plain module, imported as ``stage_runs`` because
 tests/ is on ``sys.path`` through the root conftest).
 
-Every launcher process pays for its imports (megatron-core, Lightning, NeMo's Hydra runner) and,
-at its first checkpoint save, for megatron's checkpoint-writer process (a ``spawn`` Manager that
-imports the launcher again), so the tests start as few of them as they can and share the trained
-SFT and reward-model runs of ``tests/conftest.py`` (one of each per test session).
+Every launcher run is a process, forked from one pre-imported server per pytest worker
+(``tests/fork_server.py``) so that it does not import megatron-core and Lightning again; the tests
+still start as few of them as they can and share the trained SFT and reward-model runs of
+``tests/conftest.py`` (one of each per test session).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import fork_server
 
 REPO = Path(__file__).resolve().parents[1]
 # Subprocesses: one intra-op thread (the models are tiny; threads only contend on 2 cores).
@@ -39,8 +41,8 @@ def launch(script: str, *args: str, wait: bool = True, timeout: float = 600):
     (then returns the ``Popen``, stdout and stderr merged into ``proc.stdout``)."""
     cmd = [sys.executable, str(REPO / "launchers" / script), *args]
     if not wait:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
+        return fork_server.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    proc = fork_server.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -60,8 +62,8 @@ def start_stage(launcher: str, run_dir: Path, *overrides: str, log: Path):
     would block it). Finish it with :func:`finish`."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, str(REPO / "launchers" / launcher), f"run_dir={run_dir}", *SMALL,
-                                 *overrides], stdout=out, stderr=subprocess.STDOUT, text=True, env=ENV)
+        return fork_server.popen([sys.executable, str(REPO / "launchers" / launcher), f"run_dir={run_dir}", *SMALL,
+                                  *overrides], stdout=out, stderr=subprocess.STDOUT, text=True, env=ENV)
 
 
 def finish(proc: subprocess.Popen, log: Path, timeout: float = 600) -> str:

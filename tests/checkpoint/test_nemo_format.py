@@ -17,6 +17,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import fork_server
 import pytest
 import torch
 
@@ -477,7 +478,7 @@ def test_cli_both_directions(exported, tmp_path: Path):
                    "--model-config", str(exported["ckpt"] / "model_config.yaml"), "--out",
                    str(tmp_path / "cli.nemo"), "--tokenizer", str(exported["tokenizer"])],
     }
-    procs = {k: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    procs = {k: fork_server.popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for k, c in cmds.items()}  # both at once: 2 cores
     for k, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=180)

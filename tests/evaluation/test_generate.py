@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import fork_server
 import pytest
 import torch
 from stage_runs import ENV, MODEL, MODEL_CFG, REPO
@@ -266,7 +266,7 @@ def test_launcher_end_to_end(sft_run, rm_run, tmp_path):
     cmd = [sys.executable, str(REPO / "launchers" / "generate.py"), f"policy.path={sft_run / 'sft_weights'}",
            *MODEL, f"prompts.file={prompts}", f"out={out}", f"sampling.max_new_tokens={NEW}", "score.vader=true",
            f"score.reward.path={rm_run / 'rm_weights'}", f"reference.path={sft_run / 'sft_weights'}", "batch_size=2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+    proc = fork_server.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     summary = json.loads((out.parent / "gen.summary.json").read_text())

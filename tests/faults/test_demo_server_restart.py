@@ -4,6 +4,7 @@ real server-death path of PPO itself, emergency checkpoint and resume, is
 tests/faults/test_stage_faults.py::test_critic_server_killed_mid_run)."""
 
 import importlib.util
+import os
 import logging
 import warnings
 from pathlib import Path
@@ -64,6 +65,18 @@ class FakeClient:
 
     def __exit__(self, *exc):
         return False
+
+
+@pytest.fixture(autouse=True)
+def _no_token_left_behind():
+    """run_online_stage sets the demo's access token in os.environ (for its server and client):
+    undo it after each test, or this worker's later tests would start token-checking servers whose
+    clients (launched with a copy of the environment from before) send none."""
+    before = os.environ.get("NEMO_RLHF_CRITIC_TOKEN")
+    yield
+    os.environ.pop("NEMO_RLHF_CRITIC_TOKEN", None)
+    if before is not None:
+        os.environ["NEMO_RLHF_CRITIC_TOKEN"] = before
 
 
 def _run(tmp_path, failures, restarts, result=None, algorithm="ppo"):

@@ -5,6 +5,7 @@ NonFiniteError and no checkpoint is written after the last good one."""
 from __future__ import annotations
 
 import numpy as np
+import fork_server
 import pytest
 import torch
 
@@ -190,7 +191,6 @@ def test_sft_stage_aborts_nonzero_and_keeps_the_last_good_checkpoint(tmp_path):
     the checkpoint of step 1 (the last update) is the newest one — nothing is written after it."""
     import json
     import os
-    import subprocess
     import sys
     from pathlib import Path
 
@@ -203,7 +203,7 @@ def test_sft_stage_aborts_nonzero_and_keeps_the_last_good_checkpoint(tmp_path):
            "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=1",
            "checkpoint.keep_last=5",
            "optim.lr=1e30", "optim.warmup_steps=0", "optim.max_nonfinite_in_a_row=3"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+    proc = fork_server.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fork_server
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,7 +50,7 @@ def test_demo_pipeline_small(demo_dir, tmp_path):
                    "+ppo.logger.tensorboard=true",
                    f"ppo.trainer.max_steps={PPO_STEPS}", "ppo.trainer.val_check_interval=2")
     # One intra-op thread for the demo process and (inherited) its critic server: tiny models.
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900,
+    proc = fork_server.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "nemo-rlhf demo report" in proc.stdout
@@ -87,7 +88,7 @@ def test_demo_pipeline_small(demo_dir, tmp_path):
     cmd_rloo = [c for c in cmd if not c.startswith(("ppo.", "+ppo."))] + [
         "algorithm=rloo", f"grpo.trainer.max_steps={RLOO_STEPS}", "grpo.trainer.val_check_interval=2",
         "grpo.batch.global_batch_size=16", "+grpo.grpo.sampling.max_new_tokens=8", "grpo.data.max_heldout_prompts=8"]
-    proc = subprocess.run(cmd_rloo, cwd=tmp_path, capture_output=True, text=True, timeout=900,
+    proc = fork_server.run(cmd_rloo, cwd=tmp_path, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "RLOO" in proc.stdout and "reward-model score" in proc.stdout
@@ -113,7 +114,7 @@ def test_demo_dpo_stage_and_judge(demo_dir, tmp_path):
                    "dpo.optim.lr=3e-3", "dpo.optim.min_lr=3e-3", "dpo.optim.warmup_steps=0",  # move the tiny policy
                    f"dpo_judge.max_prompts={n_prompts}", "dpo_judge.batch_size=4",
                    "dpo_judge.sampling.max_new_tokens=8")
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900,
+    proc = fork_server.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "DPO   held-out implicit-reward accuracy" in proc.stdout and "DPO wins under the reward model" in proc.stdout

@@ -13,10 +13,10 @@ are in examples/hh_helpful/README.md and BENCHMARKS.md.
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import fork_server
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,7 +43,7 @@ def test_hh_example_runs_sft_rm_ppo_with_chat_template(smollm2, tmp_path):
              f"ppo.trainer.max_steps={STEPS}", "ppo.trainer.val_check_interval=null",
              "ppo.trainer.limit_val_batches=1", "report_samples=1"]
     cmd = [sys.executable, str(REPO / "launchers" / "run_demo.py"), "--config-name", "examples/hh_helpful", *small]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900,
+    proc = fork_server.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "nemo-rlhf demo report" in proc.stdout and "SFT   validation loss" in proc.stdout

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fork_server
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,7 +40,7 @@ def _run(run_dir: Path, cache: Path, ppo_steps: int, cwd: Path) -> subprocess.Co
              f"ppo.trainer.max_steps={ppo_steps}", "ppo.trainer.val_check_interval=1", "ppo.trainer.limit_val_batches=1",
              "ppo.checkpoint.every_n_steps=1", "report_samples=2"]
     cmd = [sys.executable, str(REPO / "launchers" / "run_demo.py"), *small]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900,
+    return fork_server.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
 
 
@@ -97,7 +98,7 @@ def test_imdb_ilql_example_runs_and_judges(smollm2, tmp_path):
              "ilql.trainer.log_every_n_steps=1",
              "ilql.ilql.sampling.max_new_tokens=4", "ilql.ilql.steps_for_target_q_sync=1", "report_samples=2"]
     cmd = [sys.executable, str(REPO / "launchers" / "run_demo.py"), "--config-name", "examples/imdb_ilql", *small]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900,
+    proc = fork_server.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "ILQL  24 offline rows, 4 held-out prompts" in proc.stdout and "VADER (independent judge)" in proc.stdout
