@@ -320,7 +320,10 @@ class ModelConfig(_Section):
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # low-rank adapters (off: rank 0)
     # Reward models: where the scalar head's per-token outputs are read. last: at the last token
     # (Ouyang et al. 2022); mean: averaged over every token of the sequence (the head applied to the
-    # mean hidden state, as a linear probe on mean-pooled features). Ignored by the other roles.
+    # mean hidden state, as a linear probe on mean-pooled features). The critic reads its values
+    # the same way (mean: V(s_t) = the head averaged over tokens 0..t, models/critic.py
+    # prefix_values), so one initialised from the reward model starts at the RM's prefix scores.
+    # Ignored by the other roles.
     reward_pooling: str = "last"  # last | mean
 
     def _validate(self) -> None:

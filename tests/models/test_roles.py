@@ -262,6 +262,34 @@ def test_critic_values_equal_raw_head_output(build, tiny):
     torch.testing.assert_close(values, _raw_output(critic, tokens)[..., 0], atol=1e-6, rtol=0)
 
 
+def test_mean_pooled_critic_starts_at_the_reward_models_prefix_scores(build, tiny):
+    """model.reward_pooling=mean: the critic's value at t is the running mean of its head over
+    positions 0..t, so with the reward model's weights V(s_t) = the RM's score of tokens[:, :t+1]
+    (the potential GAE needs), and the value loss trains through that reading."""
+    from nemo_rlhf.models.critic import prefix_values
+
+    rm = build(GPTRewardModel, seed=21, micro_batch_size=2, model_cfg={"reward_pooling": "mean"})
+    critic = build(GPTCriticModel, seed=21, micro_batch_size=2, model_cfg={"reward_pooling": "mean"},
+                   optim_cfg=dict(tiny.optim, lr=3e-3))
+    tokens = tiny.tokens(B, S, seed=22)
+    values = critic.values(tokens)
+    for t in (0, 3, S - 1):
+        scores = rm.score(tokens, torch.full((B,), t + 1))
+        torch.testing.assert_close(values[:, t], scores, atol=1e-5, rtol=0)
+    raw = _raw_output(critic, tokens)[..., 0]
+    assert not torch.allclose(values, raw, atol=1e-3)  # not the head's raw outputs
+    torch.testing.assert_close(prefix_values(raw[..., None], "last")[..., 0], raw)
+    with pytest.raises(ValueError, match="'last' or 'mean'"):
+        prefix_values(raw[..., None], "max")
+    returns = torch.linspace(-1.0, 1.0, S).repeat(B, 1)
+    batch = {"tokens": tokens, "returns": returns, "prev_values": values, "mask": torch.ones(B, S)}
+    first = critic.evaluate_on(critic_loss_fn(None), batch)["loss"]
+    assert first == pytest.approx(0.5 * ((values - returns) ** 2).mean().item(), abs=1e-5)
+    for _ in range(20):
+        critic.train_on(critic_loss_fn(None), batch)
+    assert critic.evaluate_on(critic_loss_fn(None), batch)["loss"] < 0.5 * first
+
+
 def test_sft_training_lowers_nll(build, tiny):
     model = build(GPTPolicyModel, optim_cfg=dict(tiny.optim, lr=3e-3), micro_batch_size=2,
                   eos_id=tiny.eos_id, pad_id=tiny.pad_id)
