@@ -49,7 +49,6 @@ class GPTCriticModel(MegatronGPTModule):
                  vocab_size: int, micro_batch_size: int):
         super().__init__(model_cfg, optim_cfg, vocab_size, micro_batch_size, scalar_head=True)
         self.pooling = str(model_cfg.get("reward_pooling") or "last")
-        prefix_values(torch.zeros(1, 1, 1), self.pooling)  # an unknown pooling fails at build
 
     def _on_values(self, loss_fn: LossFn) -> LossFn:
         return lambda mb, out: loss_fn(mb, prefix_values(out, self.pooling))

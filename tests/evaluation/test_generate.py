@@ -14,8 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import fork_server
+import numpy as np
 import pytest
 import torch
 from stage_runs import ENV, MODEL, MODEL_CFG, REPO

@@ -4,8 +4,8 @@ real server-death path of PPO itself, emergency checkpoint and resume, is
 tests/faults/test_stage_faults.py::test_critic_server_killed_mid_run)."""
 
 import importlib.util
-import os
 import logging
+import os
 import warnings
 from pathlib import Path
 

@@ -4,8 +4,8 @@ NonFiniteError and no checkpoint is written after the last good one."""
 
 from __future__ import annotations
 
-import numpy as np
 import fork_server
+import numpy as np
 import pytest
 import torch
 
