@@ -931,19 +931,28 @@ class PPOActorStageConfig(_TrainingStage):
                               f"policy only when nothing else trains: set model.lora.rank >= 1 (got {lora.rank}) "
                               f"and model.lora.train_head=false (got {str(lora.train_head).lower()}), or use "
                               f"ppo.reference=full")
-        if self.ppo.reference != "hydra":
-            return
-        k, layers, pp = self.model.num_layers_unfrozen, self.model.num_layers, self.model.pipeline_model_parallel_size
-        if k < 0:
-            raise ConfigError(f"ppo.reference=hydra branches the reference off the actor's frozen trunk: set "
-                              f"model.num_layers_unfrozen >= 0 (got {k}; -1 trains every layer, so there is no "
-                              f"shared trunk)")
-        if pp > 1 and k > layers // pp:
-            raise ConfigError(f"ppo.reference=hydra under pipeline parallelism needs the branch on the last stage: "
-                              f"model.num_layers_unfrozen={k} > the {layers // pp} layers of the last stage "
-                              f"(model.num_layers={layers} / model.pipeline_model_parallel_size={pp}); lower "
-                              f"model.num_layers_unfrozen or model.pipeline_model_parallel_size, or use "
-                              f"ppo.reference=full")
+        if self.ppo.reference == "hydra":
+            _check_hydra_trunk(self.model, "ppo.reference=hydra", "ppo.reference=full")
+
+
+def _check_hydra_trunk(model, what: str, instead: str) -> None:
+    """A hydra reference (``nemo_rlhf/models/hydra.py``) needs a frozen trunk and, under PP, its
+    branch (the top ``model.num_layers_unfrozen`` layers) on the last stage.
+
+    Raises:
+        ConfigError: ``model.num_layers_unfrozen`` < 0, or a branch longer than the last stage.
+    """
+    k, layers, pp = model.num_layers_unfrozen, model.num_layers, model.pipeline_model_parallel_size
+    if k < 0:
+        raise ConfigError(f"{what} branches the reference off the policy's frozen trunk: set "
+                          f"model.num_layers_unfrozen >= 0 (got {k}; -1 trains every layer, so there is no "
+                          f"shared trunk)")
+    if pp > 1 and k > layers // pp:
+        raise ConfigError(f"{what} under pipeline parallelism needs the branch on the last stage: "
+                          f"model.num_layers_unfrozen={k} > the {layers // pp} layers of the last stage "
+                          f"(model.num_layers={layers} / model.pipeline_model_parallel_size={pp}); lower "
+                          f"model.num_layers_unfrozen or model.pipeline_model_parallel_size, or use "
+                          f"{instead}")
 
 
 @dataclass
@@ -1896,7 +1905,7 @@ __all__ += ["RejectionSamplingConfig", "RSSamplingConfig", "RSValSamplingConfig"
 
 # ----------------------------------------------------------------------------- DPO family (issue 14 §1)
 DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "rpo", "simpo")  # as nemo_rlhf.rl.preference.PREFERENCE_LOSSES
-DPO_REFERENCES = ("full", "precomputed")  # dpo.reference
+DPO_REFERENCES = ("full", "precomputed", "hydra")  # dpo.reference
 
 
 @dataclass
@@ -1912,7 +1921,10 @@ class DPOConfig(_Section):
 
     ``reference``: where the reference log-probs come from. ``full``: a frozen copy of the
     ``init_from`` policy runs on every batch; ``precomputed``: that copy scores the train and held-out
-    pairs once at start and is freed (TRL's ``precompute_ref_log_probs``). None: ``full`` for the
+    pairs once at start and is freed (TRL's ``precompute_ref_log_probs``); ``hydra``: a frozen copy
+    of only the policy's initial top ``model.num_layers_unfrozen`` layers (and final norm / untied LM
+    head), run on the policy's own frozen trunk inside its training forward (trlX's hydra heads;
+    ``nemo_rlhf/models/hydra.py``): the trunk runs once per batch for both. None: ``full`` for the
     reference-based losses; simpo has no reference, so setting it there is an error.
 
     Raises:
@@ -1929,7 +1941,7 @@ class DPOConfig(_Section):
     label_smoothing: float = 0.0  # ε in [0, 0.5): cDPO (sigmoid, rpo), robust, simpo
     rpo_alpha: Optional[float] = None  # rpo: weight of the NLL term; None: 1.0
     simpo_gamma: Optional[float] = None  # simpo: target margin γ; None: 0.5 (TRL's default)
-    reference: Optional[str] = None  # full | precomputed; None: full (simpo: no reference)
+    reference: Optional[str] = None  # full | precomputed | hydra; None: full (simpo: no reference)
 
     def _validate(self) -> None:
         self._choice("loss_type", DPO_LOSS_TYPES)
@@ -1988,6 +2000,8 @@ class DPOStageConfig(_TrainingStage):
         if self.data.dataset == "jsonl":
             raise ConfigError("data.dataset=jsonl holds {prompt, response} rows without a rejected response; DPO "
                               "needs preference pairs: use data.dataset=hh (any file in the HH format) or imdb")
+        if self.dpo.effective_reference == "hydra":
+            _check_hydra_trunk(self.model, "dpo.reference=hydra", "dpo.reference=full or precomputed")
 
 
 STAGE_CONFIGS["gpt_dpo"] = DPOStageConfig

@@ -28,8 +28,9 @@ It is the tool behind ``tests/parallel`` and a quick check of a new cluster layo
 
 ``--num-layers-unfrozen k`` trains every role with ``model.num_layers_unfrozen=k`` (frozen
 embeddings and bottom layers; at PP=2 with k=2 the whole first stage is frozen), and
-``--reference hydra`` gives the ``ppo`` role a hydra reference policy (``models/hydra.py``) instead
-of a full frozen copy (needs k >= 0); the ``ppo`` role records the reference policy's log-probs on
+``--reference hydra`` gives the ``ppo`` and ``dpo`` roles a hydra reference policy (``models/hydra.py``)
+instead of a full frozen copy (needs k >= 0; DPO's first step then runs the branch inside the
+policy's training forward, ``dpo.reference=hydra``); the ``ppo`` role records the reference policy's log-probs on
 the full fixed batch before its steps (``reference``: equal in every layout, DP included). ``--lora`` puts LoRA adapters (:data:`LORA`) on every
 role, with random non-zero B in the initial weights (``tests/multiprocess/test_lora_tp.py``).
 
@@ -132,7 +133,7 @@ def build_role(role: str, model_cfg: dict[str, Any], optim_cfg: dict[str, Any] |
     from nemo_rlhf.models.reward_model import GPTRewardModel
 
     if role == DPO_ROLE:
-        return build_dpo(model_cfg, optim_cfg)
+        return build_dpo(model_cfg, optim_cfg, reference)
     if role == RS_ROLE:
         return build_rs(model_cfg, optim_cfg)
     if role in ("sft", "actor"):
@@ -319,12 +320,14 @@ def _dp_pairs(pairs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def build_dpo(model_cfg: dict[str, Any], optim_cfg: dict[str, Any] | None):
+def build_dpo(model_cfg: dict[str, Any], optim_cfg: dict[str, Any] | None, reference: str = "full"):
     """A :class:`~nemo_rlhf.algorithms.dpo.DPOTrainer` (sigmoid loss, beta 0.5) with its policy and
-    frozen reference in this layout, without :meth:`~nemo_rlhf.algorithms.dpo.DPOTrainer.setup` (no
-    data set: :func:`run_role` feeds :func:`dpo_pairs`); weights loaded by :func:`load_from_actor`."""
+    frozen reference (``full`` or ``hydra``) in this layout, without
+    :meth:`~nemo_rlhf.algorithms.dpo.DPOTrainer.setup` (no data set: :func:`run_role` feeds
+    :func:`dpo_pairs`); weights loaded by :func:`load_from_actor`."""
     from nemo_rlhf.algorithms.dpo import DPOTrainer, dpo_loss_fn
     from nemo_rlhf.config import DPOStageConfig, parse_config
+    from nemo_rlhf.models.hydra import HydraReference
     from nemo_rlhf.models.policy import GPTPolicyModel
 
     cfg = parse_config(DPOStageConfig, {
@@ -332,8 +335,12 @@ def build_dpo(model_cfg: dict[str, Any], optim_cfg: dict[str, Any] | None):
         "batch": {"global_batch_size": GLOBAL_BATCH, "micro_batch_size": MICRO_BATCH}, "dpo": {"beta": 0.5}})
     trainer = DPOTrainer(cfg)
     trainer.model = GPTPolicyModel(model_cfg, optim_cfg, VOCAB, MICRO_BATCH, eos_id=1, pad_id=0)
-    trainer.reference = GPTPolicyModel(model_cfg, None, VOCAB, MICRO_BATCH, eos_id=1, pad_id=0)
-    trainer.loss_fn = dpo_loss_fn(trainer.model, cfg.dpo)
+    if reference == "hydra":  # the branch is copied from the policy by load_from_actor
+        trainer.reference = HydraReference(trainer.model)
+        trainer.loss_fn = dpo_loss_fn(trainer.model, cfg.dpo, trainer.reference)
+    else:
+        trainer.reference = GPTPolicyModel(model_cfg, None, VOCAB, MICRO_BATCH, eos_id=1, pad_id=0)
+        trainer.loss_fn = dpo_loss_fn(trainer.model, cfg.dpo)
     trainer.policy = trainer.model
     trainer.gpt = trainer.model.gpt  # what main() saves after the steps
     return trainer
@@ -378,10 +385,14 @@ def build_rs(model_cfg: dict[str, Any], optim_cfg: dict[str, Any] | None):
 def load_from_actor(trainer, init: Path) -> None:
     """The ``dpo`` / ``rs`` trainer's policy (and DPO's reference) from the ``actor`` weights."""
     from nemo_rlhf.checkpoint.weights import load_weights
+    from nemo_rlhf.models.hydra import HydraReference
 
     load_weights(trainer.policy, init / "actor")
-    if getattr(trainer, "reference", None) is not None:
-        load_weights(trainer.reference, init / "actor")
+    reference = getattr(trainer, "reference", None)
+    if isinstance(reference, HydraReference):
+        reference.copy_from_actor()
+    elif reference is not None:
+        load_weights(reference, init / "actor")
 
 
 def _run_dpo(trainer, data: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -562,7 +573,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--init", required=True, help="initial-weights directory (one sub-directory per role)")
     p.add_argument("--save-init", action="store_true", help="write the initial weights (reference run)")
     add_saver_args(p)
-    p.add_argument("--reference", default="full", choices=("full", "hydra"), help="the ppo role's reference policy")
+    p.add_argument("--reference", default="full", choices=("full", "hydra"), help="the ppo and dpo roles' reference policy")
     args = p.parse_args(argv)
     model_cfg, _ = init_layout(args)
     model_cfg["num_layers_unfrozen"] = args.num_layers_unfrozen

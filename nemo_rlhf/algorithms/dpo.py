@@ -11,14 +11,19 @@ One step, as data::
                                                      precomputed: once per data set at start)
       -> policy.train_on(dpo_loss_fn): per pair micro-batch, policy log-probs [2m, S-1] -> masked
          sums [2m] -> rl.preference_loss(loss_type) -> loss, rewards/* metrics
+                                                    (dpo.reference=hydra: no separate reference
+                                                     forward; inside this one the frozen branch runs
+                                                     on the policy's trunk -> ref_logps [2m])
 
 The response mask is the rollout one (:func:`~nemo_rlhf.rl.advantages.response_mask`): positions
 ``P-1 <= t <= L-2`` score the response tokens and the closing eos, never the prompt (the tokens the
-SFT loss trains on). The reference is a frozen copy of ``init_from`` (the SFT policy); SimPO builds none.
+SFT loss trains on). The reference is a frozen copy of ``init_from`` (the SFT policy), whole or (hydra)
+its top layers only; SimPO builds none.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 from typing import Any, Mapping
@@ -32,6 +37,7 @@ from nemo_rlhf.checkpoint.weights import load_weights
 from nemo_rlhf.config import DPOStageConfig, load_stage_config, to_plain
 from nemo_rlhf.data import collate_preference
 from nemo_rlhf.data.tasks import preference_dataset
+from nemo_rlhf.models.hydra import HydraReference
 from nemo_rlhf.models.policy import GPTPolicyModel
 from nemo_rlhf.rl.advantages import response_mask
 from nemo_rlhf.rl.masked import masked_sum
@@ -56,11 +62,13 @@ def response_logps(logprobs: torch.Tensor, prompt_lengths: torch.Tensor,
     return masked_sum(logprobs, mask, dim=1), mask.sum(1)
 
 
-def dpo_loss_fn(policy: GPTPolicyModel, dpo_cfg):
+def dpo_loss_fn(policy: GPTPolicyModel, dpo_cfg, hydra: HydraReference | None = None):
     """The loss for :meth:`GPTPolicyModel.train_on` / ``evaluate_on`` on a pair micro-batch
     (:func:`~nemo_rlhf.algorithms.reward_model.pair_microbatches`): ``tokens [2m, S]`` (m chosen rows,
     then their m rejected rows), ``lengths``, ``prompt_lengths [2m]`` and, unless the loss is
-    reference-free, ``ref_logps [2m]`` (summed reference log-probs, same order).
+    reference-free, ``ref_logps [2m]`` (summed reference log-probs, same order). With ``hydra``
+    (``dpo.reference=hydra``; the forward must run inside ``hydra.capture()``), ``ref_logps`` comes
+    from the reference branch run on the trunk of the same forward instead.
 
     Returns the ``(loss, metrics)`` of :func:`~nemo_rlhf.rl.preference.preference_loss` with
     ``dpo.loss_type``; metrics ``loss``, ``rewards/chosen``, ``rewards/rejected``,
@@ -73,7 +81,10 @@ def dpo_loss_fn(policy: GPTPolicyModel, dpo_cfg):
         lp = policy.response_logprobs(policy.masked_logits(logits), mb["tokens"])
         sums, counts = response_logps(lp, mb["prompt_lengths"], mb["lengths"])
         m = sums.shape[0] // 2
-        ref = mb.get("ref_logps")
+        if hydra is not None:
+            ref = response_logps(hydra.captured_logprobs(mb["tokens"]), mb["prompt_lengths"], mb["lengths"])[0]
+        else:
+            ref = mb.get("ref_logps")
         loss, metrics = preference_loss(dpo_cfg.loss_type, sums[:m], sums[m:],
                                         None if ref is None else ref[:m], None if ref is None else ref[m:],
                                         counts[:m], counts[m:], **kwargs)
@@ -116,8 +127,9 @@ class DPOTrainer(SupervisedTrainer):
     """Trains a :class:`~nemo_rlhf.models.policy.GPTPolicyModel` (from ``init_from``, the SFT
     weights) on preference pairs with the DPO-family loss ``dpo.loss_type`` against a frozen
     reference copy of ``init_from`` (``dpo.reference``: ``full`` runs it on every batch,
-    ``precomputed`` scores the train and held-out pairs once in :meth:`setup` and frees it; SimPO has
-    none). Held-out metrics over every held-out batch (``trainer.limit_val_batches`` batches in the
+    ``precomputed`` scores the train and held-out pairs once in :meth:`setup` and frees it, ``hydra``
+    copies only the top ``model.num_layers_unfrozen`` layers and runs them on the policy's frozen
+    trunk inside the policy's own forward; SimPO has none). Held-out metrics over every held-out batch (``trainer.limit_val_batches`` batches in the
     periodic evaluations): ``loss``, ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
     ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected`` and ``pairs``.
 
@@ -129,7 +141,7 @@ class DPOTrainer(SupervisedTrainer):
 
     def __init__(self, cfg: DPOStageConfig):
         super().__init__(cfg, "dpo")
-        self.reference: GPTPolicyModel | None = None
+        self.reference: GPTPolicyModel | HydraReference | None = None
 
     def make_dataset(self, pairs, tokenizer):
         """:func:`~nemo_rlhf.data.tasks.preference_dataset` (``data.overlong`` / ``data.on_error``)."""
@@ -148,6 +160,11 @@ class DPOTrainer(SupervisedTrainer):
         dpo = self.cfg.dpo
         self.loss_fn = dpo_loss_fn(self.model, dpo)
         if not dpo.uses_reference:
+            return
+        if dpo.effective_reference == "hydra":  # the branch copies the initial policy's top layers
+            load_weights(self.model, self.cfg.init_from)  # before run() may resume a trained policy
+            self.reference = HydraReference(self.model)
+            self.loss_fn = dpo_loss_fn(self.model, dpo, self.reference)
             return
         tok = self.tokenizer
         self.reference = GPTPolicyModel(to_plain(self.cfg.model), None, tok.vocab_size,
@@ -183,13 +200,18 @@ class DPOTrainer(SupervisedTrainer):
 
     def _with_reference(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         batch = dict(batch)
-        if self.reference is not None and "ref_logps" not in batch:
+        if isinstance(self.reference, GPTPolicyModel) and "ref_logps" not in batch:
             batch["ref_logps"] = self.reference_logps(batch)
         return batch
 
+    def _capture(self):
+        """``dpo.reference=hydra``: the reference branch records the trunk of the policy's forwards."""
+        return self.reference.capture() if isinstance(self.reference, HydraReference) else contextlib.nullcontext()
+
     def train_step(self, batch) -> dict[str, float]:
         mbs = pair_microbatches(self._with_reference(batch), self.model.micro_batch_size)
-        return self.model.train_on(self.loss_fn, mbs)
+        with self._capture():
+            return self.model.train_on(self.loss_fn, mbs)
 
     def evaluate(self, limit: int | None = None) -> dict[str, float]:
         from megatron.core import parallel_state
@@ -199,7 +221,8 @@ class DPOTrainer(SupervisedTrainer):
             if limit is not None and i >= limit:
                 break
             mbs = pair_microbatches(self._with_reference(b), self.model.micro_batch_size)
-            ms.append(self.model.evaluate_on(self.loss_fn, mbs))
+            with self._capture():
+                ms.append(self.model.evaluate_on(self.loss_fn, mbs))
         out = {k: sum(m[k] for m in ms) / len(ms) for k in ms[0]}
         out["pairs"] = (sum(int(b["tokens"].shape[0]) // 2 for _, b in zip(range(len(ms)), self.val_loader))
                         * parallel_state.get_data_parallel_world_size())

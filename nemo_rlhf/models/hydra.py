@@ -8,7 +8,8 @@ log-prob forward, a forward pre-hook on the first branch layer (layer ``num_laye
 k = 0 the final norm) captures the trunk's hidden states ``[S(/TP under SP), b, H]`` and every
 other argument megatron's ``TransformerBlock`` passes to that layer (rotary embeddings, mask,
 ...); the loss function of the same forward then runs the branch on them. One trunk forward per
-rollout gives the actor's and the reference's log-probs.
+rollout gives the actor's and the reference's log-probs (PPO), and one per training micro-batch
+gives the policy's (with grad) and the reference's (DPO, ``dpo.reference=hydra``).
 
 Parameters (memory): the reference costs k layers + final norm (+ the LM head when it is not tied
 to the embedding; a tied LM head is the frozen embedding matrix and is shared, not copied) instead
@@ -21,6 +22,9 @@ head is not branched off this trunk (the critic is a separate server process).
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch
 
@@ -35,7 +39,9 @@ class HydraReference:
     The branch is copied from the actor's weights at construction: build it after the actor holds
     the initial policy (e.g. ``load_weights(actor, init_from)``), before any training step, or call
     :meth:`copy_from_actor` then. What a trainer may call: :meth:`actor_and_reference_logprobs`
-    (one forward for both, the rollout path) and :meth:`logprobs` (the reference's alone).
+    (one forward for both, the rollout path), :meth:`logprobs` (the reference's alone), and
+    :meth:`capture` with :meth:`captured_logprobs` (the reference inside the actor's own training
+    forward: DPO).
 
     Args:
         actor: the trainable policy, built with ``model.num_layers_unfrozen = k >= 0``.
@@ -67,6 +73,7 @@ class HydraReference:
         self.num_layers_unfrozen = k
         self.branch_start = total - k  # global index of the first branch layer
         self.branch = torch.nn.Module()  # empty on stages other than the last
+        self._captured: tuple[tuple, dict] | None = None  # capture(): the branch point's latest inputs
         if gpt.post_process:
             self._build_branch(gpt)
             self.copy_from_actor()
@@ -143,6 +150,48 @@ class HydraReference:
         return logits.transpose(0, 1).contiguous()
 
     # ------------------------------------------------------------------ log-probs
+    @contextlib.contextmanager
+    def capture(self) -> Iterator["HydraReference"]:
+        """Within the block, every forward of the actor (with or without grad) records the inputs
+        of the branch point (on the last pipeline stage; elsewhere nothing is recorded), and
+        :meth:`captured_logprobs` runs the frozen branch on the latest record.
+
+        For trainers whose loss needs the reference on the very batch the actor is training on
+        (DPO with ``dpo.reference=hydra``): call :meth:`captured_logprobs` from the loss function of
+        that forward (megatron's schedules run a micro-batch's loss right after its forward), and
+        the trunk runs once for both policies. The recorded hidden states come from the frozen
+        trunk, so they carry no graph.
+        """
+        handle = None
+        if self.actor.gpt.post_process:
+            handle = self._hook_target(self.actor.gpt).register_forward_pre_hook(self._record, with_kwargs=True)
+        try:
+            yield self
+        finally:
+            if handle is not None:
+                handle.remove()
+            self._captured = None
+
+    def _record(self, module, args, kwargs) -> None:
+        self._captured = (args, kwargs)
+
+    @torch.no_grad()
+    def captured_logprobs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The reference policy's float32 log-probs ``[b, S-1]`` of ``tokens [b, S]`` (the
+        micro-batch whose actor forward was recorded last, inside :meth:`capture`); last stage only.
+
+        Raises:
+            RuntimeError: no forward was recorded (called outside :meth:`capture`, or twice for one
+                forward).
+        """
+        captured, self._captured = self._captured, None
+        if captured is None:
+            raise RuntimeError("HydraReference.captured_logprobs: no actor forward recorded since the last call; "
+                               "run the actor's forward inside HydraReference.capture() first")
+        actor = self.actor
+        logits = self._branch_logits(*captured)
+        return actor.response_logprobs(actor.masked_logits(logits).clone(), tokens, inplace=True)
+
     @torch.no_grad()
     def actor_and_reference_logprobs(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward of the actor that also runs the reference branch on the trunk's hidden states.
@@ -157,24 +206,14 @@ class HydraReference:
         """
         actor = self.actor
         actor.model.eval()
-        captured: list[tuple[tuple, dict]] = []
-        handle = None
-        if actor.gpt.post_process:
-            handle = self._hook_target(actor.gpt).register_forward_pre_hook(
-                lambda module, args, kwargs: captured.append((args, kwargs)), with_kwargs=True)
 
         def loss_fn(mb, logits):
             lp = actor.response_logprobs(actor.masked_logits(logits).clone(), mb["tokens"], inplace=True)
-            ref_logits = self._branch_logits(*captured.pop(0))
-            ref_lp = actor.response_logprobs(actor.masked_logits(ref_logits).clone(), mb["tokens"], inplace=True)
-            return logits.sum() * 0, {"lp": lp, "ref_lp": ref_lp}
+            return logits.sum() * 0, {"lp": lp, "ref_lp": self.captured_logprobs(mb["tokens"])}
 
-        try:
+        with self.capture():
             mbs = split_microbatches({"tokens": tokens}, actor.microbatch_size_for(tokens.shape[0]))
             outs = actor.forward_backward(mbs, actor.forward_step, loss_fn, forward_only=True)
-        finally:
-            if handle is not None:
-                handle.remove()
         b, s = tokens.shape
         lp = broadcast_from_last_stage(torch.cat([o["lp"] for o in outs]) if outs else None, (b, s - 1),
                                        torch.float32)

@@ -90,6 +90,45 @@ def test_precomputed_reference_equals_live(live_and_precomputed):
     assert ev_live["rewards/chosen"] != 0.0  # the policy moved, so the reference matters
 
 
+def test_hydra_reference_equals_full(megatron_world, sft_run, tmp_path):
+    """dpo.reference=hydra (the top layer copied, run on the policy's own frozen trunk inside its
+    training forward) gives the full frozen copy's losses step by step and on the held-out pairs,
+    with a branch smaller than a whole model."""
+    from nemo_rlhf.algorithms.base import heldout_loader
+    from nemo_rlhf.algorithms.dpo import DPOTrainer
+    from nemo_rlhf.checkpoint.weights import load_weights
+    from nemo_rlhf.models.hydra import HydraReference
+
+    def make(run_dir, reference):
+        node = dpo_node(sft_run, run_dir, {"reference": reference}, model={**MODEL_CFG, "num_layers_unfrozen": 1})
+        trainer = DPOTrainer(parse_config(DPOStageConfig, node))
+        trainer.setup()
+        load_weights(trainer.model, trainer.cfg.init_from)
+        trainer.val_loader = heldout_loader(trainer.val_ds, 8, trainer.collate, 0)
+        return trainer
+
+    full, hydra = make(tmp_path / "full", "full"), make(tmp_path / "hydra", "hydra")
+    assert isinstance(hydra.reference, HydraReference)
+    whole = sum(p.numel() * p.element_size() for p in full.reference.gpt.parameters())
+    assert 0 < hydra.reference.parameter_bytes() < whole
+    batch_full = full.collate([full.train_ds[i] for i in range(8)])
+    batch_hydra = hydra.collate([hydra.train_ds[i] for i in range(8)])
+    assert "ref_logps" not in hydra._with_reference(batch_hydra)  # no separate reference forward
+    m_full = [full.train_step(batch_full) for _ in range(4)]
+    m_hydra = [hydra.train_step(batch_hydra) for _ in range(4)]
+    assert m_hydra[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert m_full[-1]["rewards/margins"] > m_full[0]["rewards/margins"] + 0.05  # the policy moved
+    for a, b in zip(m_full, m_hydra):
+        for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+            assert b[k] == pytest.approx(a[k], abs=1e-5), (k, a[k], b[k])
+    ev_full, ev_hydra = full.evaluate(), hydra.evaluate()
+    assert ev_full["rewards/chosen"] != 0.0
+    for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "pairs"):
+        assert ev_hydra[k] == pytest.approx(ev_full[k], abs=1e-5), k
+    with pytest.raises(RuntimeError, match=r"no actor forward recorded"):
+        hydra.reference.captured_logprobs(batch_hydra["tokens"])  # outside capture()
+
+
 def test_simpo_builds_no_reference(megatron_world, sft_run, tmp_path):
     trainer = built(sft_run, tmp_path, loss_type="simpo", beta=2.0, simpo_gamma=0.5)
     assert trainer.reference is None and trainer.cfg.dpo.effective_reference is None
@@ -145,7 +184,9 @@ def test_resume_equals_uninterrupted_bitwise(megatron_world, sft_run, tmp_path):
     ({"loss_type": "simpo", "reference": "full"}, r"remove dpo.reference"),
     ({"rpo_alpha": 0.5}, r"dpo.rpo_alpha=0.5 .* read only with dpo.loss_type=rpo \(got sigmoid\)"),
     ({"simpo_gamma": 1.0, "loss_type": "ipo"}, r"dpo.simpo_gamma=1.0 .* read only with dpo.loss_type=simpo"),
-    ({"reference": "hydra"}, r"dpo.reference must be one of \['full', 'precomputed'\]"),
+    ({"reference": "frozen"}, r"dpo.reference must be one of \['full', 'precomputed', 'hydra'\]"),
+    ({"reference": "hydra"}, r"dpo.reference=hydra branches the reference off the policy's frozen trunk: set "
+                             r"model.num_layers_unfrozen >= 0 \(got -1"),
     ({"beta_": 0.1}, r"unknown key 'beta_' in section 'dpo'"),
 ])
 def test_config_errors(dpo, match, tmp_path):

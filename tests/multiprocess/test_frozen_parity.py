@@ -3,12 +3,13 @@
 Every role trains with ``model.num_layers_unfrozen=2`` of the parity model's 4 layers (tied
 embeddings), so at PP=2 the first stage (embedding + layers 0, 1) holds only frozen parameters:
 it must run no weight backward and still take part in the schedule, and the last stage trains
-layers 2, 3 and the final norm. The ``ppo`` role uses a hydra reference policy (its branch, layers
-2, 3 + final norm, on the last stage). DP=2 x PP=2 (every role; the gradient all-reduce over DP
-sees only the last stage's trainable buffers) and TP=2 + SP (the actor and PPO roles,
-where the hydra branch runs on sequence-split hidden states) against one process from the same
-initial weights: forward outputs, step metrics and weights after the step within 1e-5, two whole
-PPO steps within 1e-4; and in every layout each frozen weight is bitwise equal to its initial value.
+layers 2, 3 and the final norm. The ``ppo`` and ``dpo`` roles use a hydra reference policy (its
+branch, layers 2, 3 + final norm, on the last stage; DPO runs it inside the policy's training
+forward). DP=2 x PP=2 (every role; the gradient all-reduce over DP sees only the last stage's
+trainable buffers) and TP=2 + SP (the actor, PPO and DPO roles, where the hydra branch runs on
+sequence-split hidden states) against one process from the same initial weights: forward outputs,
+step metrics and weights after the step within 1e-5 (two DPO steps included), two whole PPO steps
+within 1e-4; and in every layout each frozen weight is bitwise equal to its initial value.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ pytestmark = pytest.mark.parallel
 
 PARITY = str(REPO / "tools" / "parity.py")
 FROZEN_ARGS = ["--num-layers-unfrozen", "2", "--reference", "hydra"]
-ROLES = ("sft", "rm", "critic", "actor", "ppo")
+ROLES = ("sft", "rm", "critic", "actor", "ppo", "dpo")
 LAYOUTS = {  # name: (processes, parity args, roles)
     "dp2_pp2": (4, ["--pp", "2"], ROLES),  # DP=2 x PP=2: each DP replica's first stage is all frozen
-    "tp2_sp": (2, ["--tp", "2", "--sp"], ("actor", "ppo")),
+    "tp2_sp": (2, ["--tp", "2", "--sp"], ("actor", "ppo", "dpo")),
 }
+FROM_ACTOR = ("ppo", "dpo")  # roles that start from the actor's initial weights
 TOL, PPO_TOL = 1e-5, 1e-4
 DISCRETE = {"clipfrac", "vf_clipfrac", "accuracy", "lr", "skipped"}
 # frozen at num_layers_unfrozen=2 of 4: embedding (and the policy's tied LM head) and layers 0, 1;
@@ -46,7 +48,7 @@ def _weights(role: str, path: Path) -> dict[str, torch.Tensor]:
 
     initialize_distributed(1, 1, "cpu")
     try:
-        model = build_role("actor" if role == "ppo" else role, MODEL, None)
+        model = build_role("actor" if role in FROM_ACTOR else role, MODEL, None)
         load_weights(model, path)
         return {k: v.clone() for k, v in model.gpt.state_dict().items() if torch.is_tensor(v) and v.is_floating_point()}
     finally:
@@ -56,7 +58,7 @@ def _weights(role: str, path: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("frozen_parity")
-    torchrun(1, [PARITY, *FROZEN_ARGS, "--out", "ref", "--init", "init", "--save-init"], d)
+    torchrun(1, [PARITY, *FROZEN_ARGS, "--roles", ",".join(ROLES), "--out", "ref", "--init", "init", "--save-init"], d)
     return d
 
 
@@ -69,7 +71,7 @@ def test_frozen_roles_and_hydra_reference_match_single_process(layout, workdir):
         ref = torch.load(workdir / "ref" / role / "result.pt", weights_only=False)
         got = torch.load(workdir / layout / role / "result.pt", weights_only=False)
         tol = PPO_TOL if role == "ppo" else TOL
-        init = _weights(role, workdir / "init" / ("actor" if role == "ppo" else role))
+        init = _weights(role, workdir / "init" / ("actor" if role in FROM_ACTOR else role))
         if role == "ppo":  # the hydra reference's log-probs on the fixed batch, before any step
             d_ref = (ref["reference"] - got["reference"]).abs().max().item()
             assert d_ref <= TOL, f"hydra reference log-probs differ by {d_ref}"
