@@ -588,6 +588,29 @@ def test_demo_dpo_section_parses(config_name):
     assert dpo.data.heldout_fraction <= rm.data.heldout_fraction
 
 
+def test_imdb_example_stages_parse_with_their_sizes():
+    """examples/imdb_sentiment over conf/demo.yaml: the reward model on a review's last 128 tokens, and
+    PPO under a fixed KL coefficient (a key conf/demo.yaml does not set) reach the typed stage configs."""
+    from hydra import compose, initialize_config_dir
+
+    from nemo_rlhf.config import RewardModelStageConfig, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        demo = compose(config_name="examples/imdb_sentiment")
+        parse_config(DemoConfig, demo)
+        base = {"model": {"num_layers": 30}}
+        extra = dict(run_dir="/r", init_from="/w", tokenizer={"type": "tokenizer_json", "path": "/t.json"})
+        rm = load_stage_config(RewardModelStageConfig, demo_stage_node(compose(config_name="gpt_rm"), demo, "rm",
+                                                                       base=base, **extra), stage="rm")
+        ppo = load_stage_config(PPOActorStageConfig, demo_stage_node(
+            compose(config_name="gpt_ppo_actor"), demo, "ppo", base=base, critic={"host": "127.0.0.1", "port": 5555},
+            **extra), stage="ppo")
+    assert (rm.data.max_seq_len, rm.trainer.max_steps, rm.model.reward_pooling) == (128, 60, "mean")
+    assert (ppo.ppo.kl_controller.type, ppo.ppo.kl_controller.init_kl_coef) == ("fixed", 0.3)
+    assert ppo.trainer.max_steps == 24 and ppo.ppo.reference == "hydra"
+
+
 def test_demo_reward_model_may_be_truncated_after_sft():
     """examples/hh_helpful: SFT for the policy, the reward model from the base model's first layers."""
     demo = parse_config(DemoConfig, {"stages": ["sft", "rm", "ppo"], "base_model": "smollm2", "rm_num_layers": 12})
