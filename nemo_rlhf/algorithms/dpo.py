@@ -129,9 +129,10 @@ class DPOTrainer(SupervisedTrainer):
     reference copy of ``init_from`` (``dpo.reference``: ``full`` runs it on every batch,
     ``precomputed`` scores the train and held-out pairs once in :meth:`setup` and frees it, ``hydra``
     copies only the top ``model.num_layers_unfrozen`` layers and runs them on the policy's frozen
-    trunk inside the policy's own forward; SimPO has none). Held-out metrics over every held-out batch (``trainer.limit_val_batches`` batches in the
-    periodic evaluations): ``loss``, ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
-    ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected`` and ``pairs``.
+    trunk inside the policy's own forward; SimPO has none). Held-out metrics over every held-out
+    batch (``trainer.limit_val_batches`` batches in the periodic evaluations): ``loss``,
+    ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``,
+    ``logps/chosen``, ``logps/rejected`` and ``pairs``.
 
     Checkpoints hold the policy, its optimizer and the step (the reference is rebuilt from
     ``init_from``; precomputed values are recomputed, deterministically, on resume).
