@@ -589,8 +589,8 @@ def test_demo_dpo_section_parses(config_name):
 
 
 def test_imdb_example_stages_parse_with_their_sizes():
-    """examples/imdb_sentiment over conf/demo.yaml: the reward model on a review's last 128 tokens, and
-    PPO under a fixed KL coefficient (a key conf/demo.yaml does not set) reach the typed stage configs."""
+    """examples/imdb_sentiment over conf/demo.yaml: the reward model on a review's last 128 tokens and
+    PPO's KL coefficient reach the typed stage configs."""
     from hydra import compose, initialize_config_dir
 
     from nemo_rlhf.config import RewardModelStageConfig, register_configs
@@ -607,7 +607,7 @@ def test_imdb_example_stages_parse_with_their_sizes():
             compose(config_name="gpt_ppo_actor"), demo, "ppo", base=base, critic={"host": "127.0.0.1", "port": 5555},
             **extra), stage="ppo")
     assert (rm.data.max_seq_len, rm.trainer.max_steps, rm.model.reward_pooling) == (128, 60, "mean")
-    assert (ppo.ppo.kl_controller.type, ppo.ppo.kl_controller.init_kl_coef) == ("fixed", 0.3)
+    assert (ppo.ppo.kl_controller.type, ppo.ppo.kl_controller.init_kl_coef) == ("adaptive", 0.3)
     assert ppo.trainer.max_steps == 24 and ppo.ppo.reference == "hydra"
 
 
