@@ -4,7 +4,8 @@ In-process (one gloo rank, TP = PP = DP = 1), the launchers' smallest model (1 l
 its tokenizer from ``tests/conftest.py``'s ``sft_run``, 160 HH rows. Checks: the policy starts equal
 to the reference (loss ln 2, zero rewards); DPO steps on a fixed batch lower its loss and raise its
 implicit-reward margin; ``dpo.reference=precomputed`` gives the live reference's losses step by step
-and on the held-out pairs, with the reference freed; SimPO builds no reference; a run stopped and
+and on the held-out pairs, with the reference freed; ``dpo.reference=hydra`` (the top layer copied,
+run inside the policy's forward) gives the full copy's; SimPO builds no reference; a run stopped and
 resumed equals an uninterrupted one bitwise; config errors.
 """
 
