@@ -26,37 +26,30 @@ from bench_hydra_memory import SMOLLM2, VOCAB
 
 
 def measure(reference: str, pairs: int, seq: int, prompt: int, steps: int, k: int = 4) -> dict:
-    """Seconds per DPO step (median after a warm-up) and the first step's loss."""
-    from nemo_rlhf.algorithms.dpo import dpo_loss_fn, response_logps
-    from nemo_rlhf.algorithms.reward_model import pair_microbatches
-    from nemo_rlhf.config import DPOConfig
+    """Seconds per :meth:`DPOTrainer.train_step` (median after a warm-up) and the first step's loss."""
+    from nemo_rlhf.algorithms.dpo import DPOTrainer, dpo_loss_fn
+    from nemo_rlhf.config import DPOStageConfig, parse_config
     from nemo_rlhf.models.hydra import HydraReference
     from nemo_rlhf.models.policy import GPTPolicyModel
 
     torch.manual_seed(0)
     cfg = dict(SMOLLM2, num_layers_unfrozen=k)
-    policy = GPTPolicyModel(cfg, dict(lr=1e-5), VOCAB, 4, eos_id=2, pad_id=0)
-    dpo = DPOConfig()
+    # The trainer's own step without its data set-up (as tools/parity.py's dpo role): models set here.
+    trainer = DPOTrainer(parse_config(DPOStageConfig, {"init_from": "unused", "tokenizer": {"path": "unused"}}))
+    trainer.model = policy = GPTPolicyModel(cfg, dict(lr=1e-5), VOCAB, 4, eos_id=2, pad_id=0)
     if reference == "hydra":
-        ref = HydraReference(policy)
-        loss_fn = dpo_loss_fn(policy, dpo, ref)
+        trainer.reference = HydraReference(policy)
     else:
-        ref = GPTPolicyModel(cfg, None, VOCAB, 4, eos_id=2, pad_id=0)
-        ref.gpt.load_state_dict(policy.gpt.state_dict())
-        loss_fn = dpo_loss_fn(policy, dpo)
+        trainer.reference = GPTPolicyModel(cfg, None, VOCAB, 4, eos_id=2, pad_id=0)
+        trainer.reference.gpt.load_state_dict(policy.gpt.state_dict())
+    trainer.loss_fn = dpo_loss_fn(policy, trainer.cfg.dpo, trainer.reference if reference == "hydra" else None)
     gen = torch.Generator().manual_seed(1)
     batch = {"tokens": torch.randint(3, VOCAB, (2 * pairs, seq), generator=gen),
              "lengths": torch.full((2 * pairs,), seq), "prompt_lengths": torch.full((2 * pairs,), prompt)}
     times, losses = [], []
     for _ in range(steps + 1):
         t = time.perf_counter()
-        b = dict(batch)
-        if reference == "hydra":
-            with ref.capture():
-                m = policy.train_on(loss_fn, pair_microbatches(b, 4))
-        else:
-            b["ref_logps"] = response_logps(ref.logprobs(b["tokens"]), b["prompt_lengths"], b["lengths"])[0]
-            m = policy.train_on(loss_fn, pair_microbatches(b, 4))
+        m = trainer.train_step(batch)
         times.append(time.perf_counter() - t)
         losses.append(float(m["loss"]))
     return {"s_per_step": statistics.median(times[1:]), "steps_timed": steps, "first_loss": losses[0]}

@@ -164,6 +164,7 @@ class DPOTrainer(SupervisedTrainer):
             return
         if dpo.effective_reference == "hydra":  # the branch copies the initial policy's top layers
             load_weights(self.model, self.cfg.init_from)  # before run() may resume a trained policy
+            self.init_loaded = True
             self.reference = HydraReference(self.model)
             self.loss_fn = dpo_loss_fn(self.model, dpo, self.reference)
             return

@@ -40,6 +40,7 @@ class SupervisedTrainer(Trainer):
     def __init__(self, cfg, name: str):
         super().__init__(cfg, name)
         self.val_before: dict[str, float] | None = None
+        self.init_loaded = False  # set by a setup() that already loaded init_from (no second read in run)
 
     def make_dataset(self, pairs, tokenizer):
         """The torch dataset of ``pairs`` (``dataset_cls`` cut by ``data.max_seq_len`` /
@@ -89,7 +90,7 @@ class SupervisedTrainer(Trainer):
         """
         cfg = self.cfg
         self.setup()
-        if self.resume() is None and cfg.init_from:
+        if self.resume() is None and cfg.init_from and not self.init_loaded:
             load_weights(self.model, cfg.init_from, skip_prefixes=self.skip_prefixes)
         gbs = int(cfg.batch.global_batch_size)
         self.train_loader = step_loader(self.train_ds, gbs, int(cfg.seed), self.step, self.max_steps, self.collate)
