@@ -2045,6 +2045,10 @@ class ILQLConfig(_Section):
     row is its opening and the tokens after it (``opening``) or its last ``sampling.max_new_tokens``
     tokens and the ones before them (``ending``: where the verdict, and so the label's signal,
     usually is). ``head_init_std``: std of the heads' init (None: ``model.init_method_std``).
+    ``q_head``: ``mlp`` (trlX's ``make_head``, ``H -> 2H -> V``: each token's Q row learnt from the
+    rows that take it) or ``lm_head`` (``Q = W_lm MLP(h)``, ``H -> 2H -> H`` then the LM head's own
+    output matrix, frozen: tokens with alike output embeddings share what one of them learns; half
+    the vocabulary-wide cost; ``nemo_rlhf/models/ilql.py``).
 
     Raises:
         ConfigError: ``tau`` outside (0, 1), ``gamma`` / ``alpha`` outside [0, 1], a negative scale /
@@ -2064,6 +2068,7 @@ class ILQLConfig(_Section):
     two_qs: bool = True
     normalize_rewards: bool = True
     head_init_std: Optional[float] = None
+    q_head: str = "mlp"  # mlp | lm_head
     sampling: ILQLSamplingConfig = field(default_factory=ILQLSamplingConfig)
     eval_betas: List[float] = field(default_factory=lambda: [0.0])
     val_samples_per_prompt: int = 8
@@ -2075,6 +2080,7 @@ class ILQLConfig(_Section):
     def _validate(self) -> None:
         self._choice("val_judge", JUDGES)
         self._choice("imdb_window", ("opening", "ending"))
+        self._choice("q_head", ("mlp", "lm_head"))
         self._between("tau", 0.0, 1.0, low_open=True, high_open=True)
         self._between("gamma", 0.0, 1.0)
         self._between("alpha", 0.0, 1.0)

@@ -33,6 +33,8 @@ instead of a full frozen copy (needs k >= 0; DPO's first step then runs the bran
 policy's training forward, ``dpo.reference=hydra``); the ``ppo`` role records the reference policy's log-probs on
 the full fixed batch before its steps (``reference``: equal in every layout, DP included). ``--lora`` puts LoRA adapters (:data:`LORA`) on every
 role, with random non-zero B in the initial weights (``tests/multiprocess/test_lora_tp.py``).
+``--ilql-q-head lm_head`` gives the ``ilql`` role Q heads read through the LM head's output matrix
+(``ilql.q_head``; ``tests/multiprocess/test_frozen_parity.py``).
 
 The ``dpo`` and ``rs`` roles (not run by default: ``--roles``) start from the ``actor`` initial weights.
 ``dpo``: two steps of :class:`~nemo_rlhf.algorithms.dpo.DPOTrainer` (sigmoid loss, beta 0.5) on the
@@ -124,10 +126,11 @@ def _dp_slice(x: torch.Tensor) -> torch.Tensor:
     return x[rank * n : (rank + 1) * n]
 
 
-def build_role(role: str, model_cfg: dict[str, Any], optim_cfg: dict[str, Any] | None, reference: str = "full"):
+def build_role(role: str, model_cfg: dict[str, Any], optim_cfg: dict[str, Any] | None, reference: str = "full",
+               ilql_q_head: str = "mlp"):
     """A trainable model of ``role`` with the parity model and vocabulary (``ppo``: a
     :class:`~nemo_rlhf.algorithms.ppo.PPOTrainer` holding all four models, its reference policy
-    ``full`` or ``hydra``)."""
+    ``full`` or ``hydra``; ``ilql``: its Q heads ``ilql_q_head``, ``mlp`` or ``lm_head``)."""
     from nemo_rlhf.models.critic import GPTCriticModel
     from nemo_rlhf.models.policy import GPTPolicyModel
     from nemo_rlhf.models.reward_model import GPTRewardModel
@@ -149,7 +152,7 @@ def build_role(role: str, model_cfg: dict[str, Any], optim_cfg: dict[str, Any] |
     if role == ILQL_ROLE:
         from nemo_rlhf.models.ilql import GPTILQLModel
 
-        return GPTILQLModel(model_cfg, optim_cfg, VOCAB, MICRO_BATCH, eos_id=1, pad_id=0)
+        return GPTILQLModel(model_cfg, optim_cfg, VOCAB, MICRO_BATCH, eos_id=1, pad_id=0, q_head=ilql_q_head)
     raise ValueError(f"unknown role {role!r}; roles: {ROLES + CRITIC_FREE_ROLES + (ILQL_ROLE, DPO_ROLE, RS_ROLE)}")
 
 
@@ -574,6 +577,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--save-init", action="store_true", help="write the initial weights (reference run)")
     add_saver_args(p)
     p.add_argument("--reference", default="full", choices=("full", "hydra"), help="the ppo and dpo roles' reference policy")
+    p.add_argument("--ilql-q-head", default="mlp", choices=("mlp", "lm_head"), help="the ilql role's Q heads")
     args = p.parse_args(argv)
     model_cfg, _ = init_layout(args)
     model_cfg["num_layers_unfrozen"] = args.num_layers_unfrozen
@@ -587,7 +591,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for role in args.roles.split(","):
             seed_everything(args.seed)
-            model = build_role(role, with_lora(model_cfg, role) if args.lora else model_cfg, optim, args.reference)
+            model = build_role(role, with_lora(model_cfg, role) if args.lora else model_cfg, optim, args.reference,
+                               args.ilql_q_head)
             init = Path(args.init) / role
             if role == "ppo":
                 load_ppo(model, Path(args.init))  # reuses the other roles' initial weights

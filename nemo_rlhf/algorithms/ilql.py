@@ -203,7 +203,8 @@ class ILQLTrainer(Trainer):
         self.collate = lambda b: collate_prompts(b, tok.pad_id)  # noqa: E731
         p = cfg.ilql
         self.model = GPTILQLModel(to_plain(cfg.model), to_plain(cfg.optim), tok.vocab_size, mbs, tok.eos_id,
-                                  tok.pad_id, two_qs=bool(p.two_qs), head_init_std=p.head_init_std)
+                                  tok.pad_id, two_qs=bool(p.two_qs), head_init_std=p.head_init_std,
+                                  q_head=p.q_head)
 
     def behaviour_on_heldout(self, rows) -> dict[str, float]:
         """``{"mean_heldout_prompts": ...}``: the behaviour data's mean reward over its rows whose

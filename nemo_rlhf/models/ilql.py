@@ -6,7 +6,9 @@ Heads (:class:`ILQLHeads`, ``gpt.ilql_heads``, on the last pipeline stage only, 
 (after the final norm, the LM head's input):
 
 * ``q1``, ``q2`` (``q2`` only with ``two_qs``): Q over the (padded) vocabulary, ``[b, S, V]``,
-  trained by the ILQL losses;
+  trained by the ILQL losses; ``q_head="lm_head"`` instead reads Q through the LM head's own output
+  matrix, ``Q = W_lm MLP(h)`` with an ``H -> 2H -> H`` MLP (``_LMHeadQ``: tokens with alike output
+  embeddings share what one of them learns; half the vocabulary-wide cost);
 * ``target_q1``, ``target_q2``: frozen copies (``requires_grad=False``: no gradient buffer, no
   optimizer state), moved towards the online heads by Polyak averaging
   (:meth:`GPTILQLModel.sync_target_heads`, ``ilql.alpha``); their minimum is the value target and
@@ -79,6 +81,31 @@ def _heads_class():
             out, _ = self.fc2(torch.relu(h))
             return out
 
+    class _LMHeadQ(MegatronModule):
+        """``[..., H] -> [..., V/TP]``: ``W_lm g(x)`` with ``g = fc2(relu(fc1(x)))``, ``H -> 2H -> H``
+        (fc1 column-parallel, fc2 row-parallel: ``g`` replicated over TP), and ``W_lm [V/TP, H]`` this
+        rank's slice of the LM head's output matrix (``output_weight()``, detached: Q never trains
+        the LM head). Q of token ``a`` is then the bilinear ``<W_lm[a], g(x)>``: one update of ``g``
+        moves the Q of every token whose output embedding is alike (``great`` with ``excellent``),
+        where trlX's vocabulary-wide ``fc2`` learns each token's row only from the rows it is taken
+        in. Half the cost of :class:`_MLPHead` over the vocabulary (``H x V`` instead of ``2H x V``)
+        and ``2H^2`` parameters of its own instead of ``2H x V``."""
+
+        def __init__(self, config, hidden: int, std: float, output_weight):
+            super().__init__(config=config)
+            init = lambda w: torch.nn.init.normal_(w, mean=0.0, std=std)  # noqa: E731
+            self.fc1 = tensor_parallel.ColumnParallelLinear(hidden, 2 * hidden, config=config, init_method=init,
+                                                            bias=True, gather_output=False, skip_bias_add=False)
+            self.fc2 = tensor_parallel.RowParallelLinear(2 * hidden, hidden, config=config, init_method=init,
+                                                         bias=True, input_is_parallel=True, skip_bias_add=False)
+            self._output_weight = output_weight  # a callable, not a submodule: the weight stays the LM head's
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h, _ = self.fc1(x)
+            g, _ = self.fc2(torch.relu(h))
+            w = self._output_weight().detach()
+            return torch.nn.functional.linear(g, w.to(g.dtype))
+
     class ILQLHeads(MegatronModule):
         """Two (or one) Q heads, their frozen target copies and a V head (module docstring).
 
@@ -87,19 +114,35 @@ def _heads_class():
             vocab_size: the padded vocabulary (the LM head's output size).
             two_qs: build ``q2`` / ``target_q2`` (trlX ``two_qs``).
             init_std: std of the normal weight init (None: the trunk's ``init_method_std``).
+            q_head: ``mlp`` (trlX's ``make_head``: ``H -> 2H -> V``) or ``lm_head``
+                (:class:`_LMHeadQ`: ``H -> 2H -> H``, then the LM head's output matrix).
+            output_weight: ``() -> [V/TP, H]`` tensor, the LM head's output matrix; required by
+                ``q_head="lm_head"``.
+
+        Raises:
+            ValueError: an unknown ``q_head``, or ``lm_head`` without ``output_weight``.
         """
 
-        def __init__(self, config, vocab_size: int, two_qs: bool = True, init_std: float | None = None):
+        def __init__(self, config, vocab_size: int, two_qs: bool = True, init_std: float | None = None,
+                     q_head: str = "mlp", output_weight=None):
             super().__init__(config=config)
             config = config_without_sequence_parallel(config)
             std = config.init_method_std if init_std is None else float(init_std)
             h = config.hidden_size
             self.two_qs = bool(two_qs)
-            self.q1 = _MLPHead(config, h, vocab_size, True, std)
-            self.target_q1 = _MLPHead(config, h, vocab_size, True, std)
+            if q_head == "mlp":
+                make_q = lambda: _MLPHead(config, h, vocab_size, True, std)  # noqa: E731
+            elif q_head == "lm_head":
+                if output_weight is None:
+                    raise ValueError("ILQLHeads(q_head='lm_head') needs output_weight (the LM head's matrix)")
+                make_q = lambda: _LMHeadQ(config, h, std, output_weight)  # noqa: E731
+            else:
+                raise ValueError(f"ILQLHeads: q_head={q_head!r} is not one of mlp, lm_head")
+            self.q1 = make_q()
+            self.target_q1 = make_q()
             if self.two_qs:
-                self.q2 = _MLPHead(config, h, vocab_size, True, std)
-                self.target_q2 = _MLPHead(config, h, vocab_size, True, std)
+                self.q2 = make_q()
+                self.target_q2 = make_q()
             self.v = _MLPHead(config, h, 1, False, std)
             for online, target in self.pairs():
                 target.load_state_dict(online.state_dict())
@@ -138,21 +181,24 @@ class GPTILQLModel(GPTPolicyModel):
         model_cfg, optim_cfg, vocab_size, micro_batch_size, eos_id, pad_id: as the policy.
         two_qs: two Q heads (and two targets) instead of one.
         head_init_std: std of the heads' normal init (None: ``model.init_method_std``).
+        q_head: ``mlp`` (trlX's vocabulary-wide heads) or ``lm_head`` (Q through the LM head's output
+            matrix; ``ILQLHeads``).
 
     """
 
     def __init__(self, model_cfg: Mapping[str, Any], optim_cfg: Mapping[str, Any] | None, vocab_size: int,
                  micro_batch_size: int, eos_id: int, pad_id: int, two_qs: bool = True,
-                 head_init_std: float | None = None):
-        self._ilql_options = (bool(two_qs), head_init_std)  # read by extend_model inside super().__init__
+                 head_init_std: float | None = None, q_head: str = "mlp"):
+        self._ilql_options = (bool(two_qs), head_init_std, str(q_head))  # read by extend_model inside super().__init__
         self._hidden: list[torch.Tensor] = []
         super().__init__(model_cfg, optim_cfg, vocab_size, micro_batch_size, eos_id, pad_id)
 
     def extend_model(self, gpt) -> None:
         if not gpt.post_process:  # not the last pipeline stage: no LM head, no ILQL heads
             return
-        two_qs, std = self._ilql_options
-        gpt.ilql_heads = _heads_class()(gpt.config, gpt.vocab_size, two_qs=two_qs, init_std=std)
+        two_qs, std, q_head = self._ilql_options
+        gpt.ilql_heads = _heads_class()(gpt.config, gpt.vocab_size, two_qs=two_qs, init_std=std, q_head=q_head,
+                                        output_weight=gpt.shared_embedding_or_output_weight)
 
     # ------------------------------------------------------------------ accessors
     @property

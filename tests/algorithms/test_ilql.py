@@ -341,6 +341,47 @@ def test_one_q_head_without_two_qs(megatron_world, task, tmp_path):
     assert out.tokens.shape[0] == 2
 
 
+def test_lm_head_q_heads_read_the_lm_heads_matrix(megatron_world, task, tmp_path):
+    """ilql.q_head=lm_head: Q over the vocabulary is ``W_lm g(h)`` (the LM head's own output matrix,
+    not a parameter of the heads, so not in their state dict; Q's gradient does not reach it), with
+    an ``H -> 2H -> H`` MLP of its own; a step trains it, a sync copies it, decoding runs; a bad
+    ``q_head`` is a config error naming the field."""
+    from nemo_rlhf.algorithms.ilql import ILQLTrainer
+    from nemo_rlhf.data import PromptDataset
+    from nemo_rlhf.data.offline import collate_offline
+    from nemo_rlhf.generation.sampling import SamplingParams
+    from nemo_rlhf.models.ilql import GPTILQLModel
+
+    task_dir, tok, _ = task
+    with pytest.raises(ConfigError, match="q_head"):
+        parse_config(ILQLStageConfig, node(task_dir, tmp_path, ilql={"q_head": "linear"}))
+    cfg = parse_config(ILQLStageConfig, node(task_dir, tmp_path, ilql={"q_head": "lm_head", "two_qs": False,
+                                                                       "steps_for_target_q_sync": 1, "alpha": 1.0}))
+    model = GPTILQLModel(MODEL, dict(lr=1e-3), tok.vocab_size, 20, tok.eos_id, tok.pad_id, two_qs=False,
+                         q_head="lm_head")
+    heads = model.heads
+    h = MODEL["hidden_size"]
+    assert heads.q1.fc2.weight.shape == (h, 2 * h)  # H -> 2H -> H: no vocabulary-wide matrix of its own
+    assert sorted(n for n, _ in heads.q1.named_parameters()) == ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]
+    w_lm = model.gpt.shared_embedding_or_output_weight()
+    hidden = torch.randn(5, 2, h)
+    g = heads.q1.fc2(torch.relu(heads.q1.fc1(hidden)[0]))[0]
+    torch.testing.assert_close(heads.q1(hidden), g @ w_lm.t())
+    hidden.requires_grad_(True)
+    heads.q1(hidden).square().sum().backward()
+    assert hidden.grad.abs().sum() > 0 and (w_lm.grad is None or not w_lm.grad.any())  # W_lm detached
+    model.gpt.zero_grad(set_to_none=True)
+    train_ds, _, _ = ILQLTrainer.offline_dataset(cfg, tok)
+    trainer = ILQLTrainer.from_models(cfg, model, tok, train_ds, PromptDataset(["c", "h"], tok, 4))
+    fc2_before = heads.q1.fc2.weight.detach().clone()
+    m = trainer.train_step(collate_offline([train_ds[i] for i in range(20)], tok.pad_id))
+    assert math.isfinite(m["loss"]) and m["target_synced"] == 1.0
+    assert not torch.equal(heads.q1.fc2.weight, fc2_before)  # the Q head trains
+    assert torch.equal(heads.target_q1.fc2.weight, heads.q1.fc2.weight)  # alpha = 1 copies
+    out = model.generate_ilql(torch.tensor([[2], [7]]), torch.tensor([1, 1]), SamplingParams(max_new_tokens=4), 1.0)
+    assert out.tokens.shape[0] == 2
+
+
 def test_trained_policy_exports_to_hf_without_its_heads(megatron_world, task, tmp_path):
     """Issue 14 §4: an ILQL checkpoint exports like the rest (``export_hf``): the policy trunk and LM
     head, the Q / target-Q / V heads left out; re-imported, it computes the trained model's

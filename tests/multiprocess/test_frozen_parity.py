@@ -10,6 +10,9 @@ trainable buffers) and TP=2 + SP (the actor, PPO and DPO roles, where the hydra 
 sequence-split hidden states) against one process from the same initial weights: forward outputs,
 step metrics and weights after the step within 1e-5 (two DPO steps included), two whole PPO steps
 within 1e-4; and in every layout each frozen weight is bitwise equal to its initial value.
+The ``ilql`` role reads its Q heads through the LM head's (frozen, tied) output matrix
+(``--ilql-q-head lm_head``; ``ilql.q_head``): its Q, target Q and V after two steps match too,
+relative to their scale, and greedy decoding with the shifted logits gives the same tokens.
 """
 
 from __future__ import annotations
@@ -25,11 +28,11 @@ from torchrun_helper import REPO, torchrun
 pytestmark = pytest.mark.parallel
 
 PARITY = str(REPO / "tools" / "parity.py")
-FROZEN_ARGS = ["--num-layers-unfrozen", "2", "--reference", "hydra"]
-ROLES = ("sft", "rm", "critic", "actor", "ppo", "dpo")
+FROZEN_ARGS = ["--num-layers-unfrozen", "2", "--reference", "hydra", "--ilql-q-head", "lm_head"]
+ROLES = ("sft", "rm", "critic", "actor", "ppo", "dpo", "ilql")
 LAYOUTS = {  # name: (processes, parity args, roles)
     "dp2_pp2": (4, ["--pp", "2"], ROLES),  # DP=2 x PP=2: each DP replica's first stage is all frozen
-    "tp2_sp": (2, ["--tp", "2", "--sp"], ("actor", "ppo", "dpo")),
+    "tp2_sp": (2, ["--tp", "2", "--sp"], ("actor", "ppo", "dpo", "ilql")),
 }
 FROM_ACTOR = ("ppo", "dpo")  # roles that start from the actor's initial weights
 TOL, PPO_TOL = 1e-5, 1e-4
@@ -48,7 +51,7 @@ def _weights(role: str, path: Path) -> dict[str, torch.Tensor]:
 
     initialize_distributed(1, 1, "cpu")
     try:
-        model = build_role("actor" if role in FROM_ACTOR else role, MODEL, None)
+        model = build_role("actor" if role in FROM_ACTOR else role, MODEL, None, ilql_q_head="lm_head")
         load_weights(model, path)
         return {k: v.clone() for k, v in model.gpt.state_dict().items() if torch.is_tensor(v) and v.is_floating_point()}
     finally:
@@ -82,6 +85,11 @@ def test_frozen_roles_and_hydra_reference_match_single_process(layout, workdir):
             after = _weights(role, workdir / layout / role / "after")
             assert all(torch.equal(after[k], init[k]) for k in init if k.startswith(FROZEN_PREFIXES))
             continue
+        if role == "ilql":
+            for k in ("q1", "q2", "target_q1", "target_q2", "v"):
+                d_head = ((ref["heads"][k] - got["heads"][k]).abs().max() / ref["heads"][k].abs().max().clamp(min=1.0))
+                assert d_head.item() <= TOL, f"ilql: head {k} differs by {d_head.item()} (relative)"
+            assert torch.equal(ref["generation"], got["generation"]), "ilql: shifted greedy decoding differs"
         d_out = (ref["outputs"] - got["outputs"]).abs().max().item()
         assert d_out <= tol, f"{role}: forward outputs differ by {d_out}"
         steps = zip(ref.get("steps", [ref["metrics"]]), got.get("steps", [got["metrics"]]))
