@@ -103,6 +103,10 @@ def _heads_class():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             h, _ = self.fc1(x)
             g, _ = self.fc2(torch.relu(h))
+            # Each TP rank's Q covers its own vocabulary slice, so its gradient of g is a partial sum:
+            # all-reduce it in the backward (the forward is the identity), as the LM head's own
+            # column-parallel input does.
+            g = tensor_parallel.copy_to_tensor_model_parallel_region(g)
             w = self._output_weight().detach()
             return torch.nn.functional.linear(g, w.to(g.dtype))
 
