@@ -8,7 +8,7 @@ One step (:meth:`ILQLTrainer.train_step`), as data, on one data-parallel rank::
       -> rl.advantages.response_mask ......... mask [B, S-1] (actions: response tokens + eos)
       -> rl.ilql.terminal_rewards ............ per-token rewards [B, S-1] (reward at the last action)
       -> model.train_with_heads(ilql_loss_fn): one trunk forward -> LM logits [B, S, V] and the
-         heads' Q, target Q [B, S, V], V [B, S]  (models/ilql.py)
+         heads' Q [B, S, V], target Q of the taken actions [B, S-1], V [B, S]  (models/ilql.py)
          -> rl.ilql.ilql_loss: L_Q + L_V(tau) + cql_scale L_CQL + awac_scale L_AWAC -> one
             optimizer step (trunk, LM head, Q and V heads)
       -> every ilql.steps_for_target_q_sync steps: target Q heads <- alpha Q + (1 - alpha) target
@@ -82,13 +82,12 @@ def ilql_loss_fn(model: GPTILQLModel, tau: float, gamma: float, cql_scale: float
         actions = tokens[:, 1:]
         logprobs = model.response_logprobs(model.masked_logits(logits), tokens)
         q_vocab = [mask_padded_vocab(q[:, :-1], vocab) for q in qs_all]
+        target_qs = list(target_all)  # [b, S-1]: the target heads give Q of the taken actions only
         if tp == 1:
             qs = [gather_actions(q, actions) for q in q_vocab]
-            target_qs = [gather_actions(q[:, :-1], actions) for q in target_all]
             cql_ce = None
         else:
             qs = [vocab_parallel_gather(q, actions) for q in q_vocab]
-            target_qs = [vocab_parallel_gather(q[:, :-1], actions) for q in target_all]
             cql_ce = [-token_logprobs(q.contiguous(), actions) for q in q_vocab]
         loss, stats = ilql_loss(logprobs, qs, target_qs, q_vocab, values, actions, mb["token_rewards"], mb["mask"],
                                 tau=tau, gamma=gamma, cql_scale=cql_scale, awac_scale=awac_scale,

@@ -48,6 +48,7 @@ import torch
 from nemo_rlhf.generation.sampling import GenerationOutput, SamplingParams, generate
 from nemo_rlhf.models.builder import config_without_sequence_parallel
 from nemo_rlhf.models.policy import GPTPolicyModel
+from nemo_rlhf.models.vocab_parallel import vocab_parallel_linear_at
 from nemo_rlhf.rl.ilql import ilql_decode_logits, polyak_update_
 
 HEADS_PREFIX = "ilql_heads."  # parameter-name prefix of the heads in the GPTModel's state dict
@@ -80,6 +81,14 @@ def _heads_class():
             h, _ = self.fc1(x)
             out, _ = self.fc2(torch.relu(h))
             return out
+
+        def at_actions(self, x: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+            """``x [S, b, H]``, ``actions [b, T]`` (``T <= S``) -> ``[b, T]`` float32: the output at
+            position ``t`` and vocabulary id ``actions[b, t]`` only (vocabulary heads; no ``2H x V``
+            matmul), replicated over TP."""
+            h, _ = self.fc1(x)
+            feats = torch.relu(h).transpose(0, 1)[:, : actions.shape[1]]
+            return vocab_parallel_linear_at(feats, self.fc2.weight, actions, self.fc2.bias)
 
     class _LMHeadQ(MegatronModule):
         """``[..., H] -> [..., V/TP]``: ``W_lm g(x)`` with ``g = fc2(relu(fc1(x)))``, ``H -> 2H -> H``
@@ -114,6 +123,14 @@ def _heads_class():
             g = tensor_parallel.copy_to_tensor_model_parallel_region(g)
             w = self._output_weight().detach()
             return torch.nn.functional.linear(g, w.to(g.dtype))
+
+        def at_actions(self, x: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+            """``x [S, b, H]``, ``actions [b, T]`` (``T <= S``) -> ``[b, T]`` float32:
+            ``<W_lm[actions[b, t]], g(x[t, b])>`` only (no ``H x V`` matmul), replicated over TP."""
+            h, _ = self.fc1(x)
+            g, _ = self.fc2(torch.relu(h))
+            g = g.transpose(0, 1)[:, : actions.shape[1]]
+            return vocab_parallel_linear_at(g, self._output_weight().detach(), actions)
 
     class ILQLHeads(MegatronModule):
         """Two (or one) Q heads, their frozen target copies and a V head (module docstring).
@@ -167,12 +184,19 @@ def _heads_class():
             """``[(online Q head, its target copy), ...]``."""
             return list(zip(self.q_heads(), self.target_heads()))
 
-        def forward(self, hidden: torch.Tensor):
+        def forward(self, hidden: torch.Tensor, actions: torch.Tensor | None = None):
             """``hidden [S, b, H]`` -> ``(qs, target_qs, v)``: tuples of ``[b, S, V]`` float32 Q
-            (online heads with gradient; target heads detached) and ``v [b, S]`` float32."""
+            (online heads with gradient; target heads detached) and ``v [b, S]`` float32.
+
+            ``actions [b, T]`` (int64, the taken tokens ``tokens[:, 1:]``): the target heads give
+            ``[b, T]`` Q of the taken actions only (all the ILQL loss reads of them), skipping their
+            vocabulary-wide matmul; the online heads stay ``[b, S, V]`` (CQL needs the vocabulary)."""
             qs = tuple(h(hidden).transpose(0, 1).float() for h in self.q_heads())
             with torch.no_grad():
-                tqs = tuple(h(hidden).transpose(0, 1).float() for h in self.target_heads())
+                if actions is None:
+                    tqs = tuple(h(hidden).transpose(0, 1).float() for h in self.target_heads())
+                else:
+                    tqs = tuple(h.at_actions(hidden, actions) for h in self.target_heads())
             v = self.v(hidden).squeeze(-1).transpose(0, 1).float()
             return qs, tqs, v
 
@@ -242,13 +266,14 @@ class GPTILQLModel(GPTPolicyModel):
     # ------------------------------------------------------------------ training
     def _with_heads(self, loss_fn):
         def wrapped(mb, logits):
-            return loss_fn(mb, logits, self.heads(self._hidden.pop(0)))
+            return loss_fn(mb, logits, self.heads(self._hidden.pop(0), mb["tokens"][:, 1:]))
 
         return wrapped
 
     def train_with_heads(self, loss_fn, batch, micro_batch_size: int | None = None) -> dict[str, float]:
         """One optimizer step of ``loss_fn(mb, logits [b, S, V], (qs, target_qs, v))`` (the heads'
-        outputs of :class:`ILQLHeads` ``forward`` for the same micro-batch) on ``batch``; as
+        outputs of :class:`ILQLHeads` ``forward`` for the same micro-batch, the target Q at the taken
+        actions ``mb["tokens"][:, 1:]``: ``[b, S-1]``) on ``batch``; as
         :meth:`~nemo_rlhf.models.megatron_module.MegatronGPTModule.train_on`."""
         with self.capturing_hidden():
             return self.train_on(self._with_heads(loss_fn), batch, micro_batch_size)

@@ -92,3 +92,39 @@ def vocab_parallel_gather(values: torch.Tensor, ids: torch.Tensor) -> torch.Tens
     picked = values.gather(-1, local.masked_fill(outside, 0).unsqueeze(-1)).squeeze(-1)
     picked = picked.masked_fill(outside, 0.0)
     return reduce_from_tensor_model_parallel_region(picked)
+
+
+def vocab_parallel_linear_at(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
+                             bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``(x @ weight.T + bias)[..., ids]`` of a vocabulary-parallel linear, computed only at ``ids``:
+    one ``K``-long dot product per position instead of a ``K x V/TP`` matmul (e.g. ILQL's target Q
+    heads, whose loss reads Q of the taken actions only).
+
+    Args:
+        x: ``[B, T, K]`` inputs (replicated over TP).
+        weight: ``[V/TP, K]`` this TP rank's contiguous slice of the output matrix.
+        ids: ``[B, T]`` int64 ids in the padded vocabulary.
+        bias: ``[V/TP]`` or None.
+
+    Returns:
+        ``[B, T]`` float32, replicated on every TP rank: each rank computes the ids inside its slice (0
+        elsewhere) and the slices are summed as :func:`vocab_parallel_gather` does. Equal to gathering
+        the full product up to float rounding (the sum runs in another order).
+    """
+    from megatron.core import parallel_state
+
+    shard = weight.shape[0]
+    tp = parallel_state.get_tensor_model_parallel_world_size() if parallel_state.is_initialized() else 1
+    start = parallel_state.get_tensor_model_parallel_rank() * shard if tp > 1 else 0
+    local = ids - start
+    outside = (local < 0) | (local >= shard)
+    local = local.masked_fill(outside, 0)
+    out = (weight[local].to(x.dtype) * x).sum(-1)
+    if bias is not None:
+        out = out + bias[local].to(out.dtype)
+    out = out.float().masked_fill(outside, 0.0)
+    if tp == 1:
+        return out
+    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+    return reduce_from_tensor_model_parallel_region(out)

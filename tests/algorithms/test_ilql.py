@@ -135,6 +135,21 @@ def test_target_heads_get_no_gradient_buffer_or_optimizer_state(trained):
     assert not any(id(p) in ddp_params for h in heads.target_heads() for p in h.parameters())
 
 
+def test_target_heads_give_the_full_q_at_the_taken_actions(trained):
+    """The loss reads the target heads' Q only at the taken actions (``at_actions``, no vocabulary-wide
+    matmul): it equals the vocabulary-wide Q gathered there, for trlX's heads and the LM-head ones."""
+    trainer, _, _ = trained
+    torch.manual_seed(3)
+    hidden = torch.randn(7, 3, MODEL["hidden_size"])
+    actions = torch.randint(0, trainer.model.gpt.vocab_size, (3, 6))
+    heads = trainer.model.heads
+    for head in heads.target_heads() + heads.q_heads():
+        full = head(hidden).transpose(0, 1)[:, :6].float()
+        torch.testing.assert_close(head.at_actions(hidden, actions), full.gather(-1, actions.unsqueeze(-1))[..., 0])
+    _, tqs, _ = heads(hidden, actions)
+    assert all(t.shape == (3, 6) and not t.requires_grad for t in tqs)
+
+
 def test_beta_zero_decoding_equals_the_plain_policy(trained, task):
     """beta = 0: log_softmax(logits) + 0 samples what the policy's own generate samples (same seed,
     top-k and temperature); a large beta changes the walks."""
@@ -382,6 +397,9 @@ def test_lm_head_q_heads_read_the_lm_heads_matrix(megatron_world, task, tmp_path
     assert heads.q1.fc2.weight.abs().sum() > 0  # the Q head trains
     g = heads.q1.fc2(torch.relu(heads.q1.fc1(hidden)[0]))[0]
     torch.testing.assert_close(heads.q1(hidden), g @ w_lm.t())
+    ids = torch.randint(0, w_lm.shape[0], (2, 5))
+    full = (g @ w_lm.t()).transpose(0, 1)  # [b, S, V]
+    torch.testing.assert_close(heads.q1.at_actions(hidden, ids), full.gather(-1, ids[..., None])[..., 0])
     assert torch.equal(heads.target_q1.fc2.weight, heads.q1.fc2.weight)  # alpha = 1 copies
     out = model.generate_ilql(torch.tensor([[2], [7]]), torch.tensor([1, 1]), SamplingParams(max_new_tokens=4), 1.0)
     assert out.tokens.shape[0] == 2
