@@ -145,7 +145,8 @@ def test_target_heads_give_the_full_q_at_the_taken_actions(trained):
     heads = trainer.model.heads
     for head in heads.target_heads() + heads.q_heads():
         full = head(hidden).transpose(0, 1)[:, :6].float()
-        torch.testing.assert_close(head.at_actions(hidden, actions), full.gather(-1, actions.unsqueeze(-1))[..., 0])
+        got = head.at_actions(hidden.transpose(0, 1), actions)  # batch-first, as ILQLHeads.forward calls it
+        torch.testing.assert_close(got, full.gather(-1, actions.unsqueeze(-1))[..., 0])
     _, tqs, _ = heads(hidden, actions)
     assert all(t.shape == (3, 6) and not t.requires_grad for t in tqs)
 
@@ -399,7 +400,8 @@ def test_lm_head_q_heads_read_the_lm_heads_matrix(megatron_world, task, tmp_path
     torch.testing.assert_close(heads.q1(hidden), g @ w_lm.t())
     ids = torch.randint(0, w_lm.shape[0], (2, 5))
     full = (g @ w_lm.t()).transpose(0, 1)  # [b, S, V]
-    torch.testing.assert_close(heads.q1.at_actions(hidden, ids), full.gather(-1, ids[..., None])[..., 0])
+    got = heads.q1.at_actions(hidden.transpose(0, 1), ids)
+    torch.testing.assert_close(got, full.gather(-1, ids[..., None])[..., 0])
     assert torch.equal(heads.target_q1.fc2.weight, heads.q1.fc2.weight)  # alpha = 1 copies
     out = model.generate_ilql(torch.tensor([[2], [7]]), torch.tensor([1, 1]), SamplingParams(max_new_tokens=4), 1.0)
     assert out.tokens.shape[0] == 2
