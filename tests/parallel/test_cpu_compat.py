@@ -22,3 +22,33 @@ def test_cuda_devices_map_to_cpu_and_device_context_still_works():
     a = torch.rand(3)
     torch.cuda.manual_seed(5)
     assert torch.equal(a, torch.rand(3))
+
+
+def test_linear_backward_gets_a_contiguous_gradient_and_the_same_values():
+    """Item 6: a loss on the batch-first transpose of a megatron linear's ``[S, b, V]`` output sends
+    it a transposed gradient; the patched backward makes it contiguous (one folded matmul instead of
+    a broadcast bmm) and still returns the input gradient of plain torch."""
+    if torch.cuda.is_available():
+        return
+    from megatron.core.tensor_parallel import layers
+
+    cpu_compat.activate()
+    for cls in (layers.LinearWithFrozenWeight, layers.LinearWithGradAccumulationAndAsyncCommunication):
+        assert getattr(cls.backward, "__nemo_rlhf_cpu_compat__", False), cls
+    cpu_compat.activate()  # idempotent: not wrapped twice
+    assert not getattr(getattr(layers.LinearWithFrozenWeight.backward, "__wrapped__", None),
+                       "__nemo_rlhf_cpu_compat__", False)
+    arrived = []
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 8, requires_grad=True)  # [S, b, H]
+    w = torch.randn(11, 8)  # [V, H], frozen
+    out = layers.LinearWithFrozenWeight.apply(x, w, None, False, None)  # [S, b, V]
+    out.register_hook(lambda g: arrived.append(g.is_contiguous()))
+    target = torch.randn(3, 5, 11)
+    loss = (out.transpose(0, 1).contiguous() * target).sum()  # a loss on the [b, S, V] logits
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        loss.backward()
+    ops = {e.key for e in prof.key_averages()}
+    assert arrived == [False]  # the gradient arrives transposed ...
+    assert "aten::mm" in ops and "aten::bmm" not in ops  # ... and is multiplied as one folded matmul
+    torch.testing.assert_close(x.grad, target.transpose(0, 1) @ w)  # plain torch's input gradient
