@@ -248,7 +248,7 @@ def ilql_head_outputs(model, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
 
     with torch.no_grad(), model.capturing_hidden():
         outs = model.forward_backward(split_microbatches({"tokens": tokens}, MICRO_BATCH), model.forward_step,
-                                      model._with_heads(loss_fn), forward_only=True)
+                                      model._with_heads(loss_fn, target_at_actions=False), forward_only=True)
     b, s = tokens.shape
     shapes = {"v": (b, s), **{k: (b, s, model.gpt.vocab_size) for n in names for k in (n, f"target_{n}")}}
     return {k: broadcast_from_last_stage(torch.cat([o[k] for o in outs]) if outs else None, shape, torch.float32)

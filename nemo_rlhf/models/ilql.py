@@ -269,9 +269,12 @@ class GPTILQLModel(GPTPolicyModel):
             self._hidden.clear()
 
     # ------------------------------------------------------------------ training
-    def _with_heads(self, loss_fn):
+    def _with_heads(self, loss_fn, target_at_actions: bool = True):
+        """``loss_fn(mb, logits, heads)`` as a megatron loss of ``(mb, logits)``; the target heads give
+        Q of the taken actions ``[b, S-1]`` (``target_at_actions``) or over the vocabulary."""
         def wrapped(mb, logits):
-            return loss_fn(mb, logits, self.heads(self._hidden.pop(0), mb["tokens"][:, 1:]))
+            actions = mb["tokens"][:, 1:] if target_at_actions else None
+            return loss_fn(mb, logits, self.heads(self._hidden.pop(0), actions))
 
         return wrapped
 

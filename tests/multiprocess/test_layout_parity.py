@@ -36,8 +36,10 @@ PPO_TOL = 1e-4
 # ILQL (two offline steps, no sampling: every layout, DP included, against one process): after two
 # SGD steps (lr 1, clip 1) from heads of init std 0.2 (|Q| ~ 5), float32 rounding of another
 # reduction order reaches ~3e-5 absolute on Q (1.3e-5 in plain DP=2), so its differences are taken
-# relative to max(1, max |reference|).
-ILQL_TOL = 1e-5
+# relative to max(1, max |reference|). Since the LM head's input gradient is one folded matmul
+# (parallel/cpu_compat.py item 6: another summation order than the broadcast bmm before), the V head
+# of tp2_pp2_sp differs by 1.0005e-5 (measured 2026-12-02; a layout bug shows as 1e-2 and more).
+ILQL_TOL = 2e-5
 # Metrics that count tokens (a value sitting on a clip boundary may flip by one token).
 DISCRETE = {"clipfrac", "clip_high_frac", "clip_low_frac", "vf_clipfrac", "accuracy", "lr", "skipped"}
 LAYOUTS = {
