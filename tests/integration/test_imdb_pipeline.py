@@ -89,14 +89,15 @@ def test_imdb_pipeline_runs_judges_and_resumes(smollm2, tmp_path):
 def test_imdb_ilql_example_runs_and_judges(smollm2, tmp_path):
     """conf/examples/imdb_ilql.yaml (stages: [ilql]) at CI size: offline rows cut from the IMDB
     train reviews and rewarded by their label, ILQL steps from the (truncated) base model, held-out
-    decoding at ilql.beta and at beta 0 judged by VADER before and after, samples and report."""
+    decoding at ilql.beta and (overridden) at beta 0 judged by VADER before and after, samples and report."""
     run_dir = tmp_path / "ilql"
     small = [f"run_dir={run_dir}", f"cache_dir={smollm2 / 'cache'}", f"policy_num_layers={PIPELINE_POLICY_LAYERS}",
              "ilql.model.num_layers_unfrozen=1", "ilql.data.max_rows=24", "ilql.data.max_heldout_rows=4",
              "ilql.data.max_heldout_prompts=4", "ilql.data.max_seq_len=20", "ilql.batch.global_batch_size=8",
              "ilql.batch.micro_batch_size=8", "ilql.trainer.max_steps=2", "ilql.trainer.val_check_interval=null",
              "ilql.trainer.log_every_n_steps=1",
-             "ilql.ilql.sampling.max_new_tokens=4", "ilql.ilql.steps_for_target_q_sync=1", "report_samples=2"]
+             "ilql.ilql.sampling.max_new_tokens=4", "ilql.ilql.steps_for_target_q_sync=1", "report_samples=2",
+             "ilql.ilql.eval_betas=[0]"]  # the example evaluates beta 8 only (its budget); beta 0 as well here
     cmd = [sys.executable, str(REPO / "launchers" / "run_demo.py"), "--config-name", "examples/imdb_ilql", *small]
     proc = fork_server.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
