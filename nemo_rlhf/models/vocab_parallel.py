@@ -85,13 +85,21 @@ def vocab_parallel_gather(values: torch.Tensor, ids: torch.Tensor) -> torch.Tens
         return values.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
 
-    shard = values.shape[-1]
-    start = parallel_state.get_tensor_model_parallel_rank() * shard
-    local = ids - start
-    outside = (local < 0) | (local >= shard)
-    picked = values.gather(-1, local.masked_fill(outside, 0).unsqueeze(-1)).squeeze(-1)
+    local, outside = _local_ids(ids, values.shape[-1])
+    picked = values.gather(-1, local.unsqueeze(-1)).squeeze(-1)
     picked = picked.masked_fill(outside, 0.0)
     return reduce_from_tensor_model_parallel_region(picked)
+
+
+def _local_ids(ids: torch.Tensor, shard: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ids`` (padded vocabulary) as indices into this TP rank's ``shard``-long contiguous slice:
+    ``(local, outside)``, ``local`` set to 0 where the id lies on another rank (``outside``)."""
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size() if parallel_state.is_initialized() else 1
+    local = ids - (parallel_state.get_tensor_model_parallel_rank() * shard if tp > 1 else 0)
+    outside = (local < 0) | (local >= shard)
+    return local.masked_fill(outside, 0), outside
 
 
 def vocab_parallel_linear_at(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
@@ -113,12 +121,8 @@ def vocab_parallel_linear_at(x: torch.Tensor, weight: torch.Tensor, ids: torch.T
     """
     from megatron.core import parallel_state
 
-    shard = weight.shape[0]
     tp = parallel_state.get_tensor_model_parallel_world_size() if parallel_state.is_initialized() else 1
-    start = parallel_state.get_tensor_model_parallel_rank() * shard if tp > 1 else 0
-    local = ids - start
-    outside = (local < 0) | (local >= shard)
-    local = local.masked_fill(outside, 0)
+    local, outside = _local_ids(ids, weight.shape[0])
     out = (weight[local].to(x.dtype) * x).sum(-1)
     if bias is not None:
         out = out + bias[local].to(out.dtype)
