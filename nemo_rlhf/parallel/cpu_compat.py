@@ -264,16 +264,24 @@ def _patch_linear_backward() -> None:
 
 
 def _end_with_parent() -> None:
-    """In a forked helper: receive SIGTERM when the parent dies (Linux ``PR_SET_PDEATHSIG``), so a
-    killed launcher leaves no helper behind that still carries its command line."""
+    """In a forked helper: ignore the preemption signals, and receive SIGKILL when the parent dies
+    (Linux ``PR_SET_PDEATHSIG``), so a killed launcher leaves no helper behind that still carries its
+    command line.
+
+    SLURM preemption and ``scancel`` signal every process of a job step, this helper included; the
+    launcher answers SIGTERM / SIGUSR1 by saving a checkpoint through this very helper, so the helper
+    must outlive the signal (with the default action it died first, and the preemption checkpoint
+    failed with ``BrokenPipeError``). It ends with its parent instead."""
     import signal
 
-    # The launcher's own SIGTERM handler (stop at the next step and save) is inherited by fork.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # The launcher's own handlers (stop at the next step and save) are inherited by fork; the
+    # helper has no training loop to stop.
+    for name in ("SIGTERM", "SIGUSR1"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
     with contextlib.suppress(Exception):
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
 
 
 def _patch_checkpoint_writer() -> None:

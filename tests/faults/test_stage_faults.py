@@ -3,18 +3,21 @@
 The actor must notice within ``critic.retry_limit_s`` (+ one request timeout), write an actor-only
 emergency checkpoint, keep the last paired actor+critic checkpoint intact, and exit non-zero with a
 message naming the server and the paired checkpoint the same command resumes from. Also: preemption
-of the reward-model stage by SIGUSR1."""
+of the reward-model stage by SIGUSR1, and by SIGTERM to its whole process group."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import fork_server
 import pytest
-from stage_runs import DATA, MODEL, critic_server_cmd, launch, start_servers, stop_servers
+from stage_runs import DATA, ENV, MODEL, REPO, critic_server_cmd, launch, start_servers, stop_servers
 
 pytestmark = [pytest.mark.faults, pytest.mark.server]
 
@@ -119,3 +122,34 @@ def test_reward_model_stage_preempted_checkpoints_and_exits_cleanly(trained, tmp
     proc = launch("train_reward_model.py", *args, f"trainer.max_steps={k + 1}")
     assert "resumed from" in proc.stdout + proc.stderr
     assert json.loads((run / "rm_result.json").read_text())["steps"] == k + 1
+
+
+def test_group_sigterm_after_a_checkpoint_still_checkpoints(trained, tmp_path):
+    """``scancel`` / SLURM preemption signal every process of the job step, not only the launcher:
+    SIGTERM to the launcher's whole process group after it has written a checkpoint (so the
+    checkpoint writer's helper process exists and is signalled too) still ends in a complete
+    preemption checkpoint and exit 0. Before the helper ignored SIGTERM, it died at the signal and
+    the preemption save failed with ``BrokenPipeError`` (found killing a DPO run with ``pkill -f``)."""
+    run = tmp_path / "rm"
+    args = [f"run_dir={run}", f"init_from={trained['sft_weights']}",
+            f"tokenizer.path={trained['tokenizer']}", *MODEL, *DATA, "trainer.val_check_interval=null",
+            "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=1",
+            "trainer.max_steps=100000"]
+    proc = fork_server.popen([sys.executable, str(REPO / "launchers" / "train_reward_model.py"), *args],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+                             start_new_session=True)
+    root = run / "checkpoints" / "rm"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (root / "step_00000002" / "COMPLETE").exists():
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    os.killpg(proc.pid, signal.SIGTERM)  # the launcher started its own session: its pgid is its pid
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    result = json.loads((run / "rm_result.json").read_text())
+    assert result["preempted"] and result["signal"] == "SIGTERM", result
+    k = result["steps"]
+    assert k >= 2 and (root / f"step_{k:08d}" / "COMPLETE").exists(), sorted(p.name for p in root.iterdir())
+    assert not list(root.glob("*.tmp")), sorted(p.name for p in root.iterdir())
