@@ -63,6 +63,7 @@ from nemo_rlhf.checkpoint.hf import (
     _OneProcessWorld,
     _write_yaml,
 )
+from nemo_rlhf.checkpoint.signals import preemption_signals_deferred
 from nemo_rlhf.models.builder import model_cfg_with_defaults, padded_vocab_size
 
 WEIGHTS_DIR = "model_weights"  # dist-checkpoint directory inside a .nemo
@@ -815,7 +816,8 @@ def _export_staged(cfg: Mapping[str, Any], role: str, ckpt_dir: Path, staging: P
         emb = gpt.embedding.word_embeddings.weight.detach().clone()
         sharded["model.output_layer.weight"] = ShardedTensor.from_rank_offsets(
             "model.output_layer.weight", emb, replica_id=0)
-    dist_checkpointing.save(sharded, str(staging / WEIGHTS_DIR))
+    with preemption_signals_deferred():
+        dist_checkpointing.save(sharded, str(staging / WEIGHTS_DIR))
     barrier()
     if global_rank() == 0:
         tmp = out_path.with_name(out_path.name + ".tmp")

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from nemo_rlhf.checkpoint.signals import PREEMPTION_SIGNALS, preemption_signals_deferred
 from nemo_rlhf.checkpoint.weights import (
     COMPLETE_MARKER,
     CheckpointError,
@@ -226,8 +227,9 @@ def save_checkpoint_dir(final: str | Path, module, extra: dict[str, Any] | None 
 
     final = Path(final)
     tmp = begin_atomic_dir(final)
-    dist_checkpointing.save(_sharded(module, is_loading=False), str(tmp),
-                            validate_access_integrity=True)
+    with preemption_signals_deferred():  # megatron-core's writer helpers must survive a group SIGTERM
+        dist_checkpointing.save(_sharded(module, is_loading=False), str(tmp),
+                                validate_access_integrity=True)
     torch.save(rng_state(), tmp / f"rng_rank{global_rank()}.pt")
     barrier()
     if before_complete is not None:
@@ -319,7 +321,7 @@ class Preemption:
     """Turns SIGTERM / SIGUSR1 (SLURM preemption, ``scancel``) into a flag the training loop polls,
     so the run checkpoints at the next step boundary and exits cleanly instead of dying mid-step."""
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
+    SIGNALS = PREEMPTION_SIGNALS
 
     def __init__(self):
         self.requested: str | None = None

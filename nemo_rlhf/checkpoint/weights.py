@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from nemo_rlhf.checkpoint.signals import preemption_signals_deferred
+
 COMPLETE_MARKER = "COMPLETE"
 
 
@@ -73,7 +75,8 @@ def save_model_weights(gpt, path: str | os.PathLike) -> Path:
         raise CheckpointError(f"cannot save {path}: the LoRA adapters are merged into the base weights; unmerge "
                               f"them (nemo_rlhf.models.lora.unmerge_lora) or use save_merged_weights for export")
     tmp = begin_atomic_dir(path)
-    dist_checkpointing.save(gpt.sharded_state_dict(), str(tmp))
+    with preemption_signals_deferred():
+        dist_checkpointing.save(gpt.sharded_state_dict(), str(tmp))
     barrier()
     if global_rank() == 0:
         commit_atomic_dir(tmp, path)
@@ -192,7 +195,8 @@ def save_adapters(gpt, path: str | os.PathLike) -> Path:
     if is_merged(gpt):
         raise CheckpointError(f"cannot save adapters to {path}: they are merged into the base weights; unmerge first")
     tmp = begin_atomic_dir(path)
-    dist_checkpointing.save(adapter_sharded_state_dict(gpt), str(tmp))
+    with preemption_signals_deferred():
+        dist_checkpointing.save(adapter_sharded_state_dict(gpt), str(tmp))
     barrier()
     if global_rank() == 0:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
@@ -273,7 +277,8 @@ def save_merged_weights(gpt, path: str | os.PathLike) -> Path:
     with merged_lora(gpt):
         sharded = {k: v for k, v in gpt.sharded_state_dict().items() if not is_adapter_name(k)}
         tmp = begin_atomic_dir(path)
-        dist_checkpointing.save(sharded, str(tmp))
+        with preemption_signals_deferred():
+            dist_checkpointing.save(sharded, str(tmp))
     barrier()
     if global_rank() == 0:
         commit_atomic_dir(tmp, path)
