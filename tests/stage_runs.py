@@ -36,12 +36,14 @@ MODEL_CFG = dict(num_layers=1, hidden_size=32, num_attention_heads=4, ffn_hidden
 VOCAB = 512
 
 
-def launch(script: str, *args: str, wait: bool = True, timeout: float = 600):
+def launch(script: str, *args: str, wait: bool = True, timeout: float = 600, start_new_session: bool = False):
     """``python launchers/<script> *args``; waits and asserts exit status 0 unless ``wait=False``
-    (then returns the ``Popen``, stdout and stderr merged into ``proc.stdout``)."""
+    (then returns the ``Popen``, stdout and stderr merged into ``proc.stdout``; ``start_new_session``:
+    in its own session, so ``os.killpg(proc.pid, sig)`` signals it and its helpers as SLURM would)."""
     cmd = [sys.executable, str(REPO / "launchers" / script), *args]
     if not wait:
-        return fork_server.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+        return fork_server.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+                                 start_new_session=start_new_session)
     proc = fork_server.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc

@@ -63,7 +63,7 @@ from nemo_rlhf.checkpoint.hf import (
     _OneProcessWorld,
     _write_yaml,
 )
-from nemo_rlhf.checkpoint.signals import preemption_signals_deferred
+from nemo_rlhf.checkpoint.signals import save_sharded
 from nemo_rlhf.models.builder import model_cfg_with_defaults, padded_vocab_size
 
 WEIGHTS_DIR = "model_weights"  # dist-checkpoint directory inside a .nemo
@@ -791,7 +791,6 @@ def export_nemo(ckpt_dir: str | os.PathLike, model_cfg: Mapping[str, Any], out_p
 def _export_staged(cfg: Mapping[str, Any], role: str, ckpt_dir: Path, staging: Path, out_path: Path,
                    tok: Path | None) -> None:
     """:func:`export_nemo` inside the megatron world: fill ``staging``, tar it to ``out_path``."""
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
     from nemo_rlhf.checkpoint.weights import barrier, global_rank, load_model_weights
@@ -816,8 +815,7 @@ def _export_staged(cfg: Mapping[str, Any], role: str, ckpt_dir: Path, staging: P
         emb = gpt.embedding.word_embeddings.weight.detach().clone()
         sharded["model.output_layer.weight"] = ShardedTensor.from_rank_offsets(
             "model.output_layer.weight", emb, replica_id=0)
-    with preemption_signals_deferred():
-        dist_checkpointing.save(sharded, str(staging / WEIGHTS_DIR))
+    save_sharded(sharded, staging / WEIGHTS_DIR)
     barrier()
     if global_rank() == 0:
         tmp = out_path.with_name(out_path.name + ".tmp")

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from nemo_rlhf.checkpoint.signals import PREEMPTION_SIGNALS, preemption_signals_deferred
+from nemo_rlhf.checkpoint.signals import PREEMPTION_SIGNALS, save_sharded
 from nemo_rlhf.checkpoint.weights import (
     COMPLETE_MARKER,
     CheckpointError,
@@ -223,13 +223,10 @@ def save_checkpoint_dir(final: str | Path, module, extra: dict[str, Any] | None 
     Returns:
         ``final``.
     """
-    from megatron.core import dist_checkpointing
 
     final = Path(final)
     tmp = begin_atomic_dir(final)
-    with preemption_signals_deferred():  # megatron-core's writer helpers must survive a group SIGTERM
-        dist_checkpointing.save(_sharded(module, is_loading=False), str(tmp),
-                                validate_access_integrity=True)
+    save_sharded(_sharded(module, is_loading=False), tmp, validate_access_integrity=True)
     torch.save(rng_state(), tmp / f"rng_rank{global_rank()}.pt")
     barrier()
     if before_complete is not None:

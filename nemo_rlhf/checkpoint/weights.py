@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from nemo_rlhf.checkpoint.signals import preemption_signals_deferred
+from nemo_rlhf.checkpoint.signals import save_sharded
 
 COMPLETE_MARKER = "COMPLETE"
 
@@ -66,7 +66,6 @@ def save_model_weights(gpt, path: str | os.PathLike) -> Path:
         CheckpointError: the model's LoRA adapters are merged (:func:`save_merged_weights` exports
             a merged model).
     """
-    from megatron.core import dist_checkpointing
 
     from nemo_rlhf.models.lora import is_merged
 
@@ -75,8 +74,7 @@ def save_model_weights(gpt, path: str | os.PathLike) -> Path:
         raise CheckpointError(f"cannot save {path}: the LoRA adapters are merged into the base weights; unmerge "
                               f"them (nemo_rlhf.models.lora.unmerge_lora) or use save_merged_weights for export")
     tmp = begin_atomic_dir(path)
-    with preemption_signals_deferred():
-        dist_checkpointing.save(gpt.sharded_state_dict(), str(tmp))
+    save_sharded(gpt.sharded_state_dict(), tmp)
     barrier()
     if global_rank() == 0:
         commit_atomic_dir(tmp, path)
@@ -184,7 +182,6 @@ def save_adapters(gpt, path: str | os.PathLike) -> Path:
     """
     import json
 
-    from megatron.core import dist_checkpointing
 
     from nemo_rlhf.models.lora import CONFIG_FILE, adapter_sharded_state_dict, is_merged, lora_config_dict
 
@@ -195,8 +192,7 @@ def save_adapters(gpt, path: str | os.PathLike) -> Path:
     if is_merged(gpt):
         raise CheckpointError(f"cannot save adapters to {path}: they are merged into the base weights; unmerge first")
     tmp = begin_atomic_dir(path)
-    with preemption_signals_deferred():
-        dist_checkpointing.save(adapter_sharded_state_dict(gpt), str(tmp))
+    save_sharded(adapter_sharded_state_dict(gpt), tmp)
     barrier()
     if global_rank() == 0:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
@@ -269,7 +265,6 @@ def save_merged_weights(gpt, path: str | os.PathLike) -> Path:
     The model itself is unmerged again (bitwise) on return. Collective; without LoRA the same as
     :func:`save_model_weights`.
     """
-    from megatron.core import dist_checkpointing
 
     from nemo_rlhf.models.lora import is_adapter_name, merged_lora
 
@@ -277,8 +272,7 @@ def save_merged_weights(gpt, path: str | os.PathLike) -> Path:
     with merged_lora(gpt):
         sharded = {k: v for k, v in gpt.sharded_state_dict().items() if not is_adapter_name(k)}
         tmp = begin_atomic_dir(path)
-        with preemption_signals_deferred():
-            dist_checkpointing.save(sharded, str(tmp))
+        save_sharded(sharded, tmp)
     barrier()
     if global_rank() == 0:
         commit_atomic_dir(tmp, path)

@@ -264,20 +264,17 @@ def _patch_linear_backward() -> None:
 
 
 def _end_with_parent() -> None:
-    """In a forked helper: ignore the preemption signals, and receive SIGKILL when the parent dies
-    (Linux ``PR_SET_PDEATHSIG``), so a killed launcher leaves no helper behind that still carries its
-    command line.
+    """In a forked helper: receive SIGKILL when the parent dies (Linux ``PR_SET_PDEATHSIG``), so a
+    killed launcher leaves no helper behind that still carries its command line.
 
-    SLURM preemption and ``scancel`` signal every process of a job step, this helper included; the
-    launcher answers SIGTERM / SIGUSR1 by saving a checkpoint through this very helper, so the helper
-    must outlive the signal (with the default action it died first, and the preemption checkpoint
-    failed with ``BrokenPipeError``). It ends with its parent instead."""
+    The helper is started inside a save, so it inherits the blocked SIGTERM / SIGUSR1 of
+    ``nemo_rlhf.checkpoint.signals.preemption_signals_deferred`` (a signal to the whole job step must
+    not kill the writer the launcher's preemption save needs): a SIGTERM death signal would stay
+    pending, hence SIGKILL."""
     import signal
 
-    # The launcher's own handlers (stop at the next step and save) are inherited by fork; the
-    # helper has no training loop to stop.
-    for name in ("SIGTERM", "SIGUSR1"):
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    # The launcher's own SIGTERM handler (stop at the next step and save) is inherited by fork.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     with contextlib.suppress(Exception):
         import ctypes
 

@@ -10,14 +10,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import fork_server
 import pytest
-from stage_runs import DATA, ENV, MODEL, REPO, critic_server_cmd, launch, start_servers, stop_servers
+from stage_runs import DATA, MODEL, critic_server_cmd, launch, start_servers, stop_servers
 
 pytestmark = [pytest.mark.faults, pytest.mark.server]
 
@@ -93,14 +90,20 @@ def test_critic_server_killed_mid_run(trained, tmp_path):
            f"checkpoint: {paired}" in out
 
 
+def rm_args(trained: dict[str, Path], run: Path, every_n_steps: int) -> list[str]:
+    """The reward-model launcher's overrides for the preemption tests: from the session SFT policy,
+    at the smallest size, a loss logged every step, a checkpoint every ``every_n_steps`` (0: none)."""
+    return [f"run_dir={run}", f"init_from={trained['sft_weights']}", f"tokenizer.path={trained['tokenizer']}",
+            *MODEL, *DATA, "trainer.val_check_interval=null", "trainer.limit_val_batches=1",
+            "trainer.log_every_n_steps=1", f"checkpoint.every_n_steps={every_n_steps}"]
+
+
 @pytest.mark.parametrize("sig", ["SIGUSR1"])  # SIGTERM: the SFT and PPO tests in tests/checkpoint
 def test_reward_model_stage_preempted_checkpoints_and_exits_cleanly(trained, tmp_path, sig):
     """SLURM's --signal=B:USR1@300 / preemption SIGTERM: checkpoint at the next step boundary, exit 0
     within a bounded time; the same command then resumes from that checkpoint."""
     run = tmp_path / "rm"
-    args = [f"run_dir={run}", f"init_from={trained['sft_weights']}",
-            f"tokenizer.path={trained['tokenizer']}", *MODEL, *DATA, "trainer.val_check_interval=null",
-            "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=0"]
+    args = rm_args(trained, run, every_n_steps=0)
     proc = launch("train_reward_model.py", *args, "trainer.max_steps=100000", wait=False)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -128,16 +131,11 @@ def test_group_sigterm_after_a_checkpoint_still_checkpoints(trained, tmp_path):
     """``scancel`` / SLURM preemption signal every process of the job step, not only the launcher:
     SIGTERM to the launcher's whole process group after it has written a checkpoint (so the
     checkpoint writer's helper process exists and is signalled too) still ends in a complete
-    preemption checkpoint and exit 0. Before the helper ignored SIGTERM, it died at the signal and
-    the preemption save failed with ``BrokenPipeError`` (found killing a DPO run with ``pkill -f``)."""
+    preemption checkpoint and exit 0. Before saves deferred SIGTERM, the helper died at the signal
+    and the preemption save failed with ``BrokenPipeError`` (found killing a DPO run with ``pkill -f``)."""
     run = tmp_path / "rm"
-    args = [f"run_dir={run}", f"init_from={trained['sft_weights']}",
-            f"tokenizer.path={trained['tokenizer']}", *MODEL, *DATA, "trainer.val_check_interval=null",
-            "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=1",
-            "trainer.max_steps=100000"]
-    proc = fork_server.popen([sys.executable, str(REPO / "launchers" / "train_reward_model.py"), *args],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
-                             start_new_session=True)
+    proc = launch("train_reward_model.py", *rm_args(trained, run, every_n_steps=1), "trainer.max_steps=100000",
+                  wait=False, start_new_session=True)
     root = run / "checkpoints" / "rm"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
