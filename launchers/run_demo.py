@@ -159,7 +159,8 @@ def format_ilql(r: dict, wall_s: float, samples: list) -> list[str]:
         lines.append(f"        {key}: {_fmt(b.get(key, float('nan')), a[key])}")
     for i, (sb, sa) in enumerate(samples):
         lines.append(f"  sample {i + 1}: prompt {sb['prompt']!r}")
-        for label, row in (("before", sb), ("after: ", sa)):
+        for label, row in ((f"before (beta {sb.get('beta', r['beta']):g}):", sb),
+                           (f"after (beta {sa.get('beta', r['beta']):g}): ", sa)):
             judged = f"  (VADER {row['vader_compound']:+.2f})" if row.get("vader_compound") is not None else ""
             lines.append(f"     {label} {row['response']!r}{judged}")
     return lines
@@ -194,10 +195,14 @@ def format_dpo(d: dict, wall: dict, samples: list) -> list[str]:
     return lines
 
 
-def before_after_samples(run_dir: Path, n: int, algorithm: str = "ppo") -> list[tuple[dict, dict]]:
+def before_after_samples(run_dir: Path, n: int, algorithm: str = "ppo",
+                         beta: float | None = None) -> list[tuple[dict, dict]]:
     """The first ``n`` held-out samples of the first and the last evaluation in
     ``ppo_samples.jsonl`` (critic-free algorithms: ``grpo_samples.jsonl``; ILQL:
-    ``ilql_samples.jsonl``; the same prompts: held-out batches are in order, sampled with one seed)."""
+    ``ilql_samples.jsonl``; the same prompts: held-out batches are in order, sampled with one seed).
+    ILQL (``beta``: its decoding beta): after = the samples at ``beta``; before = the first
+    evaluation's beta-0 samples (the base policy, the gate's baseline) when it has them, else its
+    samples at ``beta``."""
     from nemo_rlhf.utils.logging import read_jsonl
 
     path = run_dir / {"ppo": "ppo_samples.jsonl", "ilql": "ilql_samples.jsonl"}.get(algorithm, "grpo_samples.jsonl")
@@ -207,6 +212,10 @@ def before_after_samples(run_dir: Path, n: int, algorithm: str = "ppo") -> list[
     first, last = min(r["step"] for r in rows), max(r["step"] for r in rows)
     before = [r for r in rows if r["step"] == first]
     after = [r for r in rows if r["step"] == last]
+    if beta is not None:
+        base = [r for r in before if r.get("beta") == 0.0]
+        before = base or [r for r in before if r.get("beta", beta) == beta]
+        after = [r for r in after if r.get("beta", beta) == beta]
     return list(zip(before, after))[:n]
 
 
@@ -321,7 +330,8 @@ def main(cfg) -> None:
             report["ilql"] = ilql
             if _preempted("ilql", ilql):
                 return
-            report["ilql_samples"] = before_after_samples(run_dir, int(cfg.report_samples), "ilql")
+            report["ilql_samples"] = before_after_samples(run_dir, int(cfg.report_samples), "ilql",
+                                                          beta=float(ilql["beta"]))
         wall["total"] = time.time() - t0
         (run_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
         print(format_report(report), flush=True)

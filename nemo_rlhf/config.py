@@ -2048,7 +2048,9 @@ class ILQLConfig(_Section):
     ``q_head``: ``mlp`` (trlX's ``make_head``, ``H -> 2H -> V``: each token's Q row learnt from the
     rows that take it) or ``lm_head`` (``Q = W_lm MLP(h)``, ``H -> 2H -> H`` then the LM head's own
     output matrix, frozen: tokens with alike output embeddings share what one of them learns; half
-    the vocabulary-wide cost; ``nemo_rlhf/models/ilql.py``).
+    the vocabulary-wide cost; ``nemo_rlhf/models/ilql.py``). ``q_zero_start`` (``lm_head`` only): the
+    Q heads start at Q = 0, so decoding at any beta starts as the policy; False: at a random Q
+    (``head_init_std``), as trlX's heads do.
 
     Raises:
         ConfigError: ``tau`` outside (0, 1), ``gamma`` / ``alpha`` outside [0, 1], a negative scale /
@@ -2069,6 +2071,7 @@ class ILQLConfig(_Section):
     normalize_rewards: bool = True
     head_init_std: Optional[float] = None
     q_head: str = "mlp"  # mlp | lm_head
+    q_zero_start: bool = True
     sampling: ILQLSamplingConfig = field(default_factory=ILQLSamplingConfig)
     eval_betas: List[float] = field(default_factory=lambda: [0.0])
     val_samples_per_prompt: int = 8

@@ -152,8 +152,18 @@ class Trainer:
         state = load_training_checkpoint(path, self.model)
         self.step = int(state["step"])
         self.load_state_dict(state)
-        LOG.info("%s: resumed from %s at step %d", self.name, path, self.step)
+        dropped = self.logger.forget(self._redone_after_resume) if self.logger is not None else 0
+        LOG.info("%s: resumed from %s at step %d%s", self.name, path, self.step,
+                 f" ({dropped} metrics.jsonl records of later steps dropped: they are redone)" if dropped else "")
         return state
+
+    def _redone_after_resume(self, record: Mapping[str, Any]) -> bool:
+        """Whether a metrics record logged before the interruption describes work the resumed run
+        does again: a training row (``<metric_prefix>/...``) is logged at its step's index (the
+        update from state k to k + 1 is row k), every other row (``val/``, ``rs_round/``) at the
+        state it describes. Resumed at state k: training rows k and later, other rows after k."""
+        k, step = self.step, int(record["step"])
+        return step > k or (step == k and any(str(key).startswith(f"{self.metric_prefix}/") for key in record))
 
     def save_checkpoint(self, reason: str = "") -> Path:
         """Write ``checkpoint.dir/step_<k>`` (collective) and prune to ``checkpoint.keep_last``."""

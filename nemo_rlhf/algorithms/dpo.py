@@ -68,7 +68,10 @@ def dpo_loss_fn(policy: GPTPolicyModel, dpo_cfg, hydra: HydraReference | None = 
     then their m rejected rows), ``lengths``, ``prompt_lengths [2m]`` and, unless the loss is
     reference-free, ``ref_logps [2m]`` (summed reference log-probs, same order). With ``hydra``
     (``dpo.reference=hydra``; the forward must run inside ``hydra.capture()``), ``ref_logps`` comes
-    from the reference branch run on the trunk of the same forward instead.
+    from the reference branch run on the trunk of the same forward instead. With
+    ``logit_positions`` and ``response_mask [2m, R]`` in the micro-batch
+    (:meth:`DPOTrainer.response_only`), the logits are those of the response positions only
+    (``[2m, R, V/TP]``), for the policy and the hydra branch alike.
 
     Returns the ``(loss, metrics)`` of :func:`~nemo_rlhf.rl.preference.preference_loss` with
     ``dpo.loss_type``; metrics ``loss``, ``rewards/chosen``, ``rewards/rejected``,
@@ -78,10 +81,18 @@ def dpo_loss_fn(policy: GPTPolicyModel, dpo_cfg, hydra: HydraReference | None = 
               "rpo_alpha": dpo_cfg.effective_rpo_alpha, "simpo_gamma": dpo_cfg.effective_simpo_gamma}
 
     def loss_fn(mb, logits):
-        lp = policy.response_logprobs(policy.masked_logits(logits), mb["tokens"])
-        sums, counts = response_logps(lp, mb["prompt_lengths"], mb["lengths"])
+        positions = mb.get("logit_positions")
+        if positions is not None:  # logits [2m, R, V/TP] at the response positions only
+            mask = mb["response_mask"]
+            sums = masked_sum(policy.logprobs_at(logits, mb["tokens"], positions, inplace=True), mask, dim=1)
+            counts = mask.sum(1)
+        else:
+            lp = policy.response_logprobs(policy.masked_logits(logits), mb["tokens"])
+            sums, counts = response_logps(lp, mb["prompt_lengths"], mb["lengths"])
         m = sums.shape[0] // 2
-        if hydra is not None:
+        if hydra is not None and positions is not None:
+            ref = masked_sum(hydra.captured_logprobs(mb["tokens"], positions), mb["response_mask"], dim=1)
+        elif hydra is not None:
             ref = response_logps(hydra.captured_logprobs(mb["tokens"]), mb["prompt_lengths"], mb["lengths"])[0]
         else:
             ref = mb.get("ref_logps")
@@ -196,9 +207,20 @@ class DPOTrainer(SupervisedTrainer):
         return ReferenceLogpsDataset(dataset, cat(chosen), cat(rejected))
 
     def reference_logps(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """``[2B]`` float32 summed response log-probs of ``batch["tokens"]`` under the reference."""
-        lp = self.reference.logprobs(batch["tokens"])
-        return response_logps(lp, batch["prompt_lengths"], batch["lengths"])[0]
+        """``[2B]`` float32 summed response log-probs of ``batch["tokens"]`` under the reference
+        (its LM head run at the response positions only)."""
+        return self.reference.response_logps(batch["tokens"], batch["prompt_lengths"], batch["lengths"])
+
+    def response_only(self, mbs: list[dict]) -> list[dict]:
+        """Each pair micro-batch with ``logit_positions`` and ``response_mask [2m, R]``
+        (:meth:`GPTPolicyModel.response_positions`): the policy's (and the hydra branch's) LM head
+        and log-softmax then run on the R response positions instead of all S - 1 (at the
+        examples' shape about half: the prompts are half the tokens)."""
+        out = []
+        for mb in mbs:
+            positions, mask = self.model.response_positions(mb["prompt_lengths"], mb["lengths"], mb["tokens"].shape[1])
+            out.append({**mb, "logit_positions": positions, "response_mask": mask})
+        return out
 
     def _with_reference(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         batch = dict(batch)
@@ -211,7 +233,7 @@ class DPOTrainer(SupervisedTrainer):
         return self.reference.capture() if isinstance(self.reference, HydraReference) else contextlib.nullcontext()
 
     def train_step(self, batch) -> dict[str, float]:
-        mbs = pair_microbatches(self._with_reference(batch), self.model.micro_batch_size)
+        mbs = self.response_only(pair_microbatches(self._with_reference(batch), self.model.micro_batch_size))
         with self._capture():
             return self.model.train_on(self.loss_fn, mbs)
 
@@ -222,7 +244,7 @@ class DPOTrainer(SupervisedTrainer):
         for i, b in enumerate(self.val_loader):
             if limit is not None and i >= limit:
                 break
-            mbs = pair_microbatches(self._with_reference(b), self.model.micro_batch_size)
+            mbs = self.response_only(pair_microbatches(self._with_reference(b), self.model.micro_batch_size))
             with self._capture():
                 ms.append(self.model.evaluate_on(self.loss_fn, mbs))
         out = {k: sum(m[k] for m in ms) / len(ms) for k in ms[0]}

@@ -203,7 +203,7 @@ class ILQLTrainer(Trainer):
         p = cfg.ilql
         self.model = GPTILQLModel(to_plain(cfg.model), to_plain(cfg.optim), tok.vocab_size, mbs, tok.eos_id,
                                   tok.pad_id, two_qs=bool(p.two_qs), head_init_std=p.head_init_std,
-                                  q_head=p.q_head)
+                                  q_head=p.q_head, q_zero_start=bool(p.q_zero_start))
 
     def behaviour_on_heldout(self, rows) -> dict[str, float]:
         """``{"mean_heldout_prompts": ...}``: the behaviour data's mean reward over its rows whose
@@ -320,12 +320,13 @@ class ILQLTrainer(Trainer):
     def evaluate(self, limit: int | None = None) -> dict[str, float]:
         """Held-out decoding at ``ilql.beta`` (:meth:`heldout_rewards`) and, for each other beta
         of ``ilql.eval_betas``, ``reward_beta<b>`` (with ``reward.functions``) and
-        ``vader_positive_beta<b>`` (with ``ilql.val_judge: vader``)."""
+        ``vader_positive_beta<b>`` (with ``ilql.val_judge: vader``). Samples (``ilql_samples.jsonl``,
+        each with its ``beta``) are kept at ``ilql.beta`` and at beta 0."""
         p = self.cfg.ilql
         out = self.heldout_rewards(float(p.beta), limit, save=True)
         for b in p.eval_betas:
             if float(b) != float(p.beta):
-                other = self.heldout_rewards(float(b), limit)
+                other = self.heldout_rewards(float(b), limit, save=float(b) == 0.0)  # beta 0: the policy alone
                 for name in ("reward", "vader_positive"):
                     if name in other:
                         out[f"{name}_beta{b:g}"] = other[name]

@@ -30,7 +30,7 @@ import torch
 
 from nemo_rlhf.models.megatron_module import split_microbatches
 from nemo_rlhf.models.pipeline_utils import broadcast_from_last_stage
-from nemo_rlhf.models.policy import GPTPolicyModel
+from nemo_rlhf.models.policy import GPTPolicyModel, output_layer_at
 
 
 class HydraReference:
@@ -133,8 +133,9 @@ class HydraReference:
             return gpt.decoder.final_layernorm
         return gpt.decoder.layers[self._first_local]
 
-    def _branch_logits(self, args: tuple, kwargs: dict) -> torch.Tensor:
-        """Branch forward from the captured inputs of the branch point -> logits ``[b, S, V/TP]``."""
+    def _branch_logits(self, args: tuple, kwargs: dict, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Branch forward from the captured inputs of the branch point -> logits ``[b, S, V/TP]``
+        (``[b, R, V/TP]`` at ``positions [b, R]`` only, when given: :func:`output_layer_at`)."""
         gpt = self.actor.gpt
         if self.num_layers_unfrozen == 0:
             hidden = args[0]
@@ -143,10 +144,12 @@ class HydraReference:
             for layer in self.branch.layers:
                 hidden, _ = layer(**{**kwargs, "hidden_states": hidden})
         hidden = self.branch.final_layernorm(hidden)
-        if hasattr(self.branch, "output_layer"):
-            logits, _ = self.branch.output_layer(hidden)
-        else:  # tied: the LM head is the (frozen, shared) embedding matrix
-            logits, _ = gpt.output_layer(hidden, weight=gpt.shared_embedding_or_output_weight())
+        head = self.branch.output_layer if hasattr(self.branch, "output_layer") else gpt.output_layer
+        with output_layer_at([head], positions):
+            if head is gpt.output_layer:  # tied: the LM head is the (frozen, shared) embedding matrix
+                logits, _ = head(hidden, weight=gpt.shared_embedding_or_output_weight())
+            else:
+                logits, _ = head(hidden)
         return logits.transpose(0, 1).contiguous()
 
     # ------------------------------------------------------------------ log-probs
@@ -176,9 +179,11 @@ class HydraReference:
         self._captured = (args, kwargs)
 
     @torch.no_grad()
-    def captured_logprobs(self, tokens: torch.Tensor) -> torch.Tensor:
+    def captured_logprobs(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """The reference policy's float32 log-probs ``[b, S-1]`` of ``tokens [b, S]`` (the
         micro-batch whose actor forward was recorded last, inside :meth:`capture`); last stage only.
+        With ``positions [b, R]`` (:meth:`GPTPolicyModel.response_positions`): ``[b, R]``, the
+        log-probs of the tokens those positions predict, the LM head run there only.
 
         Raises:
             RuntimeError: no forward was recorded (called outside :meth:`capture`, or twice for one
@@ -189,7 +194,9 @@ class HydraReference:
             raise RuntimeError("HydraReference.captured_logprobs: no actor forward recorded since the last call; "
                                "run the actor's forward inside HydraReference.capture() first")
         actor = self.actor
-        logits = self._branch_logits(*captured)
+        logits = self._branch_logits(*captured, positions=positions)
+        if positions is not None:
+            return actor.logprobs_at(logits, tokens, positions, inplace=True)
         return actor.response_logprobs(actor.masked_logits(logits).clone(), tokens, inplace=True)
 
     @torch.no_grad()

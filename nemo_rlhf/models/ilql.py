@@ -98,9 +98,10 @@ def _heads_class():
         where trlX's vocabulary-wide ``fc2`` learns each token's row only from the rows it is taken
         in. Half the cost of :class:`_MLPHead` over the vocabulary (``H x V`` instead of ``2H x V``)
         and ``4H^2`` parameters of its own instead of ``2H x V``. ``fc2`` starts at zero (Q = 0:
-        decoding starts as the policy's own distribution at every beta)."""
+        decoding starts as the policy's own distribution at every beta) unless ``zero_start`` is False
+        (then normal with ``std``, as ``fc1``)."""
 
-        def __init__(self, config, hidden: int, std: float, output_weight):
+        def __init__(self, config, hidden: int, std: float, output_weight, zero_start: bool = True):
             super().__init__(config=config)
             init = lambda w: torch.nn.init.normal_(w, mean=0.0, std=std)  # noqa: E731
             self.fc1 = tensor_parallel.ColumnParallelLinear(hidden, 2 * hidden, config=config, init_method=init,
@@ -109,7 +110,8 @@ def _heads_class():
             # policy's own distribution (a random g would shift it by beta * W_lm g: measured on
             # SmolLM2-135M at beta 8, VADER positive 0.57 -> 0.27 before any training)
             self.fc2 = tensor_parallel.RowParallelLinear(2 * hidden, hidden, config=config,
-                                                         init_method=torch.nn.init.zeros_, bias=True,
+                                                         init_method=torch.nn.init.zeros_ if zero_start else init,
+                                                         bias=True,
                                                          input_is_parallel=True, skip_bias_add=False)
             self._output_weight = output_weight  # a callable, not a submodule: the weight stays the LM head's
 
@@ -142,13 +144,15 @@ def _heads_class():
                 (:class:`_LMHeadQ`: ``H -> 2H -> H``, then the LM head's output matrix).
             output_weight: ``() -> [V/TP, H]`` tensor, the LM head's output matrix; required by
                 ``q_head="lm_head"``.
+            q_zero_start: ``lm_head`` Q heads start at Q = 0 (their ``fc2`` zero); False: ``fc2``
+                normal with ``init_std`` like every other head weight.
 
         Raises:
             ValueError: an unknown ``q_head``, or ``lm_head`` without ``output_weight``.
         """
 
         def __init__(self, config, vocab_size: int, two_qs: bool = True, init_std: float | None = None,
-                     q_head: str = "mlp", output_weight=None):
+                     q_head: str = "mlp", output_weight=None, q_zero_start: bool = True):
             super().__init__(config=config)
             config = config_without_sequence_parallel(config)
             std = config.init_method_std if init_std is None else float(init_std)
@@ -159,7 +163,7 @@ def _heads_class():
             elif q_head == "lm_head":
                 if output_weight is None:
                     raise ValueError("ILQLHeads(q_head='lm_head') needs output_weight (the LM head's matrix)")
-                make_q = lambda: _LMHeadQ(config, h, std, output_weight)  # noqa: E731
+                make_q = lambda: _LMHeadQ(config, h, std, output_weight, q_zero_start)  # noqa: E731
             else:
                 raise ValueError(f"ILQLHeads: q_head={q_head!r} is not one of mlp, lm_head")
             self.q1 = make_q()
@@ -219,22 +223,24 @@ class GPTILQLModel(GPTPolicyModel):
         head_init_std: std of the heads' normal init (None: ``model.init_method_std``).
         q_head: ``mlp`` (trlX's vocabulary-wide heads) or ``lm_head`` (Q through the LM head's output
             matrix; ``ILQLHeads``).
+        q_zero_start: ``lm_head`` Q heads start at Q = 0 (``ILQLHeads``).
 
     """
 
     def __init__(self, model_cfg: Mapping[str, Any], optim_cfg: Mapping[str, Any] | None, vocab_size: int,
                  micro_batch_size: int, eos_id: int, pad_id: int, two_qs: bool = True,
-                 head_init_std: float | None = None, q_head: str = "mlp"):
-        self._ilql_options = (bool(two_qs), head_init_std, str(q_head))  # read by extend_model inside super().__init__
+                 head_init_std: float | None = None, q_head: str = "mlp", q_zero_start: bool = True):
+        self._ilql_options = (bool(two_qs), head_init_std, str(q_head), bool(q_zero_start))  # read by extend_model inside super().__init__
         self._hidden: list[torch.Tensor] = []
         super().__init__(model_cfg, optim_cfg, vocab_size, micro_batch_size, eos_id, pad_id)
 
     def extend_model(self, gpt) -> None:
         if not gpt.post_process:  # not the last pipeline stage: no LM head, no ILQL heads
             return
-        two_qs, std, q_head = self._ilql_options
+        two_qs, std, q_head, q_zero_start = self._ilql_options
         gpt.ilql_heads = _heads_class()(gpt.config, gpt.vocab_size, two_qs=two_qs, init_std=std, q_head=q_head,
-                                        output_weight=gpt.shared_embedding_or_output_weight)
+                                        output_weight=gpt.shared_embedding_or_output_weight,
+                                        q_zero_start=q_zero_start)
 
     # ------------------------------------------------------------------ accessors
     @property

@@ -10,11 +10,17 @@ module only turns logits into token log-probs / entropies, vocabulary-parallel.
 Log-prob convention: ``logprobs[:, t] = log pi(tokens[:, t+1] | tokens[:, :t+1])``, shape
 ``[B, S-1]``; the response positions of a row with prompt length P and total length L are
 ``t in [P-1, L-2]``.
+
+Response-only logits: a micro-batch carrying ``logit_positions [b, R]`` (from
+:func:`response_positions`) gets logits ``[b, R, V/TP]`` at those positions only — the LM head and
+the vocabulary-wide softmax run on the response, not on the prompt (:func:`output_layer_at`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import contextlib
+import math
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
@@ -22,6 +28,7 @@ from nemo_rlhf.generation.sampling import GenerationOutput, SamplingParams, gene
 from nemo_rlhf.models.megatron_module import MegatronGPTModule, position_ids_like, split_microbatches
 from nemo_rlhf.models.pipeline_utils import broadcast_from_last_stage
 from nemo_rlhf.models.vocab_parallel import token_logprobs, vocab_parallel_entropy
+from nemo_rlhf.rl.masked import masked_sum
 
 
 def mask_padded_vocab(logits: torch.Tensor, unpadded_vocab: int | None) -> torch.Tensor:
@@ -60,6 +67,85 @@ def shift_labels(tokens: torch.Tensor, loss_mask: torch.Tensor, pad_id: int) -> 
     return labels, mask
 
 
+def response_positions(prompt_lengths: torch.Tensor, lengths: torch.Tensor, seq_len: int,
+                       multiple_of: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions whose logits score each row's response, left-aligned per row.
+
+    Position ``t`` predicts token ``t + 1``, so a row with prompt length P and length L is scored at
+    ``t = P-1 .. L-2`` (:func:`~nemo_rlhf.rl.advantages.response_mask`); row i's j-th response
+    position is ``P_i - 1 + j``.
+
+    Args:
+        prompt_lengths, lengths: ``[b]`` int64 prompt and prompt + response lengths (tokens).
+        seq_len: S, the padded length of ``tokens [b, S]``.
+        multiple_of: R is rounded up to a multiple of this (the TP size under sequence parallelism).
+
+    Returns:
+        ``(positions, mask)``: ``[b, R]`` int64 positions in ``[0, S-2]`` with ``R`` the longest
+        response (>= 1; past a row's response they repeat in-range positions) and ``[b, R]``
+        float32, 1 on the row's response positions.
+    """
+    counts = (lengths - prompt_lengths).clamp(min=0)
+    r = max(int(counts.max()) if counts.numel() else 1, 1)
+    r = int(math.ceil(r / multiple_of) * multiple_of)
+    j = torch.arange(r, device=lengths.device)
+    positions = (prompt_lengths.unsqueeze(1) - 1 + j).clamp(0, max(seq_len - 2, 0))
+    return positions, (j.unsqueeze(0) < counts.unsqueeze(1)).float()
+
+
+@contextlib.contextmanager
+def output_layer_at(layers: Iterable[torch.nn.Module], positions: torch.Tensor | None) -> Iterator[None]:
+    """Within the block, every forward of each LM head in ``layers`` (megatron
+    ``ColumnParallelLinear``, input ``[S(/TP), b, H]``) reads the hidden states at ``positions
+    [b, R]`` only, so it returns logits ``[R, b, V/TP]`` (``GPTModel``: ``[b, R, V/TP]``). Gradients
+    flow back to the selected positions; the others get zero from the LM head. ``positions=None``
+    leaves the layers alone.
+
+    Under sequence parallelism the sequence is all-gathered first and the selected ``R`` positions
+    scattered again over TP (``R`` must be a multiple of the TP size: :func:`response_positions`'
+    ``multiple_of``).
+
+    Raises:
+        ValueError: under sequence parallelism, ``R`` not a multiple of the TP size.
+    """
+    if positions is None:
+        yield
+        return
+    from megatron.core.tensor_parallel import (gather_from_sequence_parallel_region,
+                                               scatter_to_sequence_parallel_region)
+
+    def select(module, args, kwargs):
+        hidden = args[0]
+        sp = bool(getattr(module, "sequence_parallel", False))
+        group = getattr(module, "tp_group", None)
+        if sp:  # the backward keeps this rank's chunk of the (already summed) gradient
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False, group=group)
+        idx = positions.t().to(hidden.device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        hidden = hidden.gather(0, idx)
+        if sp:
+            tp = torch.distributed.get_world_size(group)
+            if hidden.shape[0] % tp:
+                raise ValueError(f"output_layer_at: {hidden.shape[0]} positions per row is not a multiple of the "
+                                 f"TP size {tp} (sequence parallelism): build them with multiple_of={tp}")
+            hidden = scatter_to_sequence_parallel_region(hidden, group=group)
+        return (hidden, *args[1:]), kwargs
+
+    handles = [layer.register_forward_pre_hook(select, with_kwargs=True) for layer in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def lm_heads(model) -> list[torch.nn.Module]:
+    """The LM head (``output_layer``) of ``model`` (a ``GPTModel``, possibly wrapped by DDP) on the
+    last pipeline stage; ``[]`` elsewhere."""
+    while not hasattr(model, "output_layer") and hasattr(model, "module"):
+        model = model.module
+    return [model.output_layer] if getattr(model, "post_process", False) and hasattr(model, "output_layer") else []
+
+
 class GPTPolicyModel(MegatronGPTModule):
     """Policy model; also used frozen (``optim_cfg=None``) as the reference policy.
 
@@ -84,10 +170,50 @@ class GPTPolicyModel(MegatronGPTModule):
 
     @staticmethod
     def forward_step(model, mb):
-        # On the last PP stage: logits, or per-token NLL of mb["labels"]; hidden states elsewhere
-        # (passed on unchanged to the next stage).
+        # On the last PP stage: logits (at mb["logit_positions"] only, when given), or per-token
+        # NLL of mb["labels"]; hidden states elsewhere (passed on unchanged to the next stage).
         labels = mb.get("labels")
-        return model(mb["tokens"], position_ids_like(mb["tokens"]), None, labels=labels)
+        positions = mb.get("logit_positions")
+        with output_layer_at(lm_heads(model), positions) if positions is not None else contextlib.nullcontext():
+            return model(mb["tokens"], position_ids_like(mb["tokens"]), None, labels=labels)
+
+    def response_positions(self, prompt_lengths: torch.Tensor, lengths: torch.Tensor,
+                           seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`response_positions` for this model's layout (R a multiple of the TP size under
+        sequence parallelism)."""
+        from megatron.core import parallel_state
+
+        sp = bool(self.gpt.config.sequence_parallel)
+        return response_positions(prompt_lengths, lengths, seq_len,
+                                  parallel_state.get_tensor_model_parallel_world_size() if sp else 1)
+
+    def logprobs_at(self, logits: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+                    inplace: bool = False) -> torch.Tensor:
+        """``logits [b, R, V/TP]`` at ``positions [b, R]`` (a forward with ``logit_positions``) ->
+        ``[b, R]`` float32 log-probs of the tokens they predict (``tokens[i, positions[i, j] + 1]``),
+        vocabulary padding masked. ``inplace``: megatron's cross entropy may overwrite ``logits``
+        (a forward's fresh output: nothing else reads it)."""
+        targets = tokens.gather(1, positions.to(tokens.device) + 1)
+        return token_logprobs(mask_padded_vocab(logits.float(), self.gpt.unpadded_vocab_size), targets,
+                              inplace=inplace)
+
+    @torch.no_grad()
+    def response_logps(self, tokens: torch.Tensor, prompt_lengths: torch.Tensor,
+                       lengths: torch.Tensor) -> torch.Tensor:
+        """``tokens [B, S]`` -> ``[B]`` float32 summed log-probs (nats) of each row's response tokens
+        (positions ``P-1 .. L-2``), on every rank; logits at the response positions only."""
+        self.model.eval()
+        positions, mask = self.response_positions(prompt_lengths, lengths, tokens.shape[1])
+
+        def loss_fn(mb, logits):
+            lp = self.logprobs_at(logits, mb["tokens"], mb["logit_positions"], inplace=True)
+            return logits.sum() * 0, {"sums": masked_sum(lp, mb["mask"], dim=1)}
+
+        mbs = split_microbatches({"tokens": tokens, "logit_positions": positions, "mask": mask},
+                                 self.microbatch_size_for(tokens.shape[0]))
+        outs = self.forward_backward(mbs, self.forward_step, loss_fn, forward_only=True)
+        sums = torch.cat([o["sums"] for o in outs]) if outs else None
+        return broadcast_from_last_stage(sums, (tokens.shape[0],), torch.float32)
 
     def masked_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """``logits [b, S, V/TP]`` -> float32 ``[b, S-1, V/TP]`` logits that predict tokens 1..S-1,

@@ -298,6 +298,16 @@ class MetricLogger:
             lg.log_metrics(values, step=int(step))
         return True
 
+    def forget(self, redone: Callable[[dict[str, Any]], bool]) -> int:
+        """After a resume: drop this stage's JSONL records for which ``redone(record)`` is true
+        (``record``: the logged dict with ``stage``, ``step``, ``time`` and the metrics), written
+        before the interruption for steps the resumed run does again. The other loggers keep what
+        they wrote (TensorBoard, W&B and MLflow show a step's later value). Returns the number of
+        records dropped (0 on other ranks)."""
+        if self._finalized or not self.is_rank_zero:
+            return 0
+        return sum(int(lg.forget(redone) or 0) for lg in self.loggers if hasattr(lg, "forget"))
+
     def log_hyperparams(self, params: Mapping[str, Any]) -> None:
         """Record the run's configuration (nested dicts are flattened by each logger) on rank 0.
         JSONL ignores it (the run directory holds the config)."""

@@ -7,7 +7,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
@@ -58,6 +58,39 @@ class JSONLLogger(Logger):
     @rank_zero_only
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
         return None
+
+    @rank_zero_only
+    def forget(self, redone: Callable[[dict[str, Any]], bool]) -> int:
+        """Drop this stage's records for which ``redone(record)`` is true (a resumed run logs them
+        again), so the file holds each logged step once; other stages' records, records without an
+        integer ``step`` and unparsable lines stay, in order. The file is rewritten atomically (a
+        temporary file, fsync'ed, then ``os.replace``).
+
+        Returns:
+            How many records were dropped (0 without a file).
+        """
+        if not self.path.exists():
+            return 0
+        kept, dropped = [], 0
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    record = None
+                if (isinstance(record, dict) and record.get("stage") == self.stage
+                        and isinstance(record.get("step"), int) and redone(record)):
+                    dropped += 1
+                else:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        if dropped:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        return dropped
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:

@@ -130,6 +130,47 @@ def test_hydra_reference_equals_full(megatron_world, sft_run, tmp_path):
         hydra.reference.captured_logprobs(batch_hydra["tokens"])  # outside capture()
 
 
+def test_response_only_logits_equal_the_full_logits(megatron_world, sft_run, tmp_path):
+    """The LM head run at the response positions only (``logit_positions``: what DPO's steps use)
+    gives the log-probs, the losses and the updates of the full ``[b, S, V]`` logits, for the
+    policy and the hydra reference branch; with fewer positions than S - 1."""
+    from nemo_rlhf.algorithms.base import heldout_loader
+    from nemo_rlhf.algorithms.dpo import DPOTrainer, response_logps
+    from nemo_rlhf.algorithms.reward_model import pair_microbatches
+    from nemo_rlhf.checkpoint.weights import load_weights
+
+    def make(run_dir):
+        node = dpo_node(sft_run, run_dir, {"reference": "hydra"}, model={**MODEL_CFG, "num_layers_unfrozen": 1})
+        trainer = DPOTrainer(parse_config(DPOStageConfig, node))
+        trainer.setup()
+        load_weights(trainer.model, trainer.cfg.init_from)
+        trainer.val_loader = heldout_loader(trainer.val_ds, 8, trainer.collate, 0)
+        return trainer
+
+    windowed, full = make(tmp_path / "windowed"), make(tmp_path / "full")
+    full.response_only = lambda mbs: mbs  # the [b, S, V] path
+    batch = windowed.collate([windowed.train_ds[i] for i in range(8)])
+    mbs = windowed.response_only(pair_microbatches(batch, 4))
+    positions, mask = mbs[0]["logit_positions"], mbs[0]["response_mask"]
+    assert positions.shape[1] < batch["tokens"].shape[1] - 1  # the prompts are left out
+    assert torch.equal(mask.sum(1), (mbs[0]["lengths"] - mbs[0]["prompt_lengths"]).float())
+    # per-sequence response log-probs: positions vs all positions, policy and the full reference
+    model = windowed.model
+    sums = model.response_logps(batch["tokens"], batch["prompt_lengths"], batch["lengths"])
+    want = response_logps(model.logprobs(batch["tokens"]), batch["prompt_lengths"], batch["lengths"])[0]
+    torch.testing.assert_close(sums, want, rtol=1e-6, atol=1e-5)  # float32 sums of ~-270 nats
+    for _ in range(3):
+        a, b = windowed.train_step(batch), full.train_step(batch)
+        for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-5), (k, a[k], b[k])
+    assert a["rewards/margins"] != 0.0
+    for (name, p), q in zip(windowed.model.gpt.named_parameters(), full.model.gpt.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-5, msg=name)
+    ev_w, ev_f = windowed.evaluate(limit=1), full.evaluate(limit=1)
+    for k in ("loss", "rewards/margins", "rewards/accuracies"):
+        assert ev_w[k] == pytest.approx(ev_f[k], abs=1e-5), k
+
+
 def test_simpo_builds_no_reference(megatron_world, sft_run, tmp_path):
     trainer = built(sft_run, tmp_path, loss_type="simpo", beta=2.0, simpo_gamma=0.5)
     assert trainer.reference is None and trainer.cfg.dpo.effective_reference is None

@@ -361,7 +361,7 @@ def test_lm_head_q_heads_read_the_lm_heads_matrix(megatron_world, task, tmp_path
     """ilql.q_head=lm_head: Q over the vocabulary is ``W_lm g(h)`` (the LM head's own output matrix,
     not a parameter of the heads, so not in their state dict; Q's gradient does not reach it), with
     an ``H -> 2H -> H`` MLP of its own; a step trains it, a sync copies it, decoding runs; a bad
-    ``q_head`` is a config error naming the field."""
+    ``q_head`` is a config error naming the field; ``ilql.q_zero_start=false`` starts Q random."""
     from nemo_rlhf.algorithms.ilql import ILQLTrainer
     from nemo_rlhf.data import PromptDataset
     from nemo_rlhf.data.offline import collate_offline
@@ -405,6 +405,13 @@ def test_lm_head_q_heads_read_the_lm_heads_matrix(megatron_world, task, tmp_path
     assert torch.equal(heads.target_q1.fc2.weight, heads.q1.fc2.weight)  # alpha = 1 copies
     out = model.generate_ilql(torch.tensor([[2], [7]]), torch.tensor([1, 1]), SamplingParams(max_new_tokens=4), 1.0)
     assert out.tokens.shape[0] == 2
+    # ilql.q_zero_start=false: fc2 starts random (trlX's heads), the target a copy of it
+    cfg = parse_config(ILQLStageConfig, node(task_dir, tmp_path, ilql={"q_head": "lm_head", "q_zero_start": False}))
+    assert cfg.ilql.q_zero_start is False
+    random_start = GPTILQLModel(MODEL, dict(lr=1e-3), tok.vocab_size, 20, tok.eos_id, tok.pad_id, two_qs=False,
+                                q_head="lm_head", q_zero_start=False).heads
+    assert random_start.q1(hidden).abs().sum() > 0
+    torch.testing.assert_close(random_start.target_q1(hidden), random_start.q1(hidden), rtol=0, atol=0)
 
 
 def test_trained_policy_exports_to_hf_without_its_heads(megatron_world, task, tmp_path):

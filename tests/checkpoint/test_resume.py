@@ -129,7 +129,16 @@ def test_rm_resume_is_bitwise_exact(sft_run, request, tmp_path):
         rm_run = request.getfixturevalue("rm_run")
     finally:
         finish(first, tmp_path / "part_1.log")
-    run_stage("train_reward_model.py", part, *rm_init(sft_run), "trainer.max_steps=4")
+    # What a run killed after logging step index 2 (and an evaluation of state 3), before its next
+    # checkpoint, leaves behind: the resumed run drops both records and logs them again.
+    with open(part / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"stage": "rm", "step": 2, "time": 0.0, "train/loss": 99.0}) + "\n")
+        f.write(json.dumps({"stage": "rm", "step": 3, "time": 0.0, "val/accuracy": 99.0}) + "\n")
+    out = run_stage("train_reward_model.py", part, *rm_init(sft_run), "trainer.max_steps=4")
+    assert "2 metrics.jsonl records of later steps dropped" in out.stdout + out.stderr
+    rows = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(r["step"] for r in rows if r["stage"] == "rm" and "train/loss" in r) == [0, 1, 2, 3]
+    assert 99.0 not in [v for r in rows for v in r.values()]
     assert losses(rm_run, "rm") == losses(part, "rm") and len(losses(rm_run, "rm")) == 4
     assert_bitwise(weights(rm_run / "rm_weights", "rm"), weights(part / "rm_weights", "rm"))
 

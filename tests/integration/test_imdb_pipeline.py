@@ -111,6 +111,8 @@ def test_imdb_ilql_example_runs_and_judges(smollm2, tmp_path):
         assert math.isfinite(h["vader_compound"]) and h["response_length"] <= 4 and "reward" not in h
     samples = [json.loads(line) for line in (run_dir / "ilql_samples.jsonl").read_text().splitlines()]
     assert {s["step"] for s in samples} == {0, 2} and all("vader_compound" in s for s in samples)
+    assert {s["beta"] for s in samples} == {0.0, 8.0}  # the base policy's samples beside the decoding's
+    assert "before (beta 0):" in proc.stdout and "after (beta 8):" in proc.stdout  # before = the base policy
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [row for row in rows if row["stage"] == "ilql" and "ilql/loss" in row]
     assert [row["step"] for row in losses] == [0, 1] and all(math.isfinite(row["ilql/loss"]) for row in losses)

@@ -41,6 +41,10 @@ PPO_TOL = 1e-4
 # of tp2_pp2_sp differs by 1.0005e-5 (measured 2026-12-02; a layout bug shows as 1e-2 and more).
 ILQL_TOL = 2e-5
 # Metrics that count tokens (a value sitting on a clip boundary may flip by one token).
+# DPO's policy log-probs after two large steps (margins ~9 nats; log-probs up to 7.7 nats):
+# tp2_pp2_sp at 8.1e-6 with [b, S, V] logits, 1.05e-5 with the response-only logits (2026-12-03;
+# the step metrics, grad norms included, stay within TOL).
+DPO_TOL = 2e-5
 DISCRETE = {"clipfrac", "clip_high_frac", "clip_low_frac", "vf_clipfrac", "accuracy", "lr", "skipped"}
 LAYOUTS = {
     # name: (processes, parity args, reference)
@@ -149,7 +153,7 @@ def _check_dpo(layout: str, ref_dir: Path, got_dir: Path) -> dict[str, float]:
     d_ref = (ref["ref_logps"] - got["ref_logps"]).abs().max().item()
     assert d_ref <= TOL, f"{layout}/dpo: precomputed reference log-probs differ by {d_ref}"
     d_pol = (ref["outputs"] - got["outputs"]).abs().max().item()
-    assert d_pol <= TOL, f"{layout}/dpo: policy log-probs after two steps differ by {d_pol}"
+    assert d_pol <= DPO_TOL, f"{layout}/dpo: policy log-probs after two steps differ by {d_pol}"
     return {"dpo/metrics": d_steps, "dpo/ref_logps": d_ref, "dpo/policy_logprobs": d_pol}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import sys
 
 import pytest
@@ -165,3 +166,29 @@ def test_omegaconf_section(tmp_path):
     metrics = MetricLogger.from_config(cfg.logger, tmp_path, "sft")
     assert [type(lg).__name__ for lg in metrics.loggers] == ["JSONLLogger", "CSVLogger"]
     metrics.finalize()
+
+
+def test_forget_drops_this_stages_redone_records(tmp_path):
+    """A resumed stage drops its records that ``redone`` picks (the steps it does again), keeping
+    the other stages' records, its own earlier ones and lines it cannot parse, in order."""
+    sft = MetricLogger.from_config(None, tmp_path, "sft")
+    for step in (1, 2, 3):
+        sft.log({"train/loss": float(step)}, step=step)
+    sft.finalize()
+    metrics = MetricLogger.from_config(None, tmp_path, "dpo")
+    for step in (1, 2, 3, 4):
+        metrics.log({"train/loss": float(step)}, step=step)
+    with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write("{not json\n")
+    later = lambda record: record["step"] > 2  # noqa: E731
+    assert metrics.forget(later) == 2
+    assert metrics.forget(later) == 0  # nothing left to drop
+    metrics.log({"train/loss": 30.0}, step=3)
+    metrics.finalize()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert lines[-2] == "{not json"
+    rows = [json.loads(x) for x in lines if x != "{not json"]
+    assert [(r["stage"], r["step"], r["train/loss"]) for r in rows] == [
+        ("sft", 1, 1.0), ("sft", 2, 2.0), ("sft", 3, 3.0), ("dpo", 1, 1.0), ("dpo", 2, 2.0), ("dpo", 3, 30.0)]
+    assert MetricLogger.from_config(None, tmp_path / "none", "dpo").forget(later) == 0  # no file yet
+    assert not list(tmp_path.glob("*.tmp"))
