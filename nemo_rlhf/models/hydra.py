@@ -31,6 +31,8 @@ import torch
 from nemo_rlhf.models.megatron_module import split_microbatches
 from nemo_rlhf.models.pipeline_utils import broadcast_from_last_stage
 from nemo_rlhf.models.policy import GPTPolicyModel, output_layer_at
+from nemo_rlhf.rl.advantages import response_mask
+from nemo_rlhf.rl.masked import masked_sum
 
 
 class HydraReference:
@@ -232,3 +234,12 @@ class HydraReference:
         """``tokens [B, S]`` -> the reference policy's ``[B, S-1]`` float32 log-probs on every rank
         (through :meth:`actor_and_reference_logprobs`: the actor's top k layers run as well)."""
         return self.actor_and_reference_logprobs(tokens)[1]
+
+    @torch.no_grad()
+    def response_logps(self, tokens: torch.Tensor, prompt_lengths: torch.Tensor,
+                       lengths: torch.Tensor) -> torch.Tensor:
+        """``tokens [B, S]`` -> ``[B]`` float32 summed log-probs (nats) of each row's response tokens
+        (positions ``P-1 .. L-2``) under the reference, on every rank (as
+        :meth:`GPTPolicyModel.response_logps`; through :meth:`logprobs`)."""
+        mask = response_mask(prompt_lengths, lengths, tokens.shape[1])
+        return masked_sum(self.logprobs(tokens), mask.to(tokens.device), dim=1)

@@ -115,6 +115,9 @@ def test_hydra_reference_equals_full(megatron_world, sft_run, tmp_path):
     batch_full = full.collate([full.train_ds[i] for i in range(8)])
     batch_hydra = hydra.collate([hydra.train_ds[i] for i in range(8)])
     assert "ref_logps" not in hydra._with_reference(batch_hydra)  # no separate reference forward
+    # the branch's summed response log-probs (what dpo.reference=precomputed would store) = the copy's
+    torch.testing.assert_close(hydra.reference_logps(batch_hydra), full.reference_logps(batch_full),
+                               rtol=1e-6, atol=1e-5)
     m_full = [full.train_step(batch_full) for _ in range(4)]
     m_hydra = [hydra.train_step(batch_hydra) for _ in range(4)]
     assert m_hydra[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
