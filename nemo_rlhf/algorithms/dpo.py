@@ -84,16 +84,14 @@ def dpo_loss_fn(policy: GPTPolicyModel, dpo_cfg, hydra: HydraReference | None = 
         positions = mb.get("logit_positions")
         if positions is not None:  # logits [2m, R, V/TP] at the response positions only
             mask = mb["response_mask"]
-            sums = masked_sum(policy.logprobs_at(logits, mb["tokens"], positions, inplace=True), mask, dim=1)
-            counts = mask.sum(1)
+            lp = policy.logprobs_at(logits, mb["tokens"], positions, inplace=True)
         else:
+            mask = response_mask(mb["prompt_lengths"], mb["lengths"], mb["tokens"].shape[1])
             lp = policy.response_logprobs(policy.masked_logits(logits), mb["tokens"])
-            sums, counts = response_logps(lp, mb["prompt_lengths"], mb["lengths"])
+        sums, counts = masked_sum(lp, mask, dim=1), mask.sum(1)
         m = sums.shape[0] // 2
-        if hydra is not None and positions is not None:
-            ref = masked_sum(hydra.captured_logprobs(mb["tokens"], positions), mb["response_mask"], dim=1)
-        elif hydra is not None:
-            ref = response_logps(hydra.captured_logprobs(mb["tokens"]), mb["prompt_lengths"], mb["lengths"])[0]
+        if hydra is not None:
+            ref = masked_sum(hydra.captured_logprobs(mb["tokens"], positions), mask, dim=1)
         else:
             ref = mb.get("ref_logps")
         loss, metrics = preference_loss(dpo_cfg.loss_type, sums[:m], sums[m:],
