@@ -43,8 +43,11 @@ def win_rate(scores: Sequence[float] | np.ndarray | torch.Tensor,
         baseline: ``[N]`` the baseline's scores of the same ``N`` prompts, same order.
 
     Returns:
-        ``{"win_rate": (wins + ties / 2) / N, "wins", "ties", "losses", "prompts": N}``; a tie is an
-        exactly equal score (the same response scores the same).
+        ``{"win_rate": (wins + ties / 2) / N, "win_rate_se", "wins", "ties", "losses", "prompts": N}``;
+        a tie is an exactly equal score (the same response scores the same). ``win_rate_se`` is the
+        standard error of that mean over the prompts: the sample standard deviation (ddof 1) of the
+        per-prompt outcomes (1 win, 1/2 tie, 0 loss) over sqrt(N); 0.0 for one prompt. It says how
+        far a second draw of N prompts may land (e.g. 0.035 at N = 192 near 0.6).
 
     Raises:
         ValueError: different lengths, no prompt, or a non-finite score (naming the first index).
@@ -61,7 +64,10 @@ def win_rate(scores: Sequence[float] | np.ndarray | torch.Tensor,
             raise ValueError(f"win_rate: {name}[{int(bad[0])}] = {x[bad[0]]} is not finite")
     wins, ties = int((a > b).sum()), int((a == b).sum())
     n = int(a.size)
-    return {"win_rate": (wins + 0.5 * ties) / n, "wins": wins, "ties": ties, "losses": n - wins - ties, "prompts": n}
+    outcome = (a > b) + 0.5 * (a == b)  # [N] float64: 1 win, 1/2 tie, 0 loss
+    se = float(outcome.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+    return {"win_rate": (wins + 0.5 * ties) / n, "win_rate_se": se, "wins": wins, "ties": ties,
+            "losses": n - wins - ties, "prompts": n}
 
 
 @torch.no_grad()
@@ -99,7 +105,7 @@ def compare_policies(policy, reference, tokenizer: Tokenizer, prompts: Sequence[
         ``kl_mean`` (nats / response), ``kl_std``, ``completion_tokens_mean`` and ``finish`` per
         policy (``{"policy": ..., "reference": ...}``), ``identical_responses`` (count), and with a
         ``reward``: ``rm_score_mean`` per policy and the :func:`win_rate` figures (``win_rate``,
-        ``wins``, ``ties``, ``losses``); without one ``win_rate`` is None.
+        ``win_rate_se``, ``wins``, ``ties``, ``losses``); without one ``win_rate`` is None.
 
     Raises:
         ValueError / TypeError: see :func:`~nemo_rlhf.evaluation.generate.evaluate_policy`.

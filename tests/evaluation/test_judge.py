@@ -31,7 +31,11 @@ def test_win_rate_counts_ties_as_one_half():
     from nemo_rlhf.evaluation.judge import win_rate
 
     out = win_rate([1.0, 2.0, 3.0, 4.0, 0.5], torch.tensor([0.0, 2.0, 5.0, 4.0, 0.25]))
+    se = out.pop("win_rate_se")
     assert out == {"win_rate": (2 + 0.5 * 2) / 5, "wins": 2, "ties": 2, "losses": 1, "prompts": 5}
+    # outcomes [1, 1/2, 0, 1/2, 1]: mean 0.6, squared deviations sum 0.7, ddof 1 -> var 0.175
+    assert se == pytest.approx(math.sqrt(0.7 / 4 / 5), rel=1e-12)
+    assert win_rate([2.0], [1.0])["win_rate_se"] == 0.0
     assert win_rate(np.array([1.0, 1.0]), [1.0, 1.0])["win_rate"] == 0.5
     assert win_rate([2.0], [1.0])["win_rate"] == 1.0 and win_rate([0.0], [1.0])["win_rate"] == 0.0
     with pytest.raises(ValueError, match="3 scores but 2 baseline scores"):

@@ -137,6 +137,12 @@ def test_demo_dpo_stage_and_judge(demo_dir, tmp_path):
     wins = sum(r["policy_rm_score"] > r["reference_rm_score"] for r in rows)
     ties = sum(r["policy_rm_score"] == r["reference_rm_score"] for r in rows)
     assert 0.0 <= judge["win_rate"] <= 1.0 and judge["win_rate"] == pytest.approx((wins + ties / 2) / len(rows))
+    outcomes = [1.0 if r["policy_rm_score"] > r["reference_rm_score"] else
+                0.5 if r["policy_rm_score"] == r["reference_rm_score"] else 0.0 for r in rows]
+    mean = sum(outcomes) / len(rows)
+    se = math.sqrt(sum((o - mean) ** 2 for o in outcomes) / (len(rows) - 1) / len(rows))
+    assert judge["win_rate_se"] == pytest.approx(se, abs=1e-12)
+    assert f"standard error {judge['win_rate_se']:.3f}" in proc.stdout
     assert math.isfinite(judge["kl_mean"]) and judge["kl_mean"] == pytest.approx(sum(r["kl"] for r in rows) / len(rows))
     assert judge["identical_responses"] < n_prompts  # the DPO policy is not the SFT policy any more
     assert json.loads((run_dir / "dpo_samples.summary.json").read_text())["win_rate"] == judge["win_rate"]
