@@ -180,7 +180,7 @@ def format_dpo(d: dict, wall: dict, samples: list) -> list[str]:
                      f"the DPO policy, same sampling seed [{wall.get('dpo_judge', 0.0):.0f} s]")
         if j.get("win_rate") is not None:
             lines.append(f"        DPO wins under the reward model: {j['win_rate']:.3f} (standard error "
-                         f"{j.get('win_rate_se', float('nan')):.3f}; {j['wins']} wins, "
+                         f"{j['win_rate_se']:.3f}; {j['wins']} wins, "
                          f"{j['ties']} ties, {j['losses']} losses);  RM score "
                          f"{j['rm_score_mean']['reference']:+.3f} (start) vs {j['rm_score_mean']['policy']:+.3f} (DPO)")
         else:

@@ -62,9 +62,9 @@ def win_rate(scores: Sequence[float] | np.ndarray | torch.Tensor,
         bad = np.flatnonzero(~np.isfinite(x))
         if bad.size:
             raise ValueError(f"win_rate: {name}[{int(bad[0])}] = {x[bad[0]]} is not finite")
-    wins, ties = int((a > b).sum()), int((a == b).sum())
-    n = int(a.size)
-    outcome = (a > b) + 0.5 * (a == b)  # [N] float64: 1 win, 1/2 tie, 0 loss
+    win, tie = a > b, a == b
+    wins, ties, n = int(win.sum()), int(tie.sum()), int(a.size)
+    outcome = win + 0.5 * tie  # [N] float64: 1 win, 1/2 tie, 0 loss
     se = float(outcome.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
     return {"win_rate": (wins + 0.5 * ties) / n, "win_rate_se": se, "wins": wins, "ties": ties,
             "losses": n - wins - ties, "prompts": n}
