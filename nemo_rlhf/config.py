@@ -2032,7 +2032,8 @@ class ILQLConfig(_Section):
     Loss ``L_Q + L_V + cql_scale * L_CQL + awac_scale * L_AWAC``: ``tau`` expectile of the value
     loss; ``gamma`` discount of ``r + gamma V(s')``; ``cql_scale`` weight of the CQL cross-entropy
     of Q over the vocabulary; ``awac_scale`` weight of the policy's NLL of the data's actions,
-    weighted ``exp(awac_beta (Q - V))`` (trlX's training ``beta``; 0: plain NLL). ``two_qs``: two Q
+    weighted ``min(exp(awac_beta (Q - V)), 100)`` (AWAC, Nair et al. 2020; the cap is IQL's; 0: plain
+    NLL, trlX's). ``two_qs``: two Q
     heads (min of the targets). Target heads: every ``steps_for_target_q_sync`` optimizer steps,
     ``target <- alpha * Q + (1 - alpha) * target``. ``normalize_rewards``: standardise the data's
     rewards over the data set (trlX). Decoding: ``beta`` scales the advantage added to the

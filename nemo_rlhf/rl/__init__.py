@@ -18,6 +18,7 @@ from nemo_rlhf.rl.group import (
 )
 from nemo_rlhf.rl.ilql import (
     awac_loss,
+    awac_weights,
     cql_loss,
     expectile_loss,
     ilql_decode_logits,
@@ -93,6 +94,7 @@ __all__ = [
     "simpo_loss",
     # ILQL (rl/ilql.py)
     "awac_loss",
+    "awac_weights",
     "cql_loss",
     "expectile_loss",
     "ilql_decode_logits",

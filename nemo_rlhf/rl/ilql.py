@@ -186,6 +186,33 @@ def awac_loss(logprobs: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor |
     return _masked_mean(nll, mask)
 
 
+AWAC_MAX_WEIGHT = 100.0  # IQL's EXP_ADV_MAX (Kostrikov et al. 2021, the authors' code)
+
+
+def awac_weights(target_q: torch.Tensor, values: torch.Tensor, awac_beta: float) -> torch.Tensor:
+    """The advantage weights of the AWAC term, ``min(exp(awac_beta * (Qhat - V)), 100)``, no
+    gradient (Nair et al. 2020, eq. 9; Snell et al. 2022, §4.2). The cap is IQL's
+    (Kostrikov et al. 2021, §4.3 policy extraction; their code's ``EXP_ADV_MAX = 100``): one
+    overestimated action cannot take the whole batch's weight.
+
+    Args:
+        target_q: ``[B, T]`` the target heads' (minimum) Q of the taken actions.
+        values: ``[B, T]`` V at the action's state.
+        awac_beta: inverse temperature (>= 0; 0 gives weight 1 everywhere).
+
+    Returns:
+        ``[B, T]`` float, detached, in ``(0, AWAC_MAX_WEIGHT]``.
+
+    Raises:
+        ValueError: shapes differ or ``awac_beta`` < 0.
+    """
+    _check_same_shape(target_q=target_q, values=values)
+    if awac_beta < 0:
+        raise ValueError(f"awac_weights: awac_beta must be >= 0, got {awac_beta}")
+    with torch.no_grad():
+        return torch.exp(awac_beta * (target_q.detach() - values.detach())).clamp(max=AWAC_MAX_WEIGHT)
+
+
 def ilql_loss(logprobs: torch.Tensor, qs: Sequence[torch.Tensor], target_qs: Sequence[torch.Tensor],
               q_vocab: Sequence[torch.Tensor], values: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor,
               mask: torch.Tensor, *, tau: float, gamma: float, cql_scale: float, awac_scale: float,
@@ -206,7 +233,7 @@ def ilql_loss(logprobs: torch.Tensor, qs: Sequence[torch.Tensor], target_qs: Seq
         rewards: ``[B, T]`` (:func:`terminal_rewards`).
         mask: ``[B, T]`` actions.
         tau, gamma, cql_scale, awac_scale: see the functions above.
-        awac_beta: temperature of the AWAC weight ``exp(awac_beta * (Qhat - V))`` (0: plain NLL).
+        awac_beta: inverse temperature of the AWAC weight :func:`awac_weights` (0: plain NLL).
         cql_ce: per Q head ``[B, T]`` cross-entropy ``logsumexp_a Q(s, a) - Q(s, a_t)`` computed by
             the caller (e.g. vocabulary-parallel over TP ranks, ``models/vocab_parallel.py``); the
             CQL term is then their masked means summed, as :func:`cql_loss` does with ``q_vocab``.
@@ -236,7 +263,7 @@ def ilql_loss(logprobs: torch.Tensor, qs: Sequence[torch.Tensor], target_qs: Seq
         for ce in cql_ce:
             _check_same_shape(cql_ce=ce, mask=mask)
             loss_cql = loss_cql + _masked_mean(ce, mask)
-    weight = torch.exp(awac_beta * (target_q - v_now.detach())) if awac_beta else None
+    weight = awac_weights(target_q, v_now, awac_beta) if awac_beta else None
     loss_awac = awac_loss(logprobs, mask, weight)
     loss = loss_q + loss_v + cql_scale * loss_cql + awac_scale * loss_awac
     with torch.no_grad():

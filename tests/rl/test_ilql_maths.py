@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from nemo_rlhf.rl.ilql import (
+    AWAC_MAX_WEIGHT,
     awac_loss,
+    awac_weights,
     cql_loss,
     expectile_loss,
     ilql_decode_logits,
@@ -96,6 +98,37 @@ def test_awac_is_weighted_nll_of_taken_actions():
     assert math.isclose(awac_loss(lp, mask).item(), (1 + 2 + 3) / 3, rel_tol=1e-6)
     w = torch.tensor([[2.0, 0.5], [1.0, 9.0]])
     assert math.isclose(awac_loss(lp, mask, w).item(), (2 + 1 + 3) / 3, rel_tol=1e-6)
+
+
+def test_awac_weights_are_exp_advantage_capped_and_detached():
+    q = torch.tensor([[0.5, 10.0], [-1.0, 0.0]], requires_grad=True)
+    v = torch.tensor([[0.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    w = awac_weights(q, v, 2.0)
+    assert not w.requires_grad
+    want = torch.tensor([[math.exp(1.0), AWAC_MAX_WEIGHT], [math.exp(-2.0), math.exp(-2.0)]])
+    torch.testing.assert_close(w, want)  # exp(2 * 10) is capped at 100 (IQL's EXP_ADV_MAX)
+    assert torch.equal(awac_weights(q, v, 0.0), torch.ones(2, 2))
+    with pytest.raises(ValueError, match="awac_beta must be >= 0"):
+        awac_weights(q, v, -1.0)
+    with pytest.raises(ValueError, match="shapes differ"):
+        awac_weights(q, v[:, :1], 1.0)
+
+
+def test_ilql_loss_weights_awac_by_the_capped_advantage():
+    torch.manual_seed(1)
+    b, t = 2, 3
+    mask = torch.ones(b, t)
+    lp = -torch.rand(b, t)
+    qs = [torch.randn(b, t)]
+    target_qs = [torch.tensor([[0.0, 5.0, -1.0], [1.0, 0.0, 0.0]])]
+    values = torch.zeros(b, t + 1)
+    q_vocab = [torch.randn(b, t, 4)]
+    actions = torch.zeros(b, t, dtype=torch.long)
+    rewards = torch.zeros(b, t)
+    _, stats = ilql_loss(lp, qs, target_qs, q_vocab, values, actions, rewards, mask, tau=0.7, gamma=1.0,
+                         cql_scale=0.0, awac_scale=1.0, awac_beta=1.0)
+    w = torch.exp(target_qs[0]).clamp(max=100.0)
+    assert math.isclose(stats["loss_awac"].item(), (-lp * w).mean().item(), rel_tol=1e-6)
 
 
 def test_ilql_loss_combines_the_terms_as_written():
