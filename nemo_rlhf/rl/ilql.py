@@ -168,8 +168,8 @@ def cql_loss(q_logits: Sequence[torch.Tensor], actions: torch.Tensor, mask: torc
 
 def awac_loss(logprobs: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """The policy (AWAC) term: negative log-likelihood of the taken actions, each weighted by
-    ``weight`` (trlX ``exp(beta_awac * (Qhat - V))``, no gradient; None: 1 — trlX's default
-    ``beta = 0``), mean over actions (Nair et al. 2020, eq. 9; Snell et al. 2022, §4.2 "BC" head).
+    ``weight`` (:func:`awac_weights`, no gradient; None: 1, trlX's plain NLL), mean over actions
+    (Nair et al. 2020, eq. 9; Snell et al. 2022, §4.2 "BC" head).
 
     Args:
         logprobs: ``[B, T]`` log pi(a_t | s_t) of the taken actions.
@@ -210,7 +210,7 @@ def awac_weights(target_q: torch.Tensor, values: torch.Tensor, awac_beta: float)
     if awac_beta < 0:
         raise ValueError(f"awac_weights: awac_beta must be >= 0, got {awac_beta}")
     with torch.no_grad():
-        return torch.exp(awac_beta * (target_q.detach() - values.detach())).clamp(max=AWAC_MAX_WEIGHT)
+        return torch.exp(awac_beta * (target_q - values)).clamp(max=AWAC_MAX_WEIGHT)
 
 
 def ilql_loss(logprobs: torch.Tensor, qs: Sequence[torch.Tensor], target_qs: Sequence[torch.Tensor],
