@@ -3,7 +3,7 @@
 Run as ``python tests/smollm2_run.py OUT`` (by the ``smollm2`` fixture in tests/conftest.py, in a
 fresh interpreter: in a process where megatron's CPU layer is active, transformers 5.23's
 ``from_pretrained`` leaves the RoPE ``inv_freq`` buffer uninitialised). It loads the GGUF file
-ONCE with transformers (the slow part: the gguf reader and dequantization take ~50 s of CPU) and
+ONCE with transformers (the slow part: the gguf reader and dequantization, ~15 s of CPU) and
 from that one in-memory model
 
 * converts it with :func:`nemo_rlhf.checkpoint.hf.import_hf_model`, the path behind

@@ -248,10 +248,15 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> int:
     return v
 
 
+# transformers' own gguf_file= loader, not nemo_rlhf's load_gguf (whose parse_gguf_once shares the
+# parsed file between the tokenizer, config and weight reads): the reference for the CLI's weights.
 _TINY_REFERENCE = """
-import sys, torch
-from nemo_rlhf.checkpoint.gguf import load_gguf
-model, tok = load_gguf(sys.argv[1])
+import sys, torch, transformers
+from pathlib import Path
+p = Path(sys.argv[1])
+tok = transformers.AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
+model = transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True,
+                                                          dtype=torch.float32).eval()
 tokens = torch.load(sys.argv[2])
 msgs = [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "the quick fox"}]
 with torch.no_grad():
@@ -326,3 +331,24 @@ def test_cli_converts_a_gguf_file_for_every_role(tiny_gguf, tmp_path):
     assert (tok.vocab_size, tok.eos_id, tok.pad_id) == (vocab, ref["eos"], ref["pad"]) == (vocab, vocab - 1, vocab - 1)
     msgs = [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "the quick fox"}]
     assert tok.apply_chat_template(msgs, add_generation_prompt=True) == ref["chat"]
+
+
+def test_parse_gguf_once_shares_parses_inside_and_restores_gguf_after(tiny_gguf):
+    """load_gguf's speed-up (``parse_gguf_once``): inside the block one reader per file and one
+    tensor-name map per (arch, n_blocks), the same objects each time; outside it gguf's own
+    callables again (a fresh reader per call)."""
+    import gguf
+
+    from nemo_rlhf.checkpoint.gguf import parse_gguf_once
+
+    path = tiny_gguf[0]
+    reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with parse_gguf_once():
+        first = gguf.GGUFReader(path)
+        assert isinstance(first, reader_cls)
+        assert gguf.GGUFReader(str(path)) is first and gguf.GGUFReader(path.parent / "." / path.name) is first
+        arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == "llama")
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+        assert gguf.get_tensor_name_map(arch, 2).get_name("model.layers.1.mlp.up_proj") == "blk.1.ffn_up"
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader_cls, name_map)
+    assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)
