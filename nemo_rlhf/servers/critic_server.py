@@ -76,10 +76,12 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import sysconfig
 import threading
 import uuid
+import zlib
 from collections import OrderedDict
 from typing import Any, Callable, MutableMapping
 
@@ -139,6 +141,30 @@ def triton_env_fix(env: MutableMapping[str, str] | None = None) -> str:
         parts.insert(0, libdir)
     env["LD_LIBRARY_PATH"] = ":".join(parts)
     return env["LD_LIBRARY_PATH"]
+
+
+# Where PyTriton's shared-memory tensor stores live (multiprocessing.shared_memory on Linux); each
+# is named ``pytrtion<pid>-<hex>`` after the process that runs ``Triton(...)``.
+SHM_DIR = "/dev/shm"
+
+
+def server_workspace_prefix(pid: int | None = None, host: str | None = None):
+    """Prefix of the PyTriton workspaces of the critic servers run by process ``pid`` on ``host``
+    (default: this process, this host): ``$PYTRITON_HOME/workspace_nr_<host>_<pid>_``, ``<host>``
+    the CRC-32 of the host name in hex (it keeps apart two nodes that share a home directory), which
+    :class:`CriticServer` completes with the first 8 characters of its instance id (PyTriton's
+    default home is ``~/.cache/pytriton``). Short: Triton's Unix sockets live in the workspace, and
+    a socket path may not exceed 107 bytes (a 36-character id and a host name broke model loading).
+
+    Named, not random (PyTriton's default), so that whoever stopped a server that could not clean up
+    after itself (killed by SIGKILL) can remove its workspace:
+    :func:`nemo_rlhf.servers.process.remove_server_leftovers`. Returns a ``str``.
+    """
+    from pytriton.constants import PYTRITON_HOME
+
+    pid = os.getpid() if pid is None else int(pid)
+    host = socket.gethostname() if host is None else host
+    return os.path.join(str(PYTRITON_HOME), f"workspace_nr_{zlib.crc32(host.encode()):08x}_{pid}_")
 
 
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
@@ -668,7 +694,9 @@ class CriticServer:
             security = TritonSecurityConfig(
                 access_token=self._auth_token, restricted_endpoints=list(AUTH_RESTRICTED_APIS)
             )
-        triton = Triton(config=config, security_config=security)
+        # A named workspace (server_workspace_prefix), removable by the parent if this process is killed.
+        workspace = server_workspace_prefix() + self.instance[:8]
+        triton = Triton(config=config, security_config=security, workspace=workspace)
         triton.bind(
             model_name=INFER_MODEL,
             infer_func=self._guard(INFER_MODEL, batch(self._infer_fn)),

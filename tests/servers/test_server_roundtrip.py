@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
 import sysconfig
@@ -350,7 +352,13 @@ def test_process_that_exits_early_raises_unavailable_with_log_tail(tmp_path):
     assert "exited with code 3" in str(info.value) and "boom: no backend" in str(info.value)
 
 
-def test_server_process_serves_then_stops_without_orphans(tmp_path):
+@pytest.mark.parametrize("stop_timeout_s", [30.0, 0.0], ids=["graceful", "killed"])
+def test_server_process_serves_then_stops_without_orphans(tmp_path, stop_timeout_s):
+    """A served request, then ServerProcess.stop: no process, shared-memory store or PyTriton
+    workspace of the server is left, whether it exits by itself after SIGTERM (``graceful``) or is
+    SIGKILLed at once (``killed``: stop removes what PyTriton could not)."""
+    from nemo_rlhf.servers.critic_server import SHM_DIR, server_workspace_prefix
+
     http, grpc, metrics = find_free_ports(3)
     paths = [str(REPO_ROOT), str(Path(__file__).parent)]
     code = f"import sys; sys.path[:0] = {paths!r}; import tiny_backend; tiny_backend.main()"
@@ -359,11 +367,15 @@ def test_server_process_serves_then_stops_without_orphans(tmp_path):
     try:
         children = _descendants(proc.pid)
         assert children, "expected tritonserver and backend stubs under the server process"
+        leftovers = [f"{SHM_DIR}/pytrtion{proc.pid}-*", server_workspace_prefix(proc.pid) + "*"]
+        stores, workspaces = (glob.glob(pattern) for pattern in leftovers)
+        assert len(stores) >= 1 and len(workspaces) == 1, (stores, workspaces)
         with CriticClient("127.0.0.1", http, init_timeout_s=30, retry_limit_s=1.0, retry_backoff_s=0.2) as c:
             tokens, lengths = _batch(np.random.default_rng(3), 2, 8)
             # Same seed and architecture as the subprocess's backend -> same weights.
             np.testing.assert_array_equal(c.infer(tokens, lengths)[0], TinyCriticBackend().infer(tokens, lengths)[0])
-            proc.stop(timeout_s=10)
+            code = proc.stop(timeout_s=stop_timeout_s)
+            assert code == (0 if stop_timeout_s else -signal.SIGKILL)
             # A stopped (crashed) server is reported as unavailable, not as a hang.
             with pytest.raises(CriticServerUnavailable, match="'critic_infer'"):
                 c.infer(tokens, lengths)
@@ -372,6 +384,31 @@ def test_server_process_serves_then_stops_without_orphans(tmp_path):
     assert not proc.is_alive()
     alive = [pid for pid in children if os.path.exists(f"/proc/{pid}") and _not_zombie(pid)]
     assert alive == []
+    assert [glob.glob(pattern) for pattern in leftovers] == [[], []]
+
+
+def test_remove_server_leftovers_takes_only_the_given_pids(tmp_path, monkeypatch):
+    """remove_server_leftovers: the shared-memory stores and workspaces of the given pids, nothing of
+    another process (pid 12 is not pid 123), nothing outside the two name patterns."""
+    import pytriton.constants
+
+    from nemo_rlhf.servers.critic_server import server_workspace_prefix
+    from nemo_rlhf.servers.process import remove_server_leftovers
+
+    monkeypatch.setattr(pytriton.constants, "PYTRITON_HOME", tmp_path / "home")
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    for name in ("pytrtion12-aa-1", "pytrtion12-bb-2", "pytrtion123-aa-1", "psm_12", "pytrtion7-cc"):
+        (shm / name).write_bytes(b"x")
+    for pid in (12, 123):
+        Path(server_workspace_prefix(pid) + "inst").mkdir(parents=True)
+        (Path(server_workspace_prefix(pid) + "inst") / "model-store").mkdir()
+    removed = remove_server_leftovers([12, 99], shm_dir=str(shm))
+    assert sorted(Path(p).name for p in removed) == sorted(["pytrtion12-aa-1", "pytrtion12-bb-2",
+                                                           Path(server_workspace_prefix(12) + "inst").name])
+    assert sorted(p.name for p in shm.iterdir()) == ["psm_12", "pytrtion123-aa-1", "pytrtion7-cc"]
+    assert [p.name for p in (tmp_path / "home").iterdir()] == [Path(server_workspace_prefix(123) + "inst").name]
+    assert remove_server_leftovers([12], shm_dir=str(shm)) == []
 
 
 def _not_zombie(pid: int) -> bool:
