@@ -95,9 +95,9 @@ def parse_gguf_once() -> Iterator[None]:
     (~400 times, ~11 s under cProfile). Both are functions of their arguments only, and transformers
     only reads the objects; so the block hands out one reader per ``(real path, mode)`` and one map
     per ``(arch, n_blocks)``: :func:`load_gguf` of SmolLM2 then takes 15.5 s instead of 29.1 s (one
-    thread, idle 2-core CPU, 2026-12-03; the same state dict, vocabulary, chat template and config), with the
-    same tensors (tests/checkpoint/test_gguf.py compares them with an unpatched transformers
-    process). Both attributes of the ``gguf`` module are restored on exit; not thread-safe (another
+    thread, idle 2-core CPU, 2026-12-03), with the same state dict, vocabulary, chat template and
+    config (tests/checkpoint/test_gguf.py compares a tiny file's tensors with an unpatched
+    transformers process). Both attributes of the ``gguf`` module are restored on exit; not thread-safe (another
     thread reading a GGUF file meanwhile shares the cached readers, which is harmless).
     """
     import gguf

@@ -148,7 +148,7 @@ def triton_env_fix(env: MutableMapping[str, str] | None = None) -> str:
 SHM_DIR = "/dev/shm"
 
 
-def server_workspace_prefix(pid: int | None = None, host: str | None = None):
+def server_workspace_prefix(pid: int | None = None, host: str | None = None) -> str:
     """Prefix of the PyTriton workspaces of the critic servers run by process ``pid`` on ``host``
     (default: this process, this host): ``$PYTRITON_HOME/workspace_nr_<host>_<pid>_``, ``<host>``
     the CRC-32 of the host name in hex (it keeps apart two nodes that share a home directory), which
@@ -158,7 +158,7 @@ def server_workspace_prefix(pid: int | None = None, host: str | None = None):
 
     Named, not random (PyTriton's default), so that whoever stopped a server that could not clean up
     after itself (killed by SIGKILL) can remove its workspace:
-    :func:`nemo_rlhf.servers.process.remove_server_leftovers`. Returns a ``str``.
+    :func:`nemo_rlhf.servers.process.remove_server_leftovers`.
     """
     from pytriton.constants import PYTRITON_HOME
 
