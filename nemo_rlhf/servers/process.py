@@ -216,11 +216,18 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-# Triton's python backend aborts the whole server when a model's stub process is slow to attach to
-# its shared memory (seen under heavy CPU load, e.g. load average 10+ on 2 cores: "terminate called
-# after throwing an instance of 'boost::interprocess::lock_exception'", Signal 6, during
-# TRITONBACKEND_ModelInstanceInitialize). Nothing was served yet, so starting again is safe.
-TRANSIENT_START_FAILURES = ("boost::interprocess::lock_exception",)
+# Start-up failures of a critic server under heavy CPU load, each given as the substrings that all
+# appear in the log of the failed start. Nothing was served yet, so starting again is safe.
+# 1. Triton's python backend aborts the whole server when a model's stub process is slow to attach to
+#    its shared memory (load average 10+ on 2 cores: "terminate called after throwing an instance of
+#    'boost::interprocess::lock_exception'", Signal 6, during TRITONBACKEND_ModelInstanceInitialize).
+# 2. PyTriton loads the models through Triton's HTTP API with a 60-s network timeout; a load that
+#    takes longer (three pytest workers on 2 cores, 2026-12-03: twice in one run) raises
+#    "TimeoutError: timed out" in tritonclient and the server exits with code 1.
+TRANSIENT_START_FAILURES = (
+    ("boost::interprocess::lock_exception",),
+    ("tritonclient/http/_client.py", "TimeoutError: timed out"),
+)
 
 
 def start_server_process(
@@ -246,8 +253,9 @@ def start_server_process(
         ready_timeout_s: seconds to wait for readiness (per attempt).
         log_path: file for the server's output (parent directories are created).
         start_attempts: starts in all when the server dies before it is ready with one of the
-            :data:`TRANSIENT_START_FAILURES` in its log (Triton's start-up abort under CPU
-            contention); each retry is logged at WARNING. Any other early exit is not retried.
+            :data:`TRANSIENT_START_FAILURES` in its log (Triton's start-up abort, or a model load
+            past PyTriton's timeout, under CPU contention); each retry is logged at WARNING. Any
+            other early exit is not retried.
 
     Returns:
         The running :class:`ServerProcess`.
@@ -265,12 +273,12 @@ def start_server_process(
             with open(log_path, "rb") as f:
                 f.seek(offset)
                 this_attempt = f.read().decode("utf-8", "replace")
-            transient = next((sig for sig in TRANSIENT_START_FAILURES if sig in this_attempt), None)
+            transient = next((sig for sig in TRANSIENT_START_FAILURES if all(s in this_attempt for s in sig)), None)
             if transient is None or attempt >= start_attempts:
                 raise
-            LOG.warning("critic server %s:%d died while loading its models (%s, a known Triton start-up abort "
+            LOG.warning("critic server %s:%d died while loading its models (%s, a known start-up failure "
                         "under CPU contention); starting it again (attempt %d of %d): %s", host, http_port,
-                        transient, attempt + 1, start_attempts, exc.__class__.__name__)
+                        " ... ".join(transient), attempt + 1, start_attempts, exc.__class__.__name__)
     raise AssertionError("unreachable")
 
 
