@@ -352,7 +352,7 @@ def test_process_that_exits_early_raises_unavailable_with_log_tail(tmp_path):
     assert "exited with code 3" in str(info.value) and "boom: no backend" in str(info.value)
 
 
-@pytest.mark.parametrize("stop_timeout_s", [30.0, 0.0], ids=["graceful", "killed"])
+@pytest.mark.parametrize("stop_timeout_s", [60.0, 0.0], ids=["graceful", "killed"])  # graceful: ~11 s idle
 def test_server_process_serves_then_stops_without_orphans(tmp_path, stop_timeout_s):
     """A served request, then ServerProcess.stop: no process, shared-memory store or PyTriton
     workspace of the server is left, whether it exits by itself after SIGTERM (``graceful``) or is
