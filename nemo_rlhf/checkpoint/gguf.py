@@ -97,8 +97,8 @@ def parse_gguf_once() -> Iterator[None]:
     per ``(arch, n_blocks)``: :func:`load_gguf` of SmolLM2 then takes 15.5 s instead of 29.1 s (one
     thread, idle 2-core CPU, 2026-12-03), with the same state dict, vocabulary, chat template and
     config (tests/checkpoint/test_gguf.py compares a tiny file's tensors with an unpatched
-    transformers process). Both attributes of the ``gguf`` module are restored on exit; not thread-safe (another
-    thread reading a GGUF file meanwhile shares the cached readers, which is harmless).
+    transformers process). Both attributes of the ``gguf`` module are restored on exit. Not
+    thread-safe: another thread reading a GGUF file meanwhile shares the cached readers (harmless).
     """
     import gguf
 

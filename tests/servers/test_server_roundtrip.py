@@ -401,8 +401,7 @@ def test_remove_server_leftovers_takes_only_the_given_pids(tmp_path, monkeypatch
     for name in ("pytrtion12-aa-1", "pytrtion12-bb-2", "pytrtion123-aa-1", "psm_12", "pytrtion7-cc"):
         (shm / name).write_bytes(b"x")
     for pid in (12, 123):
-        Path(server_workspace_prefix(pid) + "inst").mkdir(parents=True)
-        (Path(server_workspace_prefix(pid) + "inst") / "model-store").mkdir()
+        (Path(server_workspace_prefix(pid) + "inst") / "model-store").mkdir(parents=True)
     removed = remove_server_leftovers([12, 99], shm_dir=str(shm))
     assert sorted(Path(p).name for p in removed) == sorted(["pytrtion12-aa-1", "pytrtion12-bb-2",
                                                            Path(server_workspace_prefix(12) + "inst").name])
