@@ -118,8 +118,9 @@ def smollm2(tmp_path_factory) -> Path:
     ``tokenizer_config.json``, ``chat_template.jinja``), ``reference.pt`` (transformers' chat
     prompts, logits and greedy generations on the same dequantized weights) and ``timings.json``.
     Made by tests/smollm2_run.py in a fresh interpreter (~45 s of CPU: the GGUF read, the conversion
-    and transformers' reference). Tests must not write into it. ``NEMO_RLHF_SMOLLM2_DIR=<dir>`` reuses a directory made earlier by
-    ``python tests/smollm2_run.py <dir>`` (to iterate on the tests without converting again)."""
+    and transformers' reference). Tests must not write into it. ``NEMO_RLHF_SMOLLM2_DIR=<dir>``
+    reuses a directory made earlier by ``python tests/smollm2_run.py <dir>`` (to iterate on the
+    tests without converting again)."""
     if os.environ.get("NEMO_RLHF_SMOLLM2_DIR"):
         return Path(os.environ["NEMO_RLHF_SMOLLM2_DIR"])
 
