@@ -6,7 +6,8 @@ Measures, for a GPT of the given shape with random weights:
   * KV-cache sampling throughput (generated tokens / s) against a no-cache baseline that re-runs the
     whole sequence for every new token (what a naive rollout loop does);
   * the phases of one PPO step with an in-process critic (generation, actor + reference log-probs,
-    critic inference, actor PPO update, critic update).
+    critic inference, the whole step), and the actor's PPO update on one rollout with the LM head
+    over all positions vs over the response positions only (what the trainer runs).
 Prints one JSON object; BENCHMARKS.md records the figures with date and machine.
 """
 
@@ -36,7 +37,7 @@ def main() -> None:
     from nemo_rlhf.utils.hydra import quiet_warnings
 
     quiet_warnings()
-    from nemo_rlhf.algorithms.ppo import PPOTrainer
+    from nemo_rlhf.algorithms.ppo import PPOTrainer, ppo_loss_fn
     from nemo_rlhf.config import PPOActorStageConfig, parse_config
     from nemo_rlhf.generation.sampling import SamplingParams
     from nemo_rlhf.models.critic import GPTCriticModel
@@ -102,6 +103,14 @@ def main() -> None:
     phases["actor_logprobs_s"] = timed(lambda: actor.logprobs(ro.tokens))
     phases["reference_logprobs_s"] = timed(lambda: actor_ref.logprobs(ro.tokens))
     phases["critic_infer_s"] = timed(lambda: backend.infer(ro.tokens.cpu().numpy(), ro.lengths.cpu().numpy()))
+    # The actor's PPO update on one rollout: the LM head over all S - 1 positions vs the response
+    # positions only (what PPOTrainer.train_step hands the policy: GPTPolicyModel.response_microbatch).
+    r = trainer.compute_advantages(trainer.rollout(prompts, plens, params))
+    mb = {"tokens": r.tokens, "advantages": r.advantages, "mask": r.mask, "old_logprobs": r.logprobs}
+    loss_fn = ppo_loss_fn(actor, 0.2, 0.0, None)
+    phases["actor_update_all_positions_s"] = timed(lambda: actor.train_on(loss_fn, mb))
+    windowed = actor.response_microbatch(mb, r.prompt_lengths, r.lengths, ("advantages", "old_logprobs"))
+    phases["actor_update_response_positions_s"] = timed(lambda: actor.train_on(loss_fn, windowed))
     batch = {"prompts": prompts, "prompt_lengths": plens}
     phases["full_ppo_step_s"] = timed(lambda: trainer.train_step(batch), repeats=max(1, args.repeats - 1))
 

@@ -45,6 +45,7 @@ from nemo_rlhf.data.tokenizer import tokenizer_from_config
 from nemo_rlhf.generation.sampling import SamplingParams
 from nemo_rlhf.models.megatron_module import NonFiniteError
 from nemo_rlhf.models.policy import GPTPolicyModel
+from nemo_rlhf.models.vocab_parallel import token_logprobs
 from nemo_rlhf.parallel.state import any_rank, is_rank_zero, setup_parallel
 from nemo_rlhf.rewards.functions import RewardFunctionError, RewardSum, build_reward
 from nemo_rlhf.rewards.sentiment import vader_judge
@@ -144,7 +145,8 @@ def grpo_loss_fn(policy: GPTPolicyModel, clip_eps_low: float, clip_eps_high: flo
     DAPO's asymmetric clip) reduced by :func:`~nemo_rlhf.rl.losses.aggregate_loss` (``aggregation``).
 
     The micro-batch holds ``tokens [b, L]``, ``old_logprobs``, ``advantages``, ``mask``
-    (``ref_logprobs`` when ``beta > 0``) ``[b, L-1]``. The aggregation runs per micro-batch and
+    (``ref_logprobs`` when ``beta > 0``) ``[b, L-1]``, or — with ``logit_positions``
+    (:meth:`GPTPolicyModel.response_microbatch`) — the same at the response positions, ``[b, R]``. The aggregation runs per micro-batch and
     ``train_on`` averages the micro-batches: exact for the ``seq_mean_*`` modes when every
     micro-batch has the same number of rows with a response (always, here), a mean of
     micro-batch token means for ``token_mean``.
@@ -153,7 +155,7 @@ def grpo_loss_fn(policy: GPTPolicyModel, clip_eps_low: float, clip_eps_high: flo
     """
 
     def loss_fn(mb, logits):
-        lp = policy.response_logprobs(policy.masked_logits(logits), mb["tokens"])
+        lp = token_logprobs(*policy.scored_logits(mb, logits))
         per_token, stats = grpo_policy_loss(lp, mb["old_logprobs"], mb["advantages"], mb["mask"],
                                             clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high, beta=beta,
                                             ref_logprobs=mb.get("ref_logprobs"))
@@ -407,6 +409,8 @@ class CriticFreeTrainer(Trainer):
             for index in ro.minibatch_indices(int(p.num_minibatches), generator):
                 mb = {n: getattr(ro, n)[index] for n in names}
                 mb["old_logprobs"] = ro.logprobs[index]
+                mb = self.policy.response_microbatch(mb, ro.prompt_lengths[index], ro.lengths[index],
+                                                     [n for n in mb if n not in ("tokens", "mask")])
                 step_metrics.append(self.policy.train_on(loss_fn, mb))
         scores = ro.scores.double()
         metrics = {

@@ -45,6 +45,7 @@ from nemo_rlhf.generation.sampling import SamplingParams
 from nemo_rlhf.models.hydra import HydraReference
 from nemo_rlhf.models.lora import LoRAReference
 from nemo_rlhf.models.policy import GPTPolicyModel
+from nemo_rlhf.models.vocab_parallel import token_logprobs
 from nemo_rlhf.parallel.state import any_rank, is_rank_zero, setup_parallel
 from nemo_rlhf.rl.advantages import ppo_advantages, response_mask
 from nemo_rlhf.rl.kl import build_kl_controller, kl_penalty
@@ -123,15 +124,17 @@ def ppo_loss_fn(policy: GPTPolicyModel, clip_eps: float, entropy_coef: float, cl
     al. 2017, eq. 7; :func:`~nemo_rlhf.rl.losses.ppo_policy_loss`) minus ``entropy_coef`` times
     the mean response entropy.
 
-    The micro-batch holds ``tokens [b, L]``, ``old_logprobs``, ``advantages``, ``mask`` ``[b, L-1]``.
+    The micro-batch holds ``tokens [b, L]``, ``old_logprobs``, ``advantages``, ``mask`` ``[b, L-1]``,
+    or — with ``logit_positions`` (:meth:`GPTPolicyModel.response_microbatch`) — the same at the
+    response positions only, ``[b, R]`` (the logits then ``[b, R, V/TP]``).
     Metrics: ``loss``, ``pg_loss``, the policy-loss statistics (``clipfrac``, ``approx_kl``,
     ``ratio_mean``, ...) and ``entropy`` when ``entropy_coef`` is set.
     """
 
     def loss_fn(mb, logits):
-        logits = policy.masked_logits(logits)
+        logits, targets = policy.scored_logits(mb, logits)
         entropy = policy.entropy(logits) if entropy_coef else None
-        lp = policy.response_logprobs(logits, mb["tokens"])
+        lp = token_logprobs(logits, targets)
         pg_loss, stats = ppo_policy_loss(lp, mb["old_logprobs"], mb["advantages"], mb["mask"],
                                          clip_eps=clip_eps, clip_eps_high=clip_eps_high)
         loss = pg_loss
@@ -330,6 +333,8 @@ class PPOTrainer(Trainer):
                                                                   ro.values[index], ro.mask[index]))
                 mb = ro.select(index, "tokens", "advantages", "mask")
                 mb["old_logprobs"] = ro.logprobs[index]
+                mb = self.policy.response_microbatch(mb, ro.prompt_lengths[index], ro.lengths[index],
+                                                     ("advantages", "old_logprobs"))
                 actor_metrics.append(self.policy.train_on(loss_fn, mb))
         critic_losses = self.critic.train_results(critic_futures)
         b = ro.batch_size

@@ -187,6 +187,48 @@ class GPTPolicyModel(MegatronGPTModule):
         return response_positions(prompt_lengths, lengths, seq_len,
                                   parallel_state.get_tensor_model_parallel_world_size() if sp else 1)
 
+    def response_microbatch(self, batch: Mapping[str, torch.Tensor], prompt_lengths: torch.Tensor,
+                            lengths: torch.Tensor, per_token: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+        """``batch`` (``tokens [b, S]``, a response ``mask [b, S-1]`` and the per-token ``[b, S-1]``
+        tensors named in ``per_token``, e.g. old log-probs and advantages) for a forward whose LM head
+        runs at the response positions only: with ``logit_positions [b, R]``
+        (:meth:`response_positions`) and every named tensor and the mask gathered there (``[b, R]``;
+        the mask also 0 past each row's response). A loss that reduces over masked tokens only gives
+        the same value on it (the same terms, summed in another order); read its logits with
+        :meth:`scored_logits`.
+
+        Args:
+            batch: ``{name: tensor}`` with ``tokens`` and ``mask``; other entries pass unchanged.
+            prompt_lengths, lengths: ``[b]`` int64 prompt and prompt + response lengths (tokens).
+            per_token: names of ``[b, S-1]`` tensors aligned with the log-prob convention.
+
+        Raises:
+            ValueError: ``mask`` selects a position outside the rows' responses (``P-1 .. L-2``),
+                which the response-only logits would drop.
+        """
+        tokens, mask = batch["tokens"], batch["mask"]
+        positions, window = self.response_positions(prompt_lengths, lengths, tokens.shape[1])
+        out = dict(batch)
+        out["logit_positions"] = positions
+        for name in per_token:
+            out[name] = batch[name].gather(1, positions)
+        out["mask"] = mask.gather(1, positions) * window.to(mask.dtype)
+        if int(torch.count_nonzero(out["mask"])) != int(torch.count_nonzero(mask)):
+            raise ValueError("response_microbatch: the mask selects positions outside the rows' responses "
+                             "(prompt_lengths - 1 .. lengths - 2)")
+        return out
+
+    def scored_logits(self, mb: Mapping[str, torch.Tensor], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A forward's logits and the tokens they predict, for a micro-batch with or without
+        ``logit_positions`` (:meth:`response_microbatch`): ``(logits [b, T, V/TP]`` float32 with the
+        vocabulary padding masked, ``targets [b, T]`` int64), T = S - 1 (every position, as
+        :meth:`masked_logits`) or R (the response positions)."""
+        positions = mb.get("logit_positions")
+        if positions is None:
+            return self.masked_logits(logits), mb["tokens"][:, 1:]
+        return (mask_padded_vocab(logits.float(), self.gpt.unpadded_vocab_size),
+                mb["tokens"].gather(1, positions.to(mb["tokens"].device) + 1))
+
     def logprobs_at(self, logits: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
                     inplace: bool = False) -> torch.Tensor:
         """``logits [b, R, V/TP]`` at ``positions [b, R]`` (a forward with ``logit_positions``) ->
