@@ -146,10 +146,10 @@ def grpo_loss_fn(policy: GPTPolicyModel, clip_eps_low: float, clip_eps_high: flo
 
     The micro-batch holds ``tokens [b, L]``, ``old_logprobs``, ``advantages``, ``mask``
     (``ref_logprobs`` when ``beta > 0``) ``[b, L-1]``, or — with ``logit_positions``
-    (:meth:`GPTPolicyModel.response_microbatch`) — the same at the response positions, ``[b, R]``. The aggregation runs per micro-batch and
-    ``train_on`` averages the micro-batches: exact for the ``seq_mean_*`` modes when every
-    micro-batch has the same number of rows with a response (always, here), a mean of
-    micro-batch token means for ``token_mean``.
+    (:meth:`GPTPolicyModel.response_microbatch`) — the same at the response positions, ``[b, R]``.
+    The aggregation runs per micro-batch and ``train_on`` averages the micro-batches: exact for the
+    ``seq_mean_*`` modes when every micro-batch has the same number of rows with a response
+    (always, here), a mean of micro-batch token means for ``token_mean``.
     Metrics: ``loss``, ``clipfrac``, ``clip_low_frac``, ``clip_high_frac``, ``ratio_mean``, and
     ``kl_k3`` (the loss's KL estimate) when a reference is given.
     """

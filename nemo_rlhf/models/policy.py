@@ -211,8 +211,8 @@ class GPTPolicyModel(MegatronGPTModule):
         out = dict(batch)
         out["logit_positions"] = positions
         for name in per_token:
-            out[name] = batch[name].gather(1, positions)
-        out["mask"] = mask.gather(1, positions) * window.to(mask.dtype)
+            out[name] = batch[name].gather(1, positions.to(batch[name].device))
+        out["mask"] = mask.gather(1, positions.to(mask.device)) * window.to(mask.device, mask.dtype)
         if int(torch.count_nonzero(out["mask"])) != int(torch.count_nonzero(mask)):
             raise ValueError("response_microbatch: the mask selects positions outside the rows' responses "
                              "(prompt_lengths - 1 .. lengths - 2)")
