@@ -235,8 +235,7 @@ class GPTPolicyModel(MegatronGPTModule):
         ``[b, R]`` float32 log-probs of the tokens they predict (``tokens[i, positions[i, j] + 1]``),
         vocabulary padding masked. ``inplace``: megatron's cross entropy may overwrite ``logits``
         (a forward's fresh output: nothing else reads it)."""
-        targets = tokens.gather(1, positions.to(tokens.device) + 1)
-        return token_logprobs(mask_padded_vocab(logits.float(), self.gpt.unpadded_vocab_size), targets,
+        return token_logprobs(*self.scored_logits({"tokens": tokens, "logit_positions": positions}, logits),
                               inplace=inplace)
 
     @torch.no_grad()
